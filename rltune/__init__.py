@@ -1,0 +1,3 @@
+"""rltune: a reinforcement-learning tuner for distillation, pruning and quantization."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,364 @@
+"""Compression ops on torch primitives: persistent pruning masks, quantization-aware training,
+weight sharing. Torch only (no gymnasium, no SB3).
+
+A model is made compressible with :func:`prepare_`, which registers a parametrization
+(``torch.nn.utils.parametrize``) on the ``weight`` and ``bias`` of every ``nn.Linear`` and
+``nn.Conv1d``. The parametrization computes the *effective* weight the model uses, both while
+training (with a straight-through estimator) and at inference::
+
+    w_eff = Q_b(w * mask)
+
+where ``Q_b`` is symmetric per-output-channel quantization to ``b`` bits::
+
+    qmax  = 2**(b-1) - 1
+    e_c   = clamp(ceil(8 * log2(max|w_c| / qmax)), -128, 127)     # one signed byte per channel
+    s_c   = 2 ** (e_c / 8)                                         # scale on a 2^(1/8) grid
+    x_q   = clamp(round(w / s_c), -qmax, qmax) * s_c
+
+so at most ``2*qmax + 1 <= 2**b`` distinct values per channel, zero exactly representable (pruned
+weights stay zero), and the scale is stored in one byte. With weight sharing (Deep Compression,
+Han et al. 2016) a layer's non-zero weights are instead replaced by a learned codebook of ``2**b``
+centroids, rounded to float16: ``w_eff = codebook[assign] * mask``.
+
+Biases of a quantized layer are quantized too, per tensor, to 8 bits on the same scale grid.
+At ``b = 32`` nothing is quantized (float32).
+
+The effective weights are exactly what the packed artifact stores (see ``rltune.export``), so a
+reloaded artifact predicts exactly what the in-memory student predicts.
+
+Example usage::
+
+    model = build_model({"arch": "mlp", "hidden": [32]}, 64, 10)
+    prepare_(model)
+    prune_(model, sparsity=0.8)        # masks persist; a later call only removes more weights
+    set_bits_(model, 4)                # QAT from now on
+    ... train ...
+    share_weights_(model, 4)           # optional: k-means codebook of 16 centroids per layer
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterator
+
+import torch
+from torch import nn
+from torch.nn.utils import parametrize
+
+from rltune.errors import RltuneError
+
+COMPRESSIBLE = (nn.Linear, nn.Conv1d)
+VALID_BITS = (2, 3, 4, 5, 6, 7, 8, 32)
+BIAS_BITS = 8
+
+
+def check_bits(bits: int) -> int:
+    if int(bits) != bits or int(bits) not in VALID_BITS:
+        raise RltuneError(f"bit-width must be one of 2..8 or 32, got {bits!r}")
+    return int(bits)
+
+
+def scale_exponent(maxabs: torch.Tensor, qmax: int) -> torch.Tensor:
+    """The signed-byte exponent ``e`` with ``2**(e/8) >= maxabs/qmax`` (smallest such on the grid)."""
+    ratio = maxabs.float() / qmax
+    e = torch.ceil(8.0 * torch.log2(ratio.clamp_min(1e-30)))
+    # guard against log2 rounding: make sure the scale really covers maxabs
+    e = torch.where(torch.exp2(e / 8.0) < ratio, e + 1, e)
+    return e.clamp(-128, 127).to(torch.int8)
+
+
+def exponent_scale(e: torch.Tensor) -> torch.Tensor:
+    """Float32 scale from the stored exponent (the same op in training, export and reload)."""
+    return torch.exp2(e.float() / 8.0)
+
+
+def quantize_codes(w: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Integer codes in ``[-qmax, qmax]`` and per-output-channel scale exponents for ``w``."""
+    qmax = 2 ** (bits - 1) - 1
+    flat = w.detach().reshape(w.shape[0], -1)
+    e = scale_exponent(flat.abs().amax(dim=1), qmax)
+    scale = exponent_scale(e).reshape(-1, *([1] * (w.dim() - 1)))
+    codes = torch.clamp(torch.round(w.detach() / scale), -qmax, qmax)
+    return codes.to(torch.int32), e
+
+
+def dequantize_codes(codes: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
+    scale = exponent_scale(e).reshape(-1, *([1] * (codes.dim() - 1)))
+    return codes.float() * scale
+
+
+def fake_quantize(w: torch.Tensor, bits: int) -> torch.Tensor:
+    """``Q_b(w)`` in the forward pass, identity gradient in the backward pass (STE)."""
+    codes, e = quantize_codes(w, bits)
+    return w + (dequantize_codes(codes, e) - w).detach()
+
+
+def quantize_bias_codes(b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    qmax = 2 ** (BIAS_BITS - 1) - 1
+    e = scale_exponent(b.detach().abs().amax().reshape(1), qmax)
+    codes = torch.clamp(torch.round(b.detach() / exponent_scale(e)), -qmax, qmax)
+    return codes.to(torch.int32), e
+
+
+def fp16_round(x: torch.Tensor) -> torch.Tensor:
+    """Round to float16 in the forward pass, identity gradient."""
+    return x + (x.detach().half().float() - x.detach())
+
+
+class WeightCompressor(nn.Module):
+    """Parametrization of a layer's weight: ``w_eff = Q_b(w * mask)`` or ``codebook[assign] * mask``."""
+
+    def __init__(self, weight: torch.Tensor):
+        super().__init__()
+        self.register_buffer("mask", torch.ones_like(weight, dtype=torch.bool))
+        self.register_buffer("assign", torch.zeros(0, dtype=torch.long))
+        self.bits = 32
+        self.codebook: nn.Parameter | None = None
+
+    @property
+    def shared(self) -> bool:
+        return self.codebook is not None
+
+    def forward(self, w: torch.Tensor) -> torch.Tensor:
+        if self.codebook is not None:
+            return fp16_round(self.codebook)[self.assign] * self.mask
+        w = w * self.mask
+        if self.bits < 32:
+            w = fake_quantize(w, self.bits)
+        return w
+
+
+class BiasCompressor(nn.Module):
+    """Parametrization of a bias: 8-bit per-tensor quantization when its layer is quantized."""
+
+    def __init__(self, weight_compressor: WeightCompressor):
+        super().__init__()
+        # plain attribute, not a submodule: the weight parametrization owns it
+        self.__dict__["_wc"] = weight_compressor
+
+    def forward(self, b: torch.Tensor) -> torch.Tensor:
+        if self._wc.bits >= 32:
+            return b
+        codes, e = quantize_bias_codes(b)
+        return b + (codes.float() * exponent_scale(e) - b).detach()
+
+
+def _compressors(module: nn.Module) -> WeightCompressor | None:
+    if not parametrize.is_parametrized(module, "weight"):
+        return None
+    for p in module.parametrizations["weight"]:
+        if isinstance(p, WeightCompressor):
+            return p
+    return None
+
+
+@dataclass
+class Layer:
+    name: str
+    module: nn.Module
+    compressor: WeightCompressor
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The raw (latent) float weight being trained."""
+        return self.module.parametrizations["weight"].original
+
+    @property
+    def effective_weight(self) -> torch.Tensor:
+        return self.module.weight
+
+
+def prepare_(model: nn.Module) -> nn.Module:
+    """Register compression parametrizations on every Linear / Conv1d weight and bias (idempotent)."""
+    found = False
+    for module in model.modules():
+        if isinstance(module, COMPRESSIBLE):
+            found = True
+            if _compressors(module) is not None:
+                continue
+            wc = WeightCompressor(module.weight)
+            parametrize.register_parametrization(module, "weight", wc)
+            if module.bias is not None:
+                parametrize.register_parametrization(module, "bias", BiasCompressor(wc))
+    if not found:
+        raise RltuneError("the model has no nn.Linear or nn.Conv1d layer to compress")
+    return model
+
+
+def layers(model: nn.Module) -> list[Layer]:
+    """The compressible layers of a prepared model, in module order."""
+    out = []
+    for name, module in model.named_modules():
+        wc = _compressors(module) if isinstance(module, COMPRESSIBLE) else None
+        if wc is not None:
+            out.append(Layer(name, module, wc))
+    if not out:
+        raise RltuneError("model is not prepared for compression: call prepare_(model) first")
+    return out
+
+
+def _magnitude(layer: Layer) -> torch.Tensor:
+    """|w| of the weights still alive (0 where masked); shared layers rank by their centroid."""
+    wc = layer.compressor
+    w = layer.effective_weight if wc.shared else layer.weight
+    return w.detach().abs() * wc.mask
+
+
+@torch.no_grad()
+def prune_(
+    model: nn.Module,
+    sparsity: float | None = None,
+    threshold: float | None = None,
+    scope: str = "layer",
+) -> float:
+    """Magnitude pruning; masks only ever lose weights, so sparsity can rise over stages.
+
+    Give either ``sparsity`` (the fraction of weights to be zero, layer-wise or ``scope="global"``)
+    or ``threshold`` (prune every weight with ``|w| <= threshold``). Returns the sparsity reached.
+    """
+    if (sparsity is None) == (threshold is None):
+        raise RltuneError("prune_ takes exactly one of sparsity or threshold")
+    if scope not in ("layer", "global"):
+        raise RltuneError(f"pruning scope must be 'layer' or 'global', got {scope!r}")
+    ls = layers(model)
+    if threshold is not None:
+        for layer in ls:
+            layer.compressor.mask &= _magnitude(layer) > threshold
+        return weight_sparsity(model)
+    if not 0.0 <= sparsity < 1.0:
+        raise RltuneError(f"sparsity must be in [0, 1), got {sparsity}")
+    if scope == "global":
+        mags = torch.cat([_magnitude(l).flatten() for l in ls])
+        k = int(round(sparsity * mags.numel()))
+        if k > 0:
+            thr = torch.kthvalue(mags, k).values
+            for layer in ls:
+                mag = _magnitude(layer)
+                layer.compressor.mask &= mag > thr
+                # never empty a layer entirely: keep its largest weight
+                if not layer.compressor.mask.any():
+                    layer.compressor.mask.view(-1)[mag.flatten().argmax()] = True
+    else:
+        for layer in ls:
+            mag = _magnitude(layer).flatten()
+            k = int(round(sparsity * mag.numel()))
+            if k > 0:
+                idx = torch.topk(mag, k, largest=False).indices
+                layer.compressor.mask.view(-1)[idx] = False
+    return weight_sparsity(model)
+
+
+def weight_sparsity(model: nn.Module) -> float:
+    """Fraction of compressible weights that are zero in the effective model."""
+    zeros = total = 0
+    with torch.no_grad():
+        for layer in layers(model):
+            w = layer.effective_weight
+            zeros += int((w == 0).sum())
+            total += w.numel()
+    return zeros / max(total, 1)
+
+
+def set_bits_(model: nn.Module, bits: int | list[int]) -> None:
+    """Set the bit-width of every compressible layer (an int, or one per layer). Drops any codebook."""
+    ls = layers(model)
+    per = [bits] * len(ls) if isinstance(bits, int) else list(bits)
+    if len(per) != len(ls):
+        raise RltuneError(f"got {len(per)} bit-widths for {len(ls)} layers")
+    for layer, b in zip(ls, per):
+        b = check_bits(b)
+        wc = layer.compressor
+        if wc.shared and (b != wc.bits):
+            unshare_(layer)
+        wc.bits = b
+
+
+@torch.no_grad()
+def _kmeans_1d(x: torch.Tensor, k: int, iters: int = 25) -> tuple[torch.Tensor, torch.Tensor]:
+    """Lloyd's k-means in one dimension with linear initialisation (Deep Compression's best init)."""
+    lo, hi = float(x.min()), float(x.max())
+    centroids = torch.linspace(lo, hi, k) if k > 1 else x.mean().reshape(1)
+    for _ in range(iters):
+        assign = torch.argmin((x[:, None] - centroids[None, :]).abs(), dim=1)
+        sums = torch.zeros(k).index_add_(0, assign, x)
+        counts = torch.zeros(k).index_add_(0, assign, torch.ones_like(x))
+        new = torch.where(counts > 0, sums / counts.clamp_min(1), centroids)
+        # an empty cluster (pruned weights leave a gap around zero) moves to the worst-fit point
+        for j in torch.nonzero(counts == 0).flatten().tolist():
+            err = (x - new[assign]).abs()
+            if float(err.max()) == 0.0:
+                break
+            worst = int(err.argmax())
+            new[j] = x[worst]
+            assign[worst] = j
+        if torch.allclose(new, centroids):
+            break
+        centroids = new
+    assign = torch.argmin((x[:, None] - centroids[None, :]).abs(), dim=1)
+    return centroids, assign
+
+
+def share_weights_(model: nn.Module, bits: int | None = None) -> None:
+    """Replace each quantized layer's non-zero weights by a codebook of ``2**bits`` centroids.
+
+    The centroids are trainable (their gradient is the sum over the weights that share them, as in
+    Deep Compression) and rounded to float16; the assignment is fixed until the next call.
+    Layers at 32 bits are left in float.
+    """
+    for layer in layers(model):
+        wc = layer.compressor
+        b = check_bits(bits if bits is not None else wc.bits)
+        if b >= 32:
+            continue
+        with torch.no_grad():
+            w = layer.effective_weight.detach()
+            if wc.shared:
+                unshare_(layer)
+            wc.bits = b
+            nz = w[wc.mask]
+            if nz.numel() == 0:
+                nz = torch.zeros(1)
+            centroids, assign_nz = _kmeans_1d(nz, 2 ** b)
+            assign = torch.zeros(w.numel(), dtype=torch.long)
+            assign[wc.mask.flatten()] = assign_nz
+            wc.assign = assign.reshape(w.shape)
+        wc.codebook = nn.Parameter(centroids.clone())
+
+
+@torch.no_grad()
+def unshare_(layer: Layer) -> None:
+    """Bake the shared weights back into the latent weight and drop the codebook."""
+    wc = layer.compressor
+    if not wc.shared:
+        return
+    values = fp16_round(wc.codebook)[wc.assign] * wc.mask
+    layer.weight.copy_(values)
+    wc.codebook = None
+    wc.assign = torch.zeros(0, dtype=torch.long)
+
+
+def iter_params(model: nn.Module) -> Iterator[nn.Parameter]:
+    """Trainable parameters, codebooks included (call after every share_weights_)."""
+    return iter([p for p in model.parameters() if p.requires_grad])
+
+
+def nonzero_weights(model: nn.Module) -> int:
+    with torch.no_grad():
+        return sum(int((l.effective_weight != 0).sum()) for l in layers(model))
+
+
+def model_bits(model: nn.Module) -> float:
+    """Mean bit-width over compressible weights (weighted by size)."""
+    ls = layers(model)
+    total = sum(l.weight.numel() for l in ls)
+    return sum(l.compressor.bits * l.weight.numel() for l in ls) / max(total, 1)
+
+
+def float_bytes(model: nn.Module) -> int:
+    """Bytes of the float32 dense model, 4 per parameter: the compression ratio's denominator.
+
+    Codebooks added by weight sharing are not parameters of the dense model and are not counted.
+    """
+    return 4 * sum(p.numel() for n, p in model.named_parameters() if not n.endswith("codebook"))
+
+

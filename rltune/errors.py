@@ -1,0 +1,14 @@
+"""User-facing errors.
+
+Anything a user can cause (a malformed scenario, an impossible knob range, a corrupt agent file)
+raises :class:`RltuneError` with a one-line message that names the file and field where it can.
+The command line prints that line and exits with status 2; it never shows a traceback for them.
+"""
+
+
+class RltuneError(Exception):
+    """A problem with the user's input, explained in one line."""
+
+
+class DivergedError(RltuneError):
+    """Training produced a NaN or infinite loss."""
