@@ -114,6 +114,7 @@ class WeightCompressor(nn.Module):
         self.register_buffer("assign", torch.zeros(0, dtype=torch.long))
         self.bits = 32
         self.codebook: nn.Parameter | None = None
+        self.codebook_init: torch.Tensor | None = None
 
     @property
     def shared(self) -> bool:
@@ -311,9 +312,9 @@ def share_weights_(model: nn.Module, bits: int | None = None) -> None:
         if b >= 32:
             continue
         with torch.no_grad():
-            w = layer.effective_weight.detach()
             if wc.shared:
                 unshare_(layer)
+            w = layer.weight.detach() * wc.mask
             wc.bits = b
             nz = w[wc.mask]
             if nz.numel() == 0:
@@ -323,17 +324,23 @@ def share_weights_(model: nn.Module, bits: int | None = None) -> None:
             assign[wc.mask.flatten()] = assign_nz
             wc.assign = assign.reshape(w.shape)
         wc.codebook = nn.Parameter(centroids.clone())
+        wc.codebook_init = centroids.clone()
 
 
 @torch.no_grad()
 def unshare_(layer: Layer) -> None:
-    """Bake the shared weights back into the latent weight and drop the codebook."""
+    """Drop the codebook, moving each latent weight by how far its centroid moved in training.
+
+    The latent weights keep their spread within a cluster, so a later ``share_weights_`` at
+    another bit-width clusters the real weights, not the previous codebook.
+    """
     wc = layer.compressor
     if not wc.shared:
         return
-    values = fp16_round(wc.codebook)[wc.assign] * wc.mask
-    layer.weight.copy_(values)
+    moved = fp16_round(wc.codebook)[wc.assign] - wc.codebook_init[wc.assign]
+    layer.weight.add_(moved * wc.mask)
     wc.codebook = None
+    wc.codebook_init = None
     wc.assign = torch.zeros(0, dtype=torch.long)
 
 
