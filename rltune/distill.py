@@ -1,0 +1,150 @@
+"""Knowledge distillation: the loss and the training loop, on cached teacher logits. Torch only.
+
+The loss of one sample (Hinton et al., 2015)::
+
+    labeled:    α · τ² · KL(softmax(t/τ) ‖ softmax(s/τ)) + (1 − α) · CE(s, y)
+    unlabeled:  α · τ² · KL(softmax(t/τ) ‖ softmax(s/τ))          (transfer set: no label, no CE)
+
+where ``s`` and ``t`` are the student's and teacher's logits. The τ² keeps the soft term's gradient
+on the same scale as τ changes. ``targets="hard"`` trains on labels only (the hard-label
+baseline), ``targets="pseudo"`` gives transfer samples the teacher's argmax as a label and uses
+plain CE everywhere (the pseudo-label baseline).
+
+A FitNets-style hint (Romero et al., 2015) adds ``hint_weight · MSE(r(h_s), h_t)``, with ``r`` a
+learned linear regressor from the student's last hidden layer to the teacher's feature layer.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from rltune.errors import DivergedError
+
+
+@dataclass
+class TrainSet:
+    """Inputs of the train split followed by the transfer set, with cached teacher outputs.
+
+    ``y`` is -1 on unlabeled rows. ``t_feats`` (teacher features for the hint loss) may be None.
+    """
+
+    x: torch.Tensor
+    y: torch.Tensor
+    t_logits: torch.Tensor
+    t_feats: torch.Tensor | None = None
+
+    def labeled_only(self) -> "TrainSet":
+        keep = self.y >= 0
+        feats = self.t_feats[keep] if self.t_feats is not None else None
+        return TrainSet(self.x[keep], self.y[keep], self.t_logits[keep], feats)
+
+
+def kd_loss(
+    s_logits: torch.Tensor,
+    t_logits: torch.Tensor,
+    y: torch.Tensor,
+    temperature: float,
+    alpha: float,
+) -> torch.Tensor:
+    """Mean distillation loss over a batch; rows with ``y < 0`` are unlabeled (no CE term)."""
+    tau = float(temperature)
+    log_p_s = F.log_softmax(s_logits / tau, dim=1)
+    log_p_t = F.log_softmax(t_logits / tau, dim=1)
+    kl = (log_p_t.exp() * (log_p_t - log_p_s)).sum(dim=1)
+    loss = alpha * tau * tau * kl
+    labeled = y >= 0
+    if alpha < 1.0 and bool(labeled.any()):
+        ce = torch.zeros_like(kl)
+        ce[labeled] = F.cross_entropy(s_logits[labeled], y[labeled], reduction="none")
+        loss = loss + (1.0 - alpha) * ce
+    return loss.mean()
+
+
+class Hint(nn.Module):
+    """The FitNets regressor from student features to teacher features."""
+
+    def __init__(self, student_dim: int, teacher_dim: int):
+        super().__init__()
+        self.regressor = nn.Linear(student_dim, teacher_dim)
+
+    def forward(self, h_s: torch.Tensor, h_t: torch.Tensor) -> torch.Tensor:
+        return F.mse_loss(self.regressor(h_s), h_t)
+
+
+def train_epochs(
+    model: nn.Module,
+    data: TrainSet,
+    epochs: int,
+    temperature: float = 4.0,
+    alpha: float = 0.9,
+    lr: float = 1e-3,
+    batch_size: int = 256,
+    generator: torch.Generator | None = None,
+    targets: str = "soft",
+    hint: Hint | None = None,
+    hint_weight: float = 0.0,
+    teacher: nn.Module | None = None,
+    weight_decay: float = 0.0,
+) -> float:
+    """Train ``model`` for ``epochs`` epochs; returns the mean loss of the last epoch.
+
+    With ``teacher`` given, its logits are recomputed on every batch instead of read from the
+    cache (only to measure what the cache saves). Raises :class:`DivergedError` on a NaN or
+    infinite loss.
+    """
+    if targets not in ("soft", "hard", "pseudo"):
+        raise ValueError(f"targets must be soft, hard or pseudo, got {targets!r}")
+    if targets == "hard":
+        data = data.labeled_only()
+    y_all = data.y
+    if targets == "pseudo":
+        y_all = torch.where(data.y >= 0, data.y, data.t_logits.argmax(dim=1))
+    params = [p for p in model.parameters() if p.requires_grad]
+    use_hint = hint is not None and hint_weight > 0 and data.t_feats is not None
+    if use_hint:
+        params += list(hint.parameters())
+    opt = torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
+    n = len(y_all)
+    model.train()
+    last = math.nan
+    for _ in range(epochs):
+        perm = torch.randperm(n, generator=generator)
+        total, count = 0.0, 0
+        for start in range(0, n, batch_size):
+            idx = perm[start:start + batch_size]
+            xb, yb = data.x[idx], y_all[idx]
+            out = model(xb)
+            if targets == "soft":
+                if teacher is not None:
+                    with torch.no_grad():
+                        tb = teacher(xb)
+                else:
+                    tb = data.t_logits[idx]
+                loss = kd_loss(out, tb, yb, temperature, alpha)
+            else:
+                loss = F.cross_entropy(out, yb)
+            if use_hint:
+                loss = loss + hint_weight * hint(model.features(xb), data.t_feats[idx])
+            if not torch.isfinite(loss):
+                model.eval()
+                raise DivergedError(f"training diverged: loss became {float(loss)}")
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            total += float(loss.detach()) * len(idx)
+            count += len(idx)
+        last = total / max(count, 1)
+    model.eval()
+    return last
+
+
+@torch.no_grad()
+def predict(model: nn.Module, x: torch.Tensor, batch_size: int = 4096) -> torch.Tensor:
+    """Logits of ``model`` on ``x`` in eval mode."""
+    model.eval()
+    return torch.cat([model(x[i:i + batch_size]) for i in range(0, len(x), batch_size)]) if len(x) else torch.zeros(0)

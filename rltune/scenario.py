@@ -1,0 +1,262 @@
+"""Scenarios: one compression problem each, written as YAML in ``envs/`` and validated.
+
+A scenario file::
+
+    name: digits-mlp
+    dataset:                 # where the data comes from (all offline)
+      source: digits         # digits | breast_cancer | wine | iris | synthetic | mnist1d
+      seed: 0
+      val_fraction: 0.2      # fixed sets: stratified split fractions
+      test_fraction: 0.2
+      # generators (mnist1d, synthetic): n_train, n_val, n_test; synthetic: params for
+      # sklearn.datasets.make_classification (n_features, n_classes, n_informative, ...)
+      transfer: 0            # unlabeled transfer-set size for distillation (0: none)
+    teacher:
+      arch: mlp              # linear | mlp | cnn1d
+      hidden: [256, 256]     # mlp widths; cnn1d takes channels
+      epochs: 100
+      lr: 0.001
+      batch_size: 128
+      weight_decay: 0.0
+    student:
+      arch: mlp
+      hidden: [32]
+      pretrain_epochs: 30    # float KD student every episode starts from (cached)
+    training:                # the budget of one episode
+      stages: 8
+      epochs_per_stage: 3
+      batch_size: 256
+      lr: 0.001
+      pruning_scope: layer   # layer | global
+      weight_sharing: false
+      hint_weight: 0.0       # FitNets hint loss weight (MLP students)
+    knobs:                   # ranges the tuners may choose from
+      temperature: [1, 20]
+      alpha: [0, 1]
+      sparsity: [0, 0.98]
+      bits: [2, 8]           # min and max bit-width; 32 (float) is always allowed
+    reward:                  # the efficiency score's weights and budgets (see score.py)
+      accuracy_floor: 0.01
+      floor_penalty: 5.0
+      w_size: 0.02
+      w_latency: 0.0
+      w_energy: 0.0
+      max_bytes: null
+      max_energy_pj: null
+
+Unknown keys are errors (a typo must not silently fall back to a default).
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from rltune.data import SOURCES
+from rltune.errors import RltuneError
+from rltune.models import ARCHS
+
+DEFAULTS: dict[str, Any] = {
+    "dataset": {
+        "seed": 0, "val_fraction": 0.2, "test_fraction": 0.2, "transfer": 0,
+        "n_train": None, "n_val": None, "n_test": None, "params": {},
+    },
+    "teacher": {
+        "arch": "mlp", "hidden": [256, 256], "channels": 25, "epochs": 100, "lr": 1e-3,
+        "batch_size": 128, "weight_decay": 0.0, "seed": 0,
+    },
+    "student": {"arch": "mlp", "hidden": [32], "channels": 25, "pretrain_epochs": 30,
+                "temperature": 4.0, "alpha": 0.9},
+    "training": {
+        "stages": 8, "epochs_per_stage": 3, "batch_size": 256, "lr": 1e-3,
+        "pruning_scope": "layer", "weight_sharing": False, "hint_weight": 0.0,
+    },
+    "knobs": {"temperature": [1.0, 20.0], "alpha": [0.0, 1.0], "sparsity": [0.0, 0.98], "bits": [2, 8]},
+    "reward": {
+        "accuracy_floor": 0.01, "floor_penalty": 5.0, "w_size": 0.02, "w_latency": 0.0,
+        "w_energy": 0.0, "max_bytes": None, "max_energy_pj": None,
+    },
+}
+
+
+@dataclass
+class Scenario:
+    """A validated scenario. Sections are plain dicts with every default filled in."""
+
+    name: str
+    dataset: dict[str, Any]
+    teacher: dict[str, Any]
+    student: dict[str, Any]
+    training: dict[str, Any]
+    knobs: dict[str, Any]
+    reward: dict[str, Any]
+    path: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: copy.deepcopy(getattr(self, k))
+                for k in ("name", "dataset", "teacher", "student", "training", "knobs", "reward")}
+
+    def replace(self, **sections: dict[str, Any]) -> "Scenario":
+        """A copy with some sections' fields overridden, validated again."""
+        raw = self.to_dict()
+        for key, value in sections.items():
+            if isinstance(value, dict):
+                raw[key] = {**raw[key], **value}
+            else:
+                raw[key] = value
+        return parse_scenario(raw, self.path or "<scenario>")
+
+
+class _Checker:
+    def __init__(self, where: str):
+        self.where = where
+
+    def fail(self, fieldname: str, msg: str) -> None:
+        raise RltuneError(f"{self.where}: {fieldname}: {msg}")
+
+    def number(self, sec: dict, key: str, prefix: str, lo=None, hi=None, integer=False, nullable=False):
+        v = sec[key]
+        name = f"{prefix}.{key}"
+        if v is None and nullable:
+            return None
+        if isinstance(v, bool) or not isinstance(v, (int, float)):
+            self.fail(name, f"expected a number, got {v!r}")
+        if integer and int(v) != v:
+            self.fail(name, f"expected a whole number, got {v!r}")
+        if lo is not None and v < lo:
+            self.fail(name, f"must be >= {lo}, got {v}")
+        if hi is not None and v > hi:
+            self.fail(name, f"must be <= {hi}, got {v}")
+        sec[key] = int(v) if integer else float(v)
+        return sec[key]
+
+    def widths(self, sec: dict, key: str, prefix: str):
+        v = sec[key]
+        if not isinstance(v, list) or any(isinstance(h, bool) or not isinstance(h, int) or h < 1 for h in v):
+            self.fail(f"{prefix}.{key}", f"expected a list of positive whole numbers, got {v!r}")
+
+    def range_(self, sec: dict, key: str, prefix: str, lo: float, hi: float, integer=False):
+        v = sec[key]
+        name = f"{prefix}.{key}"
+        if (not isinstance(v, list) or len(v) != 2
+                or any(isinstance(x, bool) or not isinstance(x, (int, float)) for x in v)):
+            self.fail(name, f"expected [min, max], got {v!r}")
+        a, b = v
+        if a > b:
+            self.fail(name, f"min {a} is greater than max {b}")
+        if a < lo or b > hi:
+            self.fail(name, f"must lie within [{lo}, {hi}], got {v}")
+        if integer and (int(a) != a or int(b) != b):
+            self.fail(name, f"expected whole numbers, got {v}")
+        sec[key] = [int(a), int(b)] if integer else [float(a), float(b)]
+
+
+def parse_scenario(raw: Any, where: str = "<scenario>") -> Scenario:
+    """Validate a scenario given as a dict; every problem is one ``RltuneError`` line."""
+    c = _Checker(where)
+    if not isinstance(raw, dict):
+        c.fail("(top level)", f"expected a mapping of sections, got {type(raw).__name__}")
+    allowed = {"name", *DEFAULTS}
+    for key in raw:
+        if key not in allowed:
+            c.fail(str(key), f"unknown section (expected {', '.join(sorted(allowed))})")
+    name = raw.get("name")
+    if not isinstance(name, str) or not name:
+        c.fail("name", "missing or not a string")
+    if not isinstance(raw.get("dataset"), dict) or "source" not in raw["dataset"]:
+        c.fail("dataset.source", "missing")
+    secs: dict[str, dict] = {}
+    for sec_name, defaults in DEFAULTS.items():
+        given = raw.get(sec_name, {}) or {}
+        if not isinstance(given, dict):
+            c.fail(sec_name, f"expected a mapping, got {given!r}")
+        extra = set(given) - set(defaults) - ({"source"} if sec_name == "dataset" else set())
+        if extra:
+            c.fail(f"{sec_name}.{sorted(extra)[0]}", f"unknown field (expected one of {', '.join(sorted(defaults))})")
+        secs[sec_name] = {**copy.deepcopy(defaults), **copy.deepcopy(given)}
+
+    d = secs["dataset"]
+    if d["source"] not in SOURCES:
+        c.fail("dataset.source", f"unknown dataset {d['source']!r} (expected one of {', '.join(SOURCES)})")
+    c.number(d, "seed", "dataset", lo=0, integer=True)
+    c.number(d, "transfer", "dataset", lo=0, integer=True)
+    if d["source"] in ("mnist1d", "synthetic"):
+        for k in ("n_train", "n_val", "n_test"):
+            if d[k] is None:
+                c.fail(f"dataset.{k}", f"required for the {d['source']} generator")
+            c.number(d, k, "dataset", lo=10, integer=True)
+        if d["source"] == "synthetic":
+            if not isinstance(d["params"], dict):
+                c.fail("dataset.params", "expected a mapping of make_classification arguments")
+            ok = {"n_features", "n_informative", "n_redundant", "n_repeated", "n_classes",
+                  "n_clusters_per_class", "class_sep", "flip_y", "weights", "hypercube", "shift", "scale"}
+            for k in d["params"]:
+                if k not in ok:
+                    c.fail(f"dataset.params.{k}", f"not a make_classification argument rltune accepts ({', '.join(sorted(ok))})")
+    else:
+        c.number(d, "val_fraction", "dataset", lo=0.05, hi=0.45)
+        c.number(d, "test_fraction", "dataset", lo=0.05, hi=0.45)
+
+    for role in ("teacher", "student"):
+        s = secs[role]
+        if s["arch"] not in ARCHS:
+            c.fail(f"{role}.arch", f"unknown architecture {s['arch']!r} (expected one of {', '.join(ARCHS)})")
+        c.widths(s, "hidden", role)
+        c.number(s, "channels", role, lo=1, integer=True)
+    t = secs["teacher"]
+    c.number(t, "epochs", "teacher", lo=1, integer=True)
+    c.number(t, "lr", "teacher", lo=1e-6, hi=1.0)
+    c.number(t, "batch_size", "teacher", lo=1, integer=True)
+    c.number(t, "weight_decay", "teacher", lo=0.0)
+    c.number(t, "seed", "teacher", lo=0, integer=True)
+    s = secs["student"]
+    c.number(s, "pretrain_epochs", "student", lo=0, integer=True)
+    c.number(s, "temperature", "student", lo=0.1, hi=100)
+    c.number(s, "alpha", "student", lo=0.0, hi=1.0)
+
+    tr = secs["training"]
+    c.number(tr, "stages", "training", lo=1, hi=100, integer=True)
+    c.number(tr, "epochs_per_stage", "training", lo=1, integer=True)
+    c.number(tr, "batch_size", "training", lo=1, integer=True)
+    c.number(tr, "lr", "training", lo=1e-6, hi=1.0)
+    c.number(tr, "hint_weight", "training", lo=0.0)
+    if tr["pruning_scope"] not in ("layer", "global"):
+        c.fail("training.pruning_scope", f"expected 'layer' or 'global', got {tr['pruning_scope']!r}")
+    if not isinstance(tr["weight_sharing"], bool):
+        c.fail("training.weight_sharing", f"expected true or false, got {tr['weight_sharing']!r}")
+
+    k = secs["knobs"]
+    c.range_(k, "temperature", "knobs", 0.1, 100.0)
+    c.range_(k, "alpha", "knobs", 0.0, 1.0)
+    c.range_(k, "sparsity", "knobs", 0.0, 0.999)
+    c.range_(k, "bits", "knobs", 2, 8, integer=True)
+
+    r = secs["reward"]
+    c.number(r, "accuracy_floor", "reward", lo=0.0, hi=1.0)
+    c.number(r, "floor_penalty", "reward", lo=0.0)
+    for key in ("w_size", "w_latency", "w_energy"):
+        c.number(r, key, "reward", lo=0.0)
+    c.number(r, "max_bytes", "reward", lo=1, nullable=True)
+    c.number(r, "max_energy_pj", "reward", lo=0.0, nullable=True)
+    return Scenario(name=name, path=where, **secs)
+
+
+def load_scenario(path: str | Path) -> Scenario:
+    """Read and validate a scenario YAML file (``yaml.safe_load`` only)."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as e:
+        raise RltuneError(f"{path}: cannot read scenario file ({e.strerror or e})") from None
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        at = f" at line {mark.line + 1}" if mark is not None else ""
+        raise RltuneError(f"{path}: not valid YAML{at}") from None
+    return parse_scenario(raw, str(path))

@@ -1,0 +1,235 @@
+"""The stage, rltune's unit of real work, and a whole compression run as a schedule of stages.
+
+One stage, given knobs (τ, α, target sparsity, bit-width)::
+
+    1. prune:    magnitude-prune up to the target sparsity (masks only grow, so sparsity never falls)
+    2. quantize: set the bit-width (QAT from now on); with weight sharing, re-cluster the codebooks
+    3. train:    E epochs of distillation (cached teacher logits) with fake quantization under the masks
+    4. measure:  val accuracy, agreement with the teacher, packed bytes of the exported artifact,
+                 sparsity, bits, MACs, modelled energy
+
+Pruning and quantizing *before* the epochs lets each stage's training repair the damage it did,
+so the student measured at the end of a stage is exactly the one that would be exported. The test
+split is never read here: :func:`final_report` reads it once, at the end.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from rltune import compress as C
+from rltune.context import Context
+from rltune.distill import Hint, predict, train_epochs
+from rltune.errors import RltuneError
+from rltune.export import packed_size
+from rltune.metrics import accuracy, agreement, count_macs, energy_per_inference, float_energy, measure_latency
+from rltune.score import efficiency_score
+
+
+@dataclass(frozen=True)
+class Knobs:
+    """The knobs of one stage. ``sparsity`` is a target fraction of zero weights; ``bits`` 2..8 or 32."""
+
+    temperature: float = 4.0
+    alpha: float = 0.9
+    sparsity: float = 0.0
+    bits: int = 32
+
+    def __post_init__(self):
+        if not self.temperature > 0:
+            raise RltuneError(f"temperature must be > 0, got {self.temperature}")
+        if not 0.0 <= self.alpha <= 1.0:
+            raise RltuneError(f"alpha must be in [0, 1], got {self.alpha}")
+        if not 0.0 <= self.sparsity < 1.0:
+            raise RltuneError(f"sparsity must be in [0, 1), got {self.sparsity}")
+        C.check_bits(self.bits)
+
+
+@dataclass
+class Metrics:
+    """What a stage measures (val split), plus the reference points it is normalised by."""
+
+    val_acc: float
+    val_agreement: float
+    packed_bytes: int
+    ratio: float
+    sparsity: float
+    bits: float
+    nonzero_macs: int
+    dense_macs: int
+    energy_pj: float
+    train_loss: float
+    seconds: float
+    seconds_outside_training: float
+    latency_b1_s: float | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class Reference:
+    """The float32 student's figures: what every compressed student is compared with."""
+
+    val_acc: float
+    test_acc: float
+    float_bytes: int
+    energy_pj: float
+    teacher_val_acc: float
+    teacher_test_acc: float
+    latency_b1_s: float | None = None
+
+
+def reference(ctx: Context, float_student: nn.Module) -> Reference:
+    d = ctx.data
+    return Reference(
+        val_acc=accuracy(predict(float_student, d.x_val), d.y_val),
+        test_acc=accuracy(predict(float_student, d.x_test), d.y_test),
+        float_bytes=C.float_bytes(float_student),
+        energy_pj=float_energy(float_student, ctx.n_features)["energy_pj"],
+        teacher_val_acc=ctx.teacher_info["val_acc"],
+        teacher_test_acc=ctx.teacher_info["test_acc"],
+    )
+
+
+@dataclass
+class StudentState:
+    """A student being compressed: the prepared model and what persists between stages."""
+
+    model: nn.Module
+    ref: Reference
+    generator: torch.Generator
+    hint: Hint | None = None
+    history: list[Metrics] = field(default_factory=list)
+
+
+def start(ctx: Context, seed: int = 0, float_student: nn.Module | None = None) -> StudentState:
+    """A fresh compressible copy of the float student, with its own seeded generator."""
+    import copy
+
+    base = float_student if float_student is not None else ctx.float_student(seed)
+    ref = reference(ctx, base)
+    model = C.prepare_(copy.deepcopy(base))
+    g = torch.Generator().manual_seed(seed)
+    return StudentState(model, ref, g, ctx.make_hint(model))
+
+
+def measure(ctx: Context, state: StudentState, train_loss: float = math.nan) -> Metrics:
+    """Measure the student on the val split (never test)."""
+    model, d = state.model, ctx.data
+    logits = predict(model, d.x_val)
+    nbytes = packed_size(model, ctx.scenario.student, ctx.n_features, ctx.n_classes)
+    macs = count_macs(model, ctx.n_features)
+    return Metrics(
+        val_acc=accuracy(logits, d.y_val),
+        val_agreement=agreement(logits, ctx.logits["val"]),
+        packed_bytes=nbytes,
+        ratio=state.ref.float_bytes / nbytes,
+        sparsity=C.weight_sparsity(model),
+        bits=C.model_bits(model),
+        nonzero_macs=macs["nonzero_macs"],
+        dense_macs=macs["dense_macs"],
+        energy_pj=energy_per_inference(model, ctx.n_features, packed_bytes=nbytes)["energy_pj"],
+        train_loss=train_loss,
+        seconds=0.0,
+        seconds_outside_training=0.0,
+    )
+
+
+def run_stage(ctx: Context, state: StudentState, knobs: Knobs, epochs: int | None = None,
+              teacher_per_batch: bool = False) -> Metrics:
+    """One stage: prune, quantize, train E epochs of KD + QAT, measure. Deterministic per seed.
+
+    Raises :class:`rltune.errors.DivergedError` if the loss becomes NaN or infinite.
+    ``teacher_per_batch`` recomputes teacher logits on every batch (only to measure the cache).
+    """
+    t0 = time.perf_counter()
+    tr = ctx.scenario.training
+    model = state.model
+    if knobs.sparsity > 0:
+        C.prune_(model, sparsity=knobs.sparsity, scope=tr["pruning_scope"])
+    C.set_bits_(model, knobs.bits)
+    if tr["weight_sharing"] and knobs.bits < 32:
+        C.share_weights_(model, knobs.bits)
+    t1 = time.perf_counter()
+    loss = train_epochs(
+        model, ctx.train_set, epochs if epochs is not None else tr["epochs_per_stage"],
+        temperature=knobs.temperature, alpha=knobs.alpha, lr=tr["lr"], batch_size=tr["batch_size"],
+        generator=state.generator, hint=state.hint, hint_weight=tr["hint_weight"],
+        teacher=ctx.teacher if teacher_per_batch else None,
+    )
+    t2 = time.perf_counter()
+    m = measure(ctx, state, loss)
+    t3 = time.perf_counter()
+    m.seconds = t3 - t0
+    m.seconds_outside_training = (t1 - t0) + (t3 - t2)
+    state.history.append(m)
+    return m
+
+
+def run_schedule(ctx: Context, schedule: list[Knobs], seed: int = 0,
+                 float_student: nn.Module | None = None) -> StudentState:
+    """Compress with a fixed list of per-stage knobs (a recipe, a tuner's candidate)."""
+    state = start(ctx, seed, float_student)
+    for knobs in schedule:
+        run_stage(ctx, state, knobs)
+    return state
+
+
+def score_of(ctx: Context, m: Metrics, ref: Reference, acc: float | None = None,
+             ref_acc: float | None = None) -> tuple[float, dict[str, float]]:
+    """The efficiency score of a measured student (val by default)."""
+    return efficiency_score(
+        acc=m.val_acc if acc is None else acc,
+        ref_acc=ref.val_acc if ref_acc is None else ref_acc,
+        bytes_=m.packed_bytes, ref_bytes=ref.float_bytes, weights=ctx.scenario.reward,
+        latency=m.latency_b1_s, ref_latency=ref.latency_b1_s,
+        energy=m.energy_pj, ref_energy=ref.energy_pj,
+    )
+
+
+def final_report(ctx: Context, state: StudentState, latency: bool = True) -> dict[str, Any]:
+    """The test-split figures of the finished student (the only place test is read)."""
+    d = ctx.data
+    m = state.history[-1] if state.history else measure(ctx, state)
+    logits = predict(state.model, d.x_test)
+    out = {
+        "test_acc": accuracy(logits, d.y_test),
+        "test_agreement": agreement(logits, ctx.logits["test"]),
+        "float_test_acc": state.ref.test_acc,
+        "teacher_test_acc": state.ref.teacher_test_acc,
+        **{f"val_{k}" if k in ("acc",) else k: v for k, v in m.to_dict().items()},
+        "float_bytes": state.ref.float_bytes,
+    }
+    score, _ = score_of(ctx, m, state.ref, acc=out["test_acc"], ref_acc=state.ref.test_acc)
+    out["test_score"] = score
+    if latency:
+        out.update(measure_latency(state.model, ctx.n_features))
+    return out
+
+
+# -- the recipe: the strong default schedule --------------------------------------------------
+
+def cubic_sparsity(stage: int, final: float, ramp_stages: int, initial: float = 0.0) -> float:
+    """Zhu & Gupta (2017): ``s_t = s_f + (s_i − s_f)(1 − t/n)^3`` for stage t = 1..n, then s_f."""
+    frac = min(max(stage / max(ramp_stages, 1), 0.0), 1.0)
+    return final + (initial - final) * (1.0 - frac) ** 3
+
+
+def recipe(stages: int, sparsity: float, bits: int, temperature: float = 4.0, alpha: float = 0.9,
+           ramp_fraction: float = 0.75, late_bits_stages: int | None = None) -> list[Knobs]:
+    """The gradual recipe: cubic sparsity ramp reaching ``sparsity`` at ``ramp_fraction`` of the
+    stages, 8 bits until the last ``late_bits_stages`` (default: a quarter, at least 1), then ``bits``."""
+    ramp = max(1, int(round(ramp_fraction * stages)))
+    late = late_bits_stages if late_bits_stages is not None else max(1, stages // 4)
+    out = []
+    for k in range(1, stages + 1):
+        b = bits if (bits >= 32 or k > stages - late) else 8
+        out.append(Knobs(temperature, alpha, cubic_sparsity(k, sparsity, ramp), b))
+    return out
