@@ -205,6 +205,12 @@ def _magnitude(layer: Layer) -> torch.Tensor:
     return w.detach().abs() * wc.mask
 
 
+def _keep_one(layer: Layer, mag: torch.Tensor) -> None:
+    """Never empty a layer entirely: a magnitude rule may not disconnect the network."""
+    if not layer.compressor.mask.any():
+        layer.compressor.mask.view(-1)[mag.flatten().argmax()] = True
+
+
 @torch.no_grad()
 def prune_(
     model: nn.Module,
@@ -224,7 +230,9 @@ def prune_(
     ls = layers(model)
     if threshold is not None:
         for layer in ls:
-            layer.compressor.mask &= _magnitude(layer) > threshold
+            mag = _magnitude(layer)
+            layer.compressor.mask &= mag > threshold
+            _keep_one(layer, mag)
         return weight_sparsity(model)
     if not 0.0 <= sparsity < 1.0:
         raise RltuneError(f"sparsity must be in [0, 1), got {sparsity}")
@@ -236,9 +244,7 @@ def prune_(
             for layer in ls:
                 mag = _magnitude(layer)
                 layer.compressor.mask &= mag > thr
-                # never empty a layer entirely: keep its largest weight
-                if not layer.compressor.mask.any():
-                    layer.compressor.mask.view(-1)[mag.flatten().argmax()] = True
+                _keep_one(layer, mag)
     else:
         for layer in ls:
             mag = _magnitude(layer).flatten()

@@ -132,7 +132,7 @@ def train_epochs(
                 loss = loss + hint_weight * hint(model.features(xb), data.t_feats[idx])
             if not torch.isfinite(loss):
                 model.eval()
-                raise DivergedError(f"training diverged: loss became {float(loss)}")
+                raise DivergedError(f"training diverged: loss became {float(loss.detach())}")
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()

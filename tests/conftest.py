@@ -1,0 +1,16 @@
+import os
+import tempfile
+
+import pytest
+import torch
+
+# keep the test suite's caches out of the user's home and away from other runs
+os.environ.setdefault("RLTUNE_CACHE", os.path.join(tempfile.gettempdir(), "rltune-test-cache"))
+torch.set_num_threads(1)
+
+
+@pytest.fixture
+def tmp_cache(tmp_path, monkeypatch):
+    """A fresh, empty cache folder for tests that count cache hits."""
+    monkeypatch.setenv("RLTUNE_CACHE", str(tmp_path / "cache"))
+    return tmp_path / "cache"
