@@ -75,7 +75,9 @@ class Context:
     def build(cls, scenario: Scenario) -> "Context":
         torch.set_num_threads(1)
         data = load_dataset(scenario.dataset)
-        key = stable_hash({"v": CACHE_VERSION, "dataset": scenario.dataset, "teacher": scenario.teacher})
+        # the transfer set does not change the teacher (trained on labeled train only)
+        labeled = {k: v for k, v in scenario.dataset.items() if k != "transfer"}
+        key = stable_hash({"v": CACHE_VERSION, "dataset": labeled, "teacher": scenario.teacher})
         path = cache_dir() / f"teacher_{key}.safetensors"
         teacher = build_model(scenario.teacher, data.n_features, data.n_classes)
         hit = path.exists()

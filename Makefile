@@ -1,0 +1,28 @@
+# Two commands do all set-up on a fresh machine:
+#   make demo   - install, then compress a small built-in scenario and print the before/after table
+#   make test   - install, then run the test suite
+# torch is installed first, pinned to the CPU build on this machine's disk (a looser pin can pull
+# a multi-GB CUDA build).
+PY ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+
+.PHONY: install demo test benchmark clean
+
+$(BIN)/rltune: pyproject.toml
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -e '.[dev]'
+	touch $(BIN)/rltune
+
+install: $(BIN)/rltune
+
+demo: install
+	$(BIN)/rltune compress --scenario digits-mlp --sparsity 0.8 --bits 4
+
+test: install
+	$(BIN)/python -m pytest tests
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache
