@@ -122,6 +122,9 @@ from rltune.compress import (
 from rltune.errors import RltuneError
 from rltune.models import build_model
 
+__all__ = ["export_bytes", "save_artifact", "packed_size", "load_artifact", "entropy_bits",
+           "MAGIC", "VERSION"]
+
 MAGIC = b"RLT"
 VERSION = 1
 _ARCH_IDS = {"linear": 1, "mlp": 2, "cnn1d": 3}
@@ -131,7 +134,7 @@ LAYOUT_DENSE, LAYOUT_BITMAP, LAYOUT_GAPS = 0, 1, 2
 _MAX_HUFF_LEN = 15
 _MAX_GAP_BITS = 15          # alphabets of at most 2**15 symbols: a 15-bit Huffman code always fits
 _BIAS_QMAX = 127
-_MAX_PARAMS = 1 << 27       # refuse to materialise absurd models described by a (hostile) file
+_MAX_PARAMS = 1 << 25       # refuse to materialise absurd models described by a (hostile) file
 _DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16, torch.int64, torch.int32,
            torch.int16, torch.int8, torch.uint8, torch.bool)
 
@@ -374,6 +377,8 @@ def _read_stream(rd: _BitReader, n: int, alphabet: int) -> np.ndarray:
     if alphabet <= 1 or n == 0:
         return np.zeros(n, np.int64)
     width = _bl(alphabet - 1)
+    if n > rd.end - rd.pos:                     # every symbol costs at least one bit
+        raise _Corrupt("truncated (a stream is longer than the rest of the body)")
     if rd.uint(1) == 0:
         syms = rd.fixed(n, width)
         if syms.size and int(syms.max()) >= alphabet:
@@ -636,9 +641,7 @@ def _signature(module: nn.Module) -> tuple:
     w = module.weight if not parametrize.is_parametrized(module, "weight") \
         else module.parametrizations["weight"].original
     kind = 0 if isinstance(module, nn.Linear) else 1
-    has_bias = _latent_bias(module) is not None if parametrize.is_parametrized(module) \
-        else module.bias is not None
-    return kind, tuple(w.shape), has_bias
+    return kind, tuple(w.shape), _latent_bias(module) is not None
 
 
 def _extras(model: nn.Module, layer_names: list[str]) -> list[tuple[str, torch.Tensor]]:
@@ -915,6 +918,7 @@ def _parse(data: bytes, skeleton: nn.Module | None, where: str) -> nn.Module:
 
     if arch_id != 0 and skeleton is None:
         target = _build(*built, meta=False)
+        plain = _plain_layers(target)
     want = _extras(target, [n for n, _ in plain])
     if sorted(n for n, _ in want) != sorted(e[0] for e in extras):
         raise RltuneError(f"{where}: the stored extra tensors {[e[0] for e in extras]} do not match "
@@ -949,8 +953,10 @@ def load_artifact(path_or_bytes: str | os.PathLike | bytes | bytearray | memoryv
             data = Path(path_or_bytes).read_bytes()
         except OSError as exc:
             raise RltuneError(f"cannot read artifact {where}: {exc.strerror or exc}") from None
-    if len(data) < len(MAGIC) + 1 + 4 or data[:len(MAGIC)] != MAGIC:
+    if data[:len(MAGIC)] != MAGIC[:len(data)] or not data:
         raise RltuneError(f"{where} is not an rltune artifact (bad magic)")
+    if len(data) < len(MAGIC) + 1 + 4:
+        raise RltuneError(f"{where} is truncated ({len(data)} bytes)")
     if data[len(MAGIC)] != VERSION:
         raise RltuneError(f"{where}: unsupported artifact version {data[len(MAGIC)]} (expected {VERSION})")
     if zlib.crc32(data[:-4]) != int.from_bytes(data[-4:], "big"):
