@@ -33,10 +33,14 @@ from rltune.cli import resolve_scenario
 from rltune.context import Context
 from rltune.distill import predict, train_epochs
 from rltune.metrics import accuracy
+from rltune.models import count_params
 from rltune.scenario import load_scenario
 from rltune.stage import Knobs, final_report, recipe, run_schedule, run_stage, start
 
 ROOT = Path(__file__).resolve().parent
+# tiny students cannot lose many weights: their frontier is in the bits
+SMALL_GRID = "0.3:3,0.5:4,0.5:3,0.5:2,0.7:4,0.7:3,0.7:2,0.8:4,0.8:3,0.9:3"
+LARGE_GRID = "0.9:4,0.92:4,0.94:4,0.95:4,0.9:3,0.93:3,0.95:3,0.97:3"
 
 
 @dataclass
@@ -54,8 +58,8 @@ class Args:
     """epochs over train ∪ transfer for float students with a transfer set"""
     labeled_epochs: int = 200
     """epochs over the labeled train split alone (hard labels, KD without transfer)"""
-    grid: str = "0.8:4,0.9:4,0.9:3,0.95:4,0.95:3,0.97:3,0.97:2"
-    """sparsity:bits points of the gradual recipe"""
+    grid: str = "auto"
+    """sparsity:bits points of the gradual recipe; auto: SMALL_GRID below 10k parameters, else LARGE_GRID"""
     out: str = str(ROOT / "results")
     """folder for frontier.json and frontier.md"""
 
@@ -89,7 +93,7 @@ def float_student(ctx: Context, seed: int, targets: str, tau: float, transfer: b
     done = 0
     while done < epochs:
         step = min(chunk, epochs - done)
-        train_epochs(model, data, step, temperature=tau, alpha=0.9, lr=s.training["lr"],
+        train_epochs(model, data, step, temperature=tau, alpha=0.9, lr=ctx.pretrain_lr,
                      batch_size=s.training["batch_size"], generator=g, targets=targets)
         done += step
         acc = accuracy(predict(model, ctx.data.x_val), ctx.data.y_val)
@@ -129,7 +133,10 @@ def compression_table(ctx: Context, a: Args) -> dict:
     stages = ctx.scenario.training["stages"]
     float_accs = [ctx_float_test(ctx, s) for s in range(a.seeds)]
     points = []
-    for item in a.grid.split(","):
+    grid = a.grid
+    if grid == "auto":
+        grid = SMALL_GRID if count_params(ctx.new_student(0)) < 10_000 else LARGE_GRID
+    for item in grid.split(","):
         sp, bits = item.split(":")
         sp, bits = float(sp), int(bits)
         accs, ratios, sizes, energies = [], [], [], []

@@ -350,6 +350,11 @@ def unshare_(layer: Layer) -> None:
     wc.assign = torch.zeros(0, dtype=torch.long)
 
 
+def unshare_all_(model: nn.Module) -> None:
+    for layer in layers(model):
+        unshare_(layer)
+
+
 def iter_params(model: nn.Module) -> Iterator[nn.Parameter]:
     """Trainable parameters, codebooks included (call after every share_weights_)."""
     return iter([p for p in model.parameters() if p.requires_grad])

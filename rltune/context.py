@@ -114,6 +114,11 @@ class Context:
     def n_classes(self) -> int:
         return self.data.n_classes
 
+    @property
+    def pretrain_lr(self) -> float:
+        lr = self.scenario.student["lr"]
+        return float(lr) if lr is not None else float(self.scenario.training["lr"])
+
     def new_student(self, seed: int) -> nn.Module:
         torch.manual_seed(seed)
         return build_model(self.scenario.student, self.n_features, self.n_classes)
@@ -131,7 +136,7 @@ class Context:
         s = self.scenario
         key = stable_hash({"v": CACHE_VERSION, "dataset": s.dataset, "teacher": s.teacher,
                            "student": s.student, "batch": s.training["batch_size"],
-                           "lr": s.training["lr"], "seed": seed})
+                           "lr": self.pretrain_lr, "seed": seed})
         path = cache_dir() / f"student_{key}.safetensors"
         model = self.new_student(seed)
         if path.exists():
@@ -143,6 +148,6 @@ class Context:
         if s.student["pretrain_epochs"] > 0:
             train_epochs(model, self.train_set, s.student["pretrain_epochs"],
                          temperature=s.student["temperature"], alpha=s.student["alpha"],
-                         lr=s.training["lr"], batch_size=s.training["batch_size"], generator=g)
+                         lr=self.pretrain_lr, batch_size=s.training["batch_size"], generator=g)
         _save_model(model, path, {"val_acc": accuracy(predict(model, self.data.x_val), self.data.y_val)})
         return model.eval()

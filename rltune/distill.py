@@ -90,6 +90,7 @@ def train_epochs(
     hint_weight: float = 0.0,
     teacher: nn.Module | None = None,
     weight_decay: float = 0.0,
+    codebook_lr_scale: float = 0.1,
 ) -> float:
     """Train ``model`` for ``epochs`` epochs; returns the mean loss of the last epoch.
 
@@ -104,11 +105,18 @@ def train_epochs(
     y_all = data.y
     if targets == "pseudo":
         y_all = torch.where(data.y >= 0, data.y, data.t_logits.argmax(dim=1))
-    params = [p for p in model.parameters() if p.requires_grad]
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    params = [p for n, p in named if not n.endswith("codebook")]
+    codebooks = [p for n, p in named if n.endswith("codebook")]
     use_hint = hint is not None and hint_weight > 0 and data.t_feats is not None
     if use_hint:
         params += list(hint.parameters())
-    opt = torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
+    groups = [{"params": params}]
+    if codebooks:
+        # Adam moves every parameter by about lr per step whatever its gradient's scale; a
+        # centroid stands for thousands of weights, so it gets a smaller step
+        groups.append({"params": codebooks, "lr": lr * codebook_lr_scale})
+    opt = torch.optim.Adam(groups, lr=lr, weight_decay=weight_decay)
     n = len(y_all)
     model.train()
     last = math.nan

@@ -22,12 +22,13 @@ A scenario file::
       arch: mlp
       hidden: [32]
       pretrain_epochs: 30    # float KD student every episode starts from (cached)
+      lr: null               # its learning rate (null: training.lr)
     training:                # the budget of one episode
       stages: 8
       epochs_per_stage: 3
       batch_size: 256
       lr: 0.001
-      pruning_scope: layer   # layer | global
+      pruning_scope: global  # global | layer (magnitude threshold over all layers, or per layer)
       weight_sharing: false
       hint_weight: 0.0       # FitNets hint loss weight (MLP students)
     knobs:                   # ranges the tuners may choose from
@@ -70,10 +71,10 @@ DEFAULTS: dict[str, Any] = {
         "batch_size": 128, "weight_decay": 0.0, "seed": 0,
     },
     "student": {"arch": "mlp", "hidden": [32], "channels": 25, "pretrain_epochs": 30,
-                "temperature": 4.0, "alpha": 0.9},
+                "temperature": 4.0, "alpha": 0.9, "lr": None},
     "training": {
         "stages": 8, "epochs_per_stage": 3, "batch_size": 256, "lr": 1e-3,
-        "pruning_scope": "layer", "weight_sharing": False, "hint_weight": 0.0,
+        "pruning_scope": "global", "weight_sharing": False, "hint_weight": 0.0,
     },
     "knobs": {"temperature": [1.0, 20.0], "alpha": [0.0, 1.0], "sparsity": [0.0, 0.98], "bits": [2, 8]},
     "reward": {
@@ -218,6 +219,7 @@ def parse_scenario(raw: Any, where: str = "<scenario>") -> Scenario:
     c.number(s, "pretrain_epochs", "student", lo=0, integer=True)
     c.number(s, "temperature", "student", lo=0.1, hi=100)
     c.number(s, "alpha", "student", lo=0.0, hi=1.0)
+    c.number(s, "lr", "student", lo=1e-6, hi=1.0, nullable=True)
 
     tr = secs["training"]
     c.number(tr, "stages", "training", lo=1, hi=100, integer=True)

@@ -154,16 +154,25 @@ def run_stage(ctx: Context, state: StudentState, knobs: Knobs, epochs: int | Non
     model = state.model
     if knobs.sparsity > 0:
         C.prune_(model, sparsity=knobs.sparsity, scope=tr["pruning_scope"])
+    C.unshare_all_(model)
     C.set_bits_(model, knobs.bits)
-    if tr["weight_sharing"] and knobs.bits < 32:
-        C.share_weights_(model, knobs.bits)
+    epochs = epochs if epochs is not None else tr["epochs_per_stage"]
+    share = tr["weight_sharing"] and knobs.bits < 32
+    # with weight sharing: QAT epochs repair the pruning first, then the last third of the
+    # epochs (at least one) fine-tunes the k-means centroids (Deep Compression's order)
+    phases = [(epochs - max(1, epochs // 3), False), (max(1, epochs // 3), True)] if share else [(epochs, False)]
     t1 = time.perf_counter()
-    loss = train_epochs(
-        model, ctx.train_set, epochs if epochs is not None else tr["epochs_per_stage"],
-        temperature=knobs.temperature, alpha=knobs.alpha, lr=tr["lr"], batch_size=tr["batch_size"],
-        generator=state.generator, hint=state.hint, hint_weight=tr["hint_weight"],
-        teacher=ctx.teacher if teacher_per_batch else None,
-    )
+    loss = math.nan
+    for n_epochs, cluster in phases:
+        if cluster:
+            C.share_weights_(model, knobs.bits)
+        if n_epochs > 0:
+            loss = train_epochs(
+                model, ctx.train_set, n_epochs,
+                temperature=knobs.temperature, alpha=knobs.alpha, lr=tr["lr"], batch_size=tr["batch_size"],
+                generator=state.generator, hint=state.hint, hint_weight=tr["hint_weight"],
+                teacher=ctx.teacher if teacher_per_batch else None,
+            )
     t2 = time.perf_counter()
     m = measure(ctx, state, loss)
     t3 = time.perf_counter()
