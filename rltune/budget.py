@@ -1,0 +1,163 @@
+"""Compression targets (budgets) and meeting them by construction.
+
+A budget is a compression ratio (``"20x"``), packed bytes (``"12KB"``, ``"900B"``) or modelled
+energy per inference (``"5nJ"``, ``"800pJ"``). Every tuner meets it the way AMC's
+resource-constrained protocol does: the final sparsity is the smallest that brings the student's
+cost under the budget at the chosen bit-width (found by bisection on the real exported size or
+the energy model), and after the last stage any excess is pruned away.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from rltune import compress as C
+from rltune.errors import RltuneError
+from rltune.export import packed_size
+from rltune.metrics import energy_per_inference
+
+_UNITS = {"b": 1, "kb": 1024, "mb": 1024 ** 2, "pj": 1.0, "nj": 1e3, "uj": 1e6, "µj": 1e6}
+
+
+@dataclass(frozen=True)
+class Budget:
+    """``kind`` is ``ratio`` (× against the float32 dense student), ``bytes`` or ``energy`` (pJ)."""
+
+    kind: str
+    value: float
+
+    def __post_init__(self):
+        if self.kind not in ("ratio", "bytes", "energy"):
+            raise RltuneError(f"budget kind must be ratio, bytes or energy, got {self.kind!r}")
+        if not self.value > 0 or (self.kind == "ratio" and self.value < 1):
+            raise RltuneError(f"budget must be positive (a ratio at least 1x), got {self.value}")
+
+    @classmethod
+    def parse(cls, text: str | float) -> "Budget":
+        """``20x`` / ``20`` -> ratio; ``12KB``, ``900B`` -> bytes; ``5nJ``, ``800pJ`` -> energy."""
+        if isinstance(text, (int, float)):
+            return cls("ratio", float(text))
+        m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:e-?[0-9]+)?)\s*([a-zA-Zµ×]*)\s*", str(text))
+        if not m:
+            raise RltuneError(f"cannot read budget {text!r} (examples: 20x, 12KB, 5nJ)")
+        value, unit = float(m.group(1)), m.group(2).lower()
+        if unit in ("", "x", "×"):
+            return cls("ratio", value)
+        if unit in ("b", "kb", "mb"):
+            return cls("bytes", value * _UNITS[unit])
+        if unit in ("pj", "nj", "uj", "µj"):
+            return cls("energy", value * _UNITS[unit])
+        raise RltuneError(f"unknown budget unit {m.group(2)!r} in {text!r} (use x, B, KB, MB, pJ, nJ)")
+
+    def __str__(self) -> str:
+        if self.kind == "ratio":
+            return f"{self.value:g}x"
+        if self.kind == "bytes":
+            return f"{self.value:.0f}B"
+        return f"{self.value / 1e3:g}nJ"
+
+
+class Meter:
+    """The cost a budget limits, for one scenario: packed bytes or modelled energy."""
+
+    def __init__(self, budget: Budget, spec: dict, in_features: int, out_features: int,
+                 float_bytes: int, float_energy_pj: float):
+        self.budget, self.spec, self.in_f, self.out_f = budget, spec, in_features, out_features
+        if budget.kind == "ratio":
+            self.limit = float_bytes / budget.value
+        elif budget.kind == "bytes":
+            self.limit = budget.value
+        else:
+            self.limit = budget.value
+        self.float_cost = float_energy_pj if budget.kind == "energy" else float(float_bytes)
+
+    def cost(self, model: nn.Module) -> float:
+        nbytes = packed_size(model, self.spec, self.in_f, self.out_f)
+        if self.budget.kind == "energy":
+            return energy_per_inference(model, self.in_f, packed_bytes=nbytes)["energy_pj"]
+        return float(nbytes)
+
+    @property
+    def equivalent_ratio(self) -> float:
+        """The budget as a saving factor against the float student (for observations)."""
+        return self.float_cost / self.limit
+
+    def met(self, model: nn.Module) -> bool:
+        return self.cost(model) <= self.limit
+
+
+def _masks(model: nn.Module) -> list[torch.Tensor]:
+    return [l.compressor.mask.clone() for l in C.layers(model)]
+
+
+def _restore(model: nn.Module, masks: list[torch.Tensor]) -> None:
+    for l, m in zip(C.layers(model), masks):
+        l.compressor.mask.copy_(m)
+
+
+def required_sparsity(model: nn.Module, bits: int, meter: Meter, max_sparsity: float, scope: str,
+                      margin: float = 0.97, iters: int = 12) -> float | None:
+    """Smallest sparsity (one-shot magnitude pruning of ``model`` at ``bits``) whose cost is under
+    ``margin`` × the limit; None if even ``max_sparsity`` is not enough. ``model`` is unchanged."""
+    saved_masks = _masks(model)
+    saved_bits = [l.compressor.bits for l in C.layers(model)]
+    C.unshare_all_(model)
+    limit = meter.limit * margin
+
+    def cost_at(s: float) -> float:
+        _restore(model, saved_masks)
+        if s > 0:
+            C.prune_(model, sparsity=s, scope=scope)
+        return meter.cost(model)
+
+    try:
+        C.set_bits_(model, bits)
+        if cost_at(0.0) <= limit:
+            return 0.0
+        if cost_at(max_sparsity) > limit:
+            return None
+        lo, hi = 0.0, max_sparsity
+        for _ in range(iters):
+            mid = (lo + hi) / 2
+            if cost_at(mid) <= limit:
+                hi = mid
+            else:
+                lo = mid
+        return hi
+    finally:
+        _restore(model, saved_masks)
+        C.set_bits_(model, saved_bits)
+
+
+def enforce_(model: nn.Module, meter: Meter, max_sparsity: float, scope: str, iters: int = 14) -> bool:
+    """Prune ``model`` further (no training) until its cost is under the limit. Returns whether
+    any pruning was needed. Raises if even ``max_sparsity`` cannot meet it."""
+    if meter.met(model):
+        return False
+    start = C.weight_sparsity(model)
+    saved = _masks(model)
+
+    def met_at(s: float) -> bool:
+        _restore(model, saved)
+        C.prune_(model, sparsity=s, scope=scope)
+        return meter.met(model)
+
+    top = max(max_sparsity, start)
+    if not met_at(top):
+        top = 0.999
+        if not met_at(top):
+            _restore(model, saved)
+            raise RltuneError(f"budget {meter.budget} cannot be met even at {top:.1%} sparsity")
+    lo, hi = start, top
+    for _ in range(iters):
+        mid = (lo + hi) / 2
+        if met_at(mid):
+            hi = mid
+        else:
+            lo = mid
+    met_at(hi)
+    return True

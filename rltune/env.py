@@ -1,0 +1,397 @@
+"""The Gymnasium environment: one episode compresses one student, one step is one real stage."""
+
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import gymnasium as gym
+import numpy as np
+import torch
+from gymnasium import spaces
+
+from rltune import compress as C
+from rltune.budget import Budget, Meter, enforce_, required_sparsity
+from rltune.context import Context
+from rltune.distill import TrainSet, predict, train_epochs
+from rltune.errors import DivergedError, RltuneError
+from rltune.metrics import accuracy
+from rltune.scenario import Scenario, load_scenario
+from rltune.stage import Knobs, Reference, StudentState, reference, run_stage, score_of
+
+BITS = (2, 3, 4, 5, 6, 7, 8)
+TAU0, ALPHA0, EXPONENT0 = 4.0, 0.9, 3.0
+
+ACTION_LAYOUT = ["final_bits", "ramp_shape", "temperature", "alpha", "bits_drop"]
+OBS_LAYOUT = (
+    ["log_params", "n_layers", "chance", "teacher_acc", "float_acc", "teacher_gap", "log_target",
+     "transfer_ratio", "recipe_bits"]
+    + [f"probe_acc_{b}" for b in BITS] + [f"required_sparsity_{b}" for b in BITS]
+    + ["progress", "val_acc", "agreement", "sparsity", "bits", "final_bits", "final_sparsity",
+       "cost_to_budget", "temperature", "alpha", "stages", "epochs"]
+)
+
+
+def decode_action(a: np.ndarray, recipe_bits: int, stages: int, knob_ranges: dict) -> dict[str, float]:
+    """Map a ``Box(-1, 1)`` action to the corrections it makes to the recipe (pure function).
+
+    ``a = 0`` gives exactly the recipe: the probe's bits, the cubic ramp, τ = 4, α = 0.9, the bits
+    dropped for the last quarter of the stages.
+    """
+    a = np.clip(np.asarray(a, dtype=np.float64), -1.0, 1.0)
+    lo_b, hi_b = knob_ranges["bits"]
+    t_lo, t_hi = knob_ranges["temperature"]
+    a_lo, a_hi = knob_ranges["alpha"]
+    late0 = max(1, stages // 4)
+    alpha = ALPHA0 + a[3] * ((ALPHA0 - a_lo) if a[3] < 0 else (a_hi - ALPHA0))
+    return {
+        "final_bits": int(np.clip(recipe_bits + int(np.round(2.0 * a[0])), lo_b, hi_b)),
+        "exponent": EXPONENT0 * 2.0 ** a[1],
+        "temperature": float(np.clip(TAU0 * 2.0 ** (1.5 * a[2]), t_lo, t_hi)),
+        "alpha": float(np.clip(alpha, a_lo, a_hi)),
+        "late_stages": int(np.clip(int(np.round(late0 * 2.0 ** a[4])), 1, max(1, stages - 1))),
+    }
+
+
+def ramp(stage: int, stages: int, final: float, exponent: float) -> float:
+    """Sparsity at ``stage`` (1-based): ``final · (1 − (1 − k/R)^p)`` up to R = ¾ of the stages."""
+    R = max(1, int(round(0.75 * stages)))
+    frac = min(stage / R, 1.0)
+    return final * (1.0 - (1.0 - frac) ** exponent)
+
+
+@dataclass
+class Probe:
+    """What the first observation tells the policy about a model: per final bit-width, the sparsity
+    the budget requires and the val accuracy after a one-shot prune + quantize and a short KD fine-tune."""
+
+    required: dict[int, float | None]
+    accuracy: dict[int, float | None]
+    recipe_bits: int
+
+
+class DistillCompressEnv(gym.Env):
+    """Compress a student by distillation, pruning and quantization, one real training stage per step.
+
+    ## Description
+    Each episode takes a scenario (a teacher, a float32 KD student, data) and a compression target,
+    and runs ``S`` stages (the scenario's ``training.stages``). A stage prunes the student by
+    magnitude to a target sparsity (masks persist), sets its bit-width, trains it for E epochs of
+    distillation with quantization-aware training, and measures it on the val split. The action
+    corrects a strong default schedule (the *recipe*: cubic sparsity ramp reaching the sparsity the
+    target requires, 8 bits then the final bit-width for the last quarter of the stages, τ = 4,
+    α = 0.9, the final bit-width picked by a sensitivity probe). The zero action is the recipe.
+
+    ## Action Space
+    ``Box(-1, 1, (5,), float32)``, decoded by :func:`decode_action`:
+
+    | idx | name        | effect                                                       | when       |
+    |-----|-------------|--------------------------------------------------------------|------------|
+    | 0   | final_bits  | final bit-width = recipe's + round(2a), within the knob range | step 0 only |
+    | 1   | ramp_shape  | ramp exponent p = 3 · 2^a (larger: prune earlier)             | every step |
+    | 2   | temperature | τ = 4 · 2^(1.5a), clipped to the knob range                   | every step |
+    | 3   | alpha       | α = 0.9 + a · (0.9 − lo or hi − 0.9)                          | every step |
+    | 4   | bits_drop   | stages at the final bits = round(S/4 · 2^a), 1..S−1            | step 0 only |
+
+    The final sparsity is not an action: it is the smallest sparsity that meets the target at the
+    committed bit-width, so every episode meets its target whatever the policy does.
+
+    ## Observation Space
+    ``Box(-5, 5, (35,), float32)``, normalised by the scenario's own reference points so one policy
+    can act on models of any size (names in ``OBS_LAYOUT``):
+
+    | idx   | name                  | value                                                        |
+    |-------|-----------------------|--------------------------------------------------------------|
+    | 0     | log_params            | log10(student parameters) / 6                                |
+    | 1     | n_layers              | compressible layers / 10                                     |
+    | 2     | chance                | 1 / classes                                                  |
+    | 3-5   | teacher_acc, float_acc, teacher_gap | val accuracy of teacher, float student, their gap |
+    | 6     | log_target            | log2(target saving factor) / 6                                |
+    | 7     | transfer_ratio        | log10(1 + transfer / train samples) / 2                      |
+    | 8     | recipe_bits           | the probe's bit-width / 8                                     |
+    | 9-15  | probe_acc_b, b=2..8   | probe val accuracy − float val accuracy (−1: infeasible)      |
+    | 16-22 | required_sparsity_b   | sparsity the target needs at b bits (1: infeasible)           |
+    | 23    | progress              | stages done / S                                               |
+    | 24    | val_acc               | current val accuracy − float val accuracy                     |
+    | 25    | agreement             | current val agreement with the teacher                        |
+    | 26    | sparsity              | current sparsity                                              |
+    | 27    | bits                  | current mean bit-width / 8                                    |
+    | 28-29 | final_bits, final_sparsity | committed at step 0 (0 before)                           |
+    | 30    | cost_to_budget        | log2(current cost / limit) / 6                                |
+    | 31-32 | temperature, alpha    | log2(τ / 4), α of the last stage                              |
+    | 33-34 | stages, epochs        | S / 20, epochs per stage / 10                                 |
+
+    ## Rewards
+    Budget mode (default): 0 on every step but the last, which pays
+    ``reward_scale · (val_acc − float_val_acc)``: accuracy at the target, paid once at the end so
+    that putting off pruning earns nothing. Every step also pays
+    ``−action_penalty · reward_scale · mean(a²)``, a trust region around the recipe.
+    Trade-off mode: each step pays ``reward_scale ·`` the change in the efficiency score
+    (``rltune.score``), so the return is the final score. A stage that diverges ends the episode
+    with ``−divergence_penalty · reward_scale``. ``info`` carries every part
+    (``reward_accuracy``, ``reward_action``, ``reward_size``, ...).
+
+    ## Starting State
+    A scenario and a target drawn with ``self.np_random`` from the lists given; the float student
+    of one of ``n_float_students`` seeds; the probe run on it.
+
+    ## Episode End
+    Terminates after ``S`` stages (the budget then enforced) or when a stage diverges (NaN loss:
+    ``info["diverged"]`` says why). No truncation.
+
+    ## Arguments
+    ``scenarios`` (names, paths or ``Scenario`` objects), ``targets`` (budgets to draw from:
+    ``"20x"``, ``"12KB"``, ``"5nJ"`` or numbers as ratios), ``mode`` ("budget" or "tradeoff"),
+    ``reward_scale`` (20), ``action_penalty`` (0.05), ``divergence_penalty`` (1.0),
+    ``n_float_students`` (1), ``probe_samples`` (2048), ``probe_epochs`` (1), ``epochs_per_stage``
+    (override the scenarios').
+
+    ## Version History
+    * v0: initial version.
+    """
+
+    metadata = {"render_modes": []}
+
+    def __init__(
+        self,
+        scenarios: Sequence[str | Path | Scenario] = ("digits-linear",),
+        targets: Sequence[str | float] = ("8x", "12x", "16x"),
+        mode: str = "budget",
+        reward_scale: float = 20.0,
+        action_penalty: float = 0.05,
+        divergence_penalty: float = 1.0,
+        n_float_students: int = 1,
+        probe_samples: int = 2048,
+        probe_epochs: int = 1,
+        epochs_per_stage: int | None = None,
+        stages: int | None = None,
+    ):
+        if mode not in ("budget", "tradeoff"):
+            raise RltuneError(f"mode must be 'budget' or 'tradeoff', got {mode!r}")
+        if isinstance(scenarios, (str, Path, Scenario)):
+            scenarios = [scenarios]
+        if isinstance(targets, (str, int, float)):
+            targets = [targets]
+        if not scenarios or not targets:
+            raise RltuneError("the environment needs at least one scenario and one target")
+        from rltune.cli import resolve_scenario
+
+        self.scenarios = [s if isinstance(s, Scenario) else load_scenario(resolve_scenario(str(s))) for s in scenarios]
+        if stages is not None or epochs_per_stage is not None:
+            over = {k: v for k, v in (("stages", stages), ("epochs_per_stage", epochs_per_stage)) if v is not None}
+            self.scenarios = [s.replace(training=over) for s in self.scenarios]
+        self.budgets = [Budget.parse(t) for t in targets]
+        self.mode = mode
+        self.reward_scale = float(reward_scale)
+        self.action_penalty = float(action_penalty)
+        self.divergence_penalty = float(divergence_penalty)
+        self.n_float_students = int(n_float_students)
+        self.probe_samples = int(probe_samples)
+        self.probe_epochs = int(probe_epochs)
+        self.action_space = spaces.Box(-1.0, 1.0, (len(ACTION_LAYOUT),), np.float32)
+        self.observation_space = spaces.Box(-5.0, 5.0, (len(OBS_LAYOUT),), np.float32)
+        self._contexts: dict[int, Context] = {}
+        self._students: dict[tuple[int, int], tuple[torch.nn.Module, Reference]] = {}
+        self._probes: dict[tuple, Probe] = {}
+        self.ctx: Context | None = None
+        self.state: StudentState | None = None
+
+    # -- scenario-level caches (computed once, reused by every episode) --------------------------
+
+    def context(self, i: int) -> Context:
+        if i not in self._contexts:
+            self._contexts[i] = Context.build(self.scenarios[i])
+        return self._contexts[i]
+
+    def _float_student(self, i: int, seed: int):
+        if (i, seed) not in self._students:
+            ctx = self.context(i)
+            fs = ctx.float_student(seed)
+            self._students[(i, seed)] = (fs, reference(ctx, fs))
+        return self._students[(i, seed)]
+
+    def probe(self, i: int, seed: int, budget: Budget) -> Probe:
+        key = (i, seed, budget)
+        if key in self._probes:
+            return self._probes[key]
+        ctx = self.context(i)
+        fs, ref = self._float_student(i, seed)
+        meter = self._meter(ctx, ref, budget)
+        sc = ctx.scenario
+        lo_b, hi_b = sc.knobs["bits"]
+        max_s = sc.knobs["sparsity"][1]
+        scope = sc.training["pruning_scope"]
+        base = C.prepare_(copy.deepcopy(fs))
+        n = len(ctx.train_set.y)
+        idx = torch.randperm(n, generator=torch.Generator().manual_seed(1234))[: self.probe_samples]
+        subset = TrainSet(ctx.train_set.x[idx], ctx.train_set.y[idx], ctx.train_set.t_logits[idx])
+        required, acc = {}, {}
+        for b in BITS:
+            required[b] = acc[b] = None
+            if not lo_b <= b <= hi_b:
+                continue
+            s = required_sparsity(base, b, meter, max_s, scope)
+            required[b] = s
+            if s is None:
+                continue
+            trial = copy.deepcopy(fs)
+            C.prepare_(trial)
+            if s > 0:
+                C.prune_(trial, sparsity=s, scope=scope)
+            C.set_bits_(trial, b)
+            try:
+                train_epochs(trial, subset, self.probe_epochs, TAU0, ALPHA0, lr=sc.training["lr"],
+                             batch_size=sc.training["batch_size"], generator=torch.Generator().manual_seed(b))
+                acc[b] = accuracy(predict(trial, ctx.data.x_val), ctx.data.y_val)
+            except DivergedError:
+                acc[b] = 0.0
+        feasible = [b for b in BITS if acc[b] is not None]
+        if not feasible:
+            raise RltuneError(f"{sc.name}: target {budget} cannot be met at any bit-width within "
+                              f"{sc.knobs['bits']} and sparsity <= {max_s}")
+        # the recipe's rule: the best probe accuracy; ties go to more bits (gentler quantization)
+        recipe_bits = max(feasible, key=lambda b: (round(acc[b], 4), b))
+        self._probes[key] = Probe(required, acc, recipe_bits)
+        return self._probes[key]
+
+    @staticmethod
+    def _meter(ctx: Context, ref: Reference, budget: Budget) -> Meter:
+        return Meter(budget, ctx.scenario.student, ctx.n_features, ctx.n_classes, ref.float_bytes, ref.energy_pj)
+
+    # -- the MDP ---------------------------------------------------------------------------------
+
+    def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None):
+        super().reset(seed=seed)
+        options = options or {}
+        i = int(options["scenario"]) if "scenario" in options else int(self.np_random.integers(len(self.scenarios)))
+        budget = Budget.parse(options["target"]) if "target" in options else self.budgets[int(self.np_random.integers(len(self.budgets)))]
+        fs_seed = int(options.get("float_seed", self.np_random.integers(self.n_float_students)))
+        self.torch_seed = torch_seed = int(self.np_random.integers(2 ** 31 - 1))
+        self.ctx = ctx = self.context(i)
+        fs, ref = self._float_student(i, fs_seed)
+        self.scenario_index, self.budget, self.float_seed = i, budget, fs_seed
+        self.meter = self._meter(ctx, ref, budget)
+        self.probe_result = self.probe(i, fs_seed, budget)
+        model = C.prepare_(copy.deepcopy(fs))
+        self.state = StudentState(model, ref, torch.Generator().manual_seed(torch_seed), ctx.make_hint(model))
+        self.stages = ctx.scenario.training["stages"]
+        self.k = 0
+        self.plan: dict[str, Any] | None = None
+        self.knobs: Knobs | None = None
+        self.last_metrics = None
+        self.last_score = 0.0  # the float student's score: no accuracy lost, nothing saved
+        self.last_parts: dict[str, float] = {}
+        return self._obs(), self._info()
+
+    def step(self, action):
+        if self.state is None:
+            raise RltuneError("call reset() before step()")
+        a = np.clip(np.asarray(action, dtype=np.float64).reshape(-1), -1.0, 1.0)
+        sc = self.ctx.scenario
+        dec = decode_action(a, self.probe_result.recipe_bits, self.stages, sc.knobs)
+        if self.plan is None:  # step 0 commits the episode-shaping decisions
+            b = dec["final_bits"]
+            feasible = [x for x in BITS if self.probe_result.required.get(x) is not None]
+            if b not in feasible:  # the nearest feasible bit-width, fewer bits first
+                b = min(feasible, key=lambda x: (abs(x - b), x))
+            self.plan = {"final_bits": b, "final_sparsity": self.probe_result.required[b],
+                         "late_stages": dec["late_stages"]}
+        self.k += 1
+        final = self.plan["final_sparsity"]
+        sparsity = ramp(self.k, self.stages, final, dec["exponent"])
+        bits = self.plan["final_bits"] if self.k > self.stages - self.plan["late_stages"] else 8
+        self.knobs = Knobs(dec["temperature"], dec["alpha"], min(sparsity, 0.999), bits)
+        parts: dict[str, float] = {"reward_action": -self.action_penalty * self.reward_scale * float(np.mean(a ** 2))}
+        terminated = self.k >= self.stages
+        try:
+            m = run_stage(self.ctx, self.state, self.knobs)
+        except DivergedError as e:
+            parts["reward_diverged"] = -self.divergence_penalty * self.reward_scale
+            info = self._info(parts)
+            info["diverged"] = str(e)
+            return self._obs(), float(sum(parts.values())), True, False, info
+        enforced = False
+        if terminated:
+            enforced = enforce_(self.state.model, self.meter, sc.knobs["sparsity"][1], sc.training["pruning_scope"])
+            if enforced:
+                from rltune.stage import measure
+
+                m = measure(self.ctx, self.state, m.train_loss)
+                self.state.history[-1] = m
+        self.last_metrics = m
+        ref = self.state.ref
+        if self.mode == "budget":
+            acc_part = self.reward_scale * (m.val_acc - ref.val_acc) if terminated else 0.0
+            parts["reward_accuracy"] = acc_part
+        else:  # each part is the scaled change of that part of the efficiency score
+            score, score_parts = score_of(self.ctx, m, ref)
+            for name, v in score_parts.items():
+                parts[name] = self.reward_scale * (v - self.last_parts.get(name, 0.0))
+            self.last_score, self.last_parts = score, score_parts
+        reward = sum(parts.values())
+        info = self._info(parts)
+        info["budget_enforced"] = enforced
+        if terminated:
+            info["budget_met"] = bool(self.meter.met(self.state.model))
+        return self._obs(), float(reward), terminated, False, info
+
+    # -- observation and info --------------------------------------------------------------------
+
+    def _obs(self) -> np.ndarray:
+        ctx, ref, p = self.ctx, self.state.ref, self.probe_result
+        d = ctx.data
+        model = self.state.model
+        m = self.last_metrics
+        static = [
+            math.log10(ref.float_bytes / 4) / 6,
+            len(C.layers(model)) / 10,
+            1.0 / ctx.n_classes,
+            ref.teacher_val_acc,
+            ref.val_acc,
+            ref.teacher_val_acc - ref.val_acc,
+            math.log2(max(self.meter.equivalent_ratio, 1e-6)) / 6,
+            math.log10(1 + len(d.x_transfer) / max(len(d.y_train), 1)) / 2,
+            p.recipe_bits / 8,
+        ]
+        static += [(p.accuracy[b] - ref.val_acc) if p.accuracy[b] is not None else -1.0 for b in BITS]
+        static += [p.required[b] if p.required[b] is not None else 1.0 for b in BITS]
+        if m is None:
+            cost = self.meter.float_cost
+            dyn = [0.0, 0.0, 1.0, 0.0, 32 / 8]
+        else:
+            cost = (m.energy_pj if self.budget.kind == "energy" else m.packed_bytes)
+            dyn = [self.k / self.stages, m.val_acc - ref.val_acc, m.val_agreement, m.sparsity, m.bits / 8]
+        dyn += [
+            (self.plan["final_bits"] / 8) if self.plan else 0.0,
+            self.plan["final_sparsity"] if self.plan else 0.0,
+            math.log2(max(cost, 1e-9) / self.meter.limit) / 6,
+            math.log2((self.knobs.temperature if self.knobs else TAU0) / TAU0),
+            self.knobs.alpha if self.knobs else ALPHA0,
+            self.stages / 20,
+            ctx.scenario.training["epochs_per_stage"] / 10,
+        ]
+        obs = np.asarray(static + dyn, dtype=np.float32)
+        return np.clip(np.nan_to_num(obs, nan=0.0), -5.0, 5.0)
+
+    def _info(self, parts: dict[str, float] | None = None) -> dict[str, Any]:
+        info: dict[str, Any] = {
+            "scenario": self.ctx.scenario.name,
+            "target": str(self.budget),
+            "stage": self.k,
+            "recipe_bits": self.probe_result.recipe_bits,
+        }
+        if self.plan:
+            info.update({f"plan_{k}": v for k, v in self.plan.items()})
+        if self.knobs:
+            info.update({"temperature": self.knobs.temperature, "alpha": self.knobs.alpha,
+                         "target_sparsity": self.knobs.sparsity, "stage_bits": self.knobs.bits})
+        if self.last_metrics is not None:
+            # wall-clock timings stay on ``self.last_metrics``: info is deterministic per seed
+            info.update({k: v for k, v in self.last_metrics.to_dict().items() if not k.startswith("seconds")})
+            info["float_val_acc"] = self.state.ref.val_acc
+        if parts:
+            info.update(parts)
+        return info

@@ -1,0 +1,121 @@
+import copy
+
+import gymnasium as gym
+import numpy as np
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import rltune  # noqa: F401  (registers the ids)
+from rltune import compress as C
+from rltune.env import ACTION_LAYOUT, OBS_LAYOUT, DistillCompressEnv, decode_action
+from rltune.registration import ENV_IDS
+from rltune.scenario import parse_scenario
+from rltune.stage import StudentState, recipe, run_stage
+
+TINY = parse_scenario({
+    "name": "tiny", "dataset": {"source": "wine", "transfer": 200},
+    "teacher": {"arch": "mlp", "hidden": [32], "epochs": 30},
+    "student": {"arch": "mlp", "hidden": [16], "pretrain_epochs": 5},
+    "training": {"stages": 4, "epochs_per_stage": 1, "batch_size": 64, "lr": 0.005},
+})
+OTHER = TINY.replace(name="tiny-bc", dataset={"source": "breast_cancer"}, student={"hidden": [12]})
+
+
+@pytest.fixture(scope="module")
+def env():
+    return DistillCompressEnv(scenarios=[TINY, OTHER], targets=["6x", "10x", "600B"])
+
+
+@pytest.mark.parametrize("env_id", ENV_IDS)
+def test_checkers_pass_on_every_registered_id(env_id):
+    from gymnasium.utils.env_checker import check_env
+    from stable_baselines3.common.env_checker import check_env as sb3_check_env
+
+    e = gym.make(env_id, scenarios=[TINY], targets=["8x"])
+    check_env(e.unwrapped)
+    sb3_check_env(e.unwrapped)
+    assert len(OBS_LAYOUT) == e.observation_space.shape[0] and len(ACTION_LAYOUT) == e.action_space.shape[0]
+
+
+def test_decode_zero_action_is_the_recipe_and_extremes_stay_in_range():
+    ranges = TINY.knobs
+    d = decode_action(np.zeros(5), 4, 8, ranges)
+    assert d == {"final_bits": 4, "exponent": 3.0, "temperature": 4.0, "alpha": 0.9, "late_stages": 2}
+    for a in (-np.ones(5), np.ones(5), np.array([0.3, -0.7, 0.9, -0.2, 0.5])):
+        d = decode_action(a, 4, 8, ranges)
+        assert ranges["bits"][0] <= d["final_bits"] <= ranges["bits"][1]
+        assert ranges["temperature"][0] <= d["temperature"] <= ranges["temperature"][1]
+        assert ranges["alpha"][0] <= d["alpha"] <= ranges["alpha"][1]
+        assert 1 <= d["late_stages"] <= 7 and d["exponent"] > 0
+    assert decode_action(np.ones(5), 4, 8, ranges)["final_bits"] == 6
+    assert decode_action(-np.ones(5), 4, 8, ranges)["final_bits"] == 2
+
+
+def test_zero_action_reproduces_the_recipe_exactly(env):
+    obs, info = env.reset(seed=3, options={"scenario": 0, "target": "10x"})
+    knobs, accs = [], []
+    done = False
+    while not done:
+        obs, r, done, _, info = env.step(np.zeros(5, dtype=np.float32))
+        knobs.append(env.knobs)
+        accs.append(info["val_acc"])
+    plan = env.plan
+    expected = recipe(env.stages, plan["final_sparsity"], env.probe_result.recipe_bits)
+    assert knobs == expected
+    # the same schedule run directly on the engine, same seed: identical numbers
+    fs, ref = env._float_student(0, env.float_seed)
+    model = C.prepare_(copy.deepcopy(fs))
+    state = StudentState(model, ref, torch.Generator().manual_seed(env.torch_seed), None)
+    direct = [run_stage(env.ctx, state, k).val_acc for k in expected]
+    if not info["budget_enforced"]:
+        assert direct == accs
+
+
+@settings(max_examples=6, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(seed=st.integers(0, 10_000), actions=st.lists(
+    st.lists(st.floats(-1, 1, allow_nan=False, width=32), min_size=5, max_size=5), min_size=4, max_size=4))
+def test_budget_met_whatever_the_actions(env, seed, actions):
+    obs, info = env.reset(seed=seed)
+    for a in actions:
+        obs, r, term, trunc, info = env.step(np.asarray(a, dtype=np.float32))
+        assert env.observation_space.contains(obs)
+        if term:
+            break
+    assert term and info["budget_met"]
+    assert env.meter.cost(env.state.model) <= env.meter.limit
+
+
+def test_reward_is_paid_at_the_end_in_budget_mode(env):
+    env.reset(seed=1, options={"scenario": 1, "target": "6x"})
+    rewards = [env.step(np.zeros(5, dtype=np.float32))[1] for _ in range(env.stages)]
+    assert all(r == 0.0 for r in rewards[:-1])
+    assert rewards[-1] == pytest.approx(20 * (env.last_metrics.val_acc - env.state.ref.val_acc))
+
+
+def test_diverging_stage_ends_the_episode_cleanly():
+    e = DistillCompressEnv(scenarios=[TINY], targets=["6x"])
+    e.reset(seed=0)
+    e.ctx.train_set.x[0, 0] = float("nan")  # poison the training data
+    try:
+        obs, r, term, trunc, info = e.step(np.zeros(5, dtype=np.float32))
+    finally:
+        e.ctx.train_set.x[0, 0] = 0.0
+    assert term and "diverged" in info and r < 0
+    assert e.observation_space.contains(obs)
+
+
+def test_tradeoff_mode_return_is_the_final_score():
+    e = DistillCompressEnv(scenarios=[TINY], targets=["8x"], mode="tradeoff", action_penalty=0.0)
+    e.reset(seed=0)
+    total = sum(e.step(np.zeros(5, dtype=np.float32))[1] for _ in range(e.stages))
+    assert total == pytest.approx(20 * e.last_score, abs=1e-6)
+
+
+def test_impossible_target_is_a_clear_error():
+    from rltune.errors import RltuneError
+
+    e = DistillCompressEnv(scenarios=[TINY], targets=["100000x"])
+    with pytest.raises(RltuneError, match="cannot be met"):
+        e.reset(seed=0)
