@@ -259,7 +259,8 @@ def _check_hyperparameters(hp: Any, err: Any, field: str = "hyperparameters") ->
         err(f"field '{field}' must be an object, got {_short(hp)}")
     for key, v in hp.items():
         if key not in HYPERPARAMETERS:
-            err(f"field '{field}' has unknown PPO hyperparameter {key!r} (allowed: {', '.join(HYPERPARAMETERS)})")
+            err(f"field '{field}' has unknown PPO hyperparameter {key!r} "
+                f"(allowed: {', '.join(HYPERPARAMETERS)})")
         kind, nullable = HYPERPARAMETERS[key]
         if v is None and nullable:
             continue
@@ -388,7 +389,8 @@ def _agent_dir(path: str | os.PathLike) -> Path:
 def _read_bytes(path: Path, limit: int | None = None) -> bytes:
     try:
         if not path.is_file():
-            raise RltuneError(f"{path}: missing (an rltune agent folder holds {META_NAME} and {WEIGHTS_NAME})")
+            raise RltuneError(f"{path}: missing (an rltune agent folder holds {META_NAME} "
+                              f"and {WEIGHTS_NAME})")
         if limit is not None and path.stat().st_size > limit:
             raise RltuneError(f"{path}: too large ({path.stat().st_size} bytes) for an agent file")
         return path.read_bytes()
@@ -416,7 +418,8 @@ def _parse_safetensors(data: bytes, path: Path) -> dict[str, torch.Tensor]:
             continue
         dtype = info.get("dtype") if isinstance(info, dict) else None
         if dtype not in _TORCH_DTYPES:
-            raise RltuneError(f"{path}: tensor {name!r} has dtype {_short(dtype)}; agent weights are F32 or F64")
+            raise RltuneError(f"{path}: tensor {name!r} has dtype {_short(dtype)}; "
+                              f"agent weights are F32 or F64")
     try:
         from safetensors.torch import load as st_load
 
@@ -597,12 +600,13 @@ def save_agent(model: Any, path: str | os.PathLike, observation_layout: list[str
                           f"(supported: {', '.join(_POLICY_KWARGS)})")
     act_name = next((n for n, cls in ACTIVATIONS.items() if policy.activation_fn is cls), None)
     if act_name is None:
-        raise RltuneError(f"{where}: activation_fn {getattr(policy.activation_fn, '__name__', policy.activation_fn)!r}"
-                          f" is not allowed (allowed: {', '.join(ACTIVATIONS)})")
+        act = getattr(policy.activation_fn, "__name__", policy.activation_fn)
+        raise RltuneError(f"{where}: activation_fn {act!r} is not allowed (allowed: {', '.join(ACTIVATIONS)})")
     arch = policy.net_arch
     if isinstance(arch, dict):
         if set(arch) != {"pi", "vf"}:
-            raise RltuneError(f"{where}: net_arch dict must have exactly the keys 'pi' and 'vf', got {sorted(arch)}")
+            raise RltuneError(f"{where}: net_arch dict must have exactly the keys 'pi' and 'vf', "
+                              f"got {sorted(arch)}")
         net_arch: Any = {"pi": [int(w) for w in arch["pi"]], "vf": [int(w) for w in arch["vf"]]}
     else:
         net_arch = [int(w) for w in arch]
@@ -684,7 +688,8 @@ def load_ppo(path: str | os.PathLike, env: Any = None, **ppo_overrides: Any) -> 
     spec, tensors, weights_path = _read_agent(path)
     meta_path = weights_path.parent / META_NAME
     if "policy_kwargs" in ppo_overrides or "policy" in ppo_overrides:
-        raise RltuneError(f"{meta_path}: policy and policy_kwargs come from the agent file; do not override them")
+        raise RltuneError(f"{meta_path}: policy and policy_kwargs come from the agent file; "
+                          f"do not override them")
     kwargs = {**spec.meta["hyperparameters"], "device": "cpu", **ppo_overrides}
     if env is None:
         env = _SpacesOnlyEnv(spec.observation_space, spec.action_space)

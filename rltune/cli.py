@@ -56,6 +56,60 @@ def cmd_compress(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_replay(args: argparse.Namespace) -> int:
+    from rltune.pipeline import replay
+
+    report = replay(args.agent, resolve_scenario(args.scenario), args.budget, seed=args.seed,
+                    out_dir=Path(args.out), recipe_only=args.recipe)
+    print(report["table"])
+    plan = report["plan"]
+    print(f"{report['method']} at {args.budget}: final {plan['final_bits']} bits, "
+          f"{plan['final_sparsity']:.1%} sparse (the recipe's probe picked {report['recipe_bits']} bits); "
+          f"trained on this scenario: {'yes' if report['in_agent_training_set'] else 'no'}")
+    print(f"artifact: {report['artifact']}; report: {report['report_json']}")
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    import time
+
+    from rltune.train import check_config, gate, load_hyperparams, train
+
+    if args.config:
+        import yaml
+
+        try:
+            cfg = check_config(yaml.safe_load(Path(args.config).read_text()), args.config)
+        except (OSError, yaml.YAMLError):
+            raise RltuneError(f"{args.config}: cannot read a YAML config") from None
+    else:
+        cfg = load_hyperparams(args.hyperparams, args.set)
+    for key in ("total_timesteps", "n_envs", "seed"):
+        if getattr(args, key) is not None:
+            cfg[key] = getattr(args, key)
+    run_dir = Path(args.run_dir) if args.run_dir else Path("runs/train") / f"{args.set}-{time.strftime('%Y%m%d-%H%M%S')}"
+    run = train(cfg, run_dir, resume=args.resume, progress_bar=not args.no_progress)
+    print(f"agent: {run / 'agent'}")
+    if cfg.get("val_scenarios"):
+        g = gate(run / "agent", cfg["val_scenarios"], (cfg.get("env") or {}).get("targets", ["10x"]),
+                 episodes=int(cfg.get("gate_episodes", 2)), env_kwargs=cfg.get("env"))
+        (run / "gate.json").write_text(json.dumps(g, indent=1))
+        print(f"gate (held-out {', '.join(cfg['val_scenarios'])}): policy − recipe val accuracy "
+              f"{100 * g['mean_diff']:+.2f} ± {100 * g['std_diff']:.2f} pt over {len(g['rows'])} episodes: "
+              f"{'PASSED' if g['passed'] else 'FAILED'}")
+        if args.ship and g["passed"]:
+            import shutil
+
+            dest = Path("agents") / args.ship
+            if dest.exists():
+                shutil.rmtree(dest)
+            shutil.copytree(run / "agent", dest)
+            print(f"shipped to {dest}")
+        elif args.ship:
+            print("not shipped: the gate failed")
+    return 0
+
+
 def cmd_validate(args: argparse.Namespace) -> int:
     from rltune.scenario import load_scenario
 
@@ -76,6 +130,28 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--seed", type=int, default=0)
     c.add_argument("--out", default="runs/compress", help="folder for the artifact and the report")
     c.set_defaults(func=cmd_compress)
+
+    t = sub.add_parser("train", help="train a PPO agent on scenarios (agents/ppo.yml)")
+    t.add_argument("--set", default="default", help="entry of the hyperparameter file")
+    t.add_argument("--hyperparams", default=str(REPO_ENVS.parent / "agents" / "ppo.yml"))
+    t.add_argument("--config", help="a run folder's config.yaml (reproduces that run)")
+    t.add_argument("--run-dir", help="the run folder (default runs/train/SET-TIMESTAMP)")
+    t.add_argument("--resume", action="store_true", help="continue from the run folder's last checkpoint")
+    t.add_argument("--total-timesteps", type=int)
+    t.add_argument("--n-envs", type=int)
+    t.add_argument("--seed", type=int)
+    t.add_argument("--ship", metavar="NAME", help="copy the agent to agents/NAME if it passes the gate")
+    t.add_argument("--no-progress", action="store_true")
+    t.set_defaults(func=cmd_train)
+
+    r = sub.add_parser("replay", help="compress a scenario with a learned policy: one episode, no search")
+    r.add_argument("agent", help="an agent folder (policy.safetensors + agent.json)")
+    r.add_argument("--scenario", required=True, help="scenario YAML path or shipped name")
+    r.add_argument("--budget", default="10x", help="a ratio (20x), bytes (12KB) or energy (5nJ)")
+    r.add_argument("--seed", type=int, default=0)
+    r.add_argument("--recipe", action="store_true", help="play the zero action (the recipe) instead")
+    r.add_argument("--out", default="runs/replay")
+    r.set_defaults(func=cmd_replay)
 
     v = sub.add_parser("validate", help="check scenario files")
     v.add_argument("files", nargs="+")

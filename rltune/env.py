@@ -377,11 +377,15 @@ class DistillCompressEnv(gym.Env):
         return np.clip(np.nan_to_num(obs, nan=0.0), -5.0, 5.0)
 
     def _info(self, parts: dict[str, float] | None = None) -> dict[str, Any]:
+        nan = float("nan")
         info: dict[str, Any] = {
             "scenario": self.ctx.scenario.name,
             "target": str(self.budget),
             "stage": self.k,
             "recipe_bits": self.probe_result.recipe_bits,
+            # always present, so Monitor(info_keywords=...) can log any episode, diverged ones too
+            "val_acc": nan, "float_val_acc": self.state.ref.val_acc, "ratio": nan, "packed_bytes": nan,
+            "sparsity": nan, "plan_final_bits": 0, "reward_accuracy": 0.0, "reward_action": 0.0,
         }
         if self.plan:
             info.update({f"plan_{k}": v for k, v in self.plan.items()})

@@ -1,0 +1,215 @@
+"""Training a PPO agent on scenarios, and the gate a trained agent must pass to ship.
+
+Every run writes its own folder (``runs/train/NAME-TIMESTAMP/`` by default)::
+
+    config.yaml        the resolved configuration (hyperparameters, scenarios, targets)
+    command.txt        the exact command line
+    monitor/           SB3 Monitor CSVs, one per env, with the reward parts and final metrics
+    tb/                TensorBoard logs
+    checkpoints/       rltune agent folders every ``checkpoint_every`` steps (safetensors + JSON)
+    agent/             the final agent
+    gate.json          the trained policy against the recipe on held-out validation scenarios
+
+The folder alone reproduces the run: ``rltune train --config RUN/config.yaml``.
+Checkpoints are written in rltune's safe agent format, never SB3's pickled zip; ``--resume``
+continues from the newest one (the policy weights; Adam's moments restart).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import shlex
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import yaml
+
+from rltune.errors import RltuneError
+
+INFO_KEYWORDS = ("scenario", "target", "val_acc", "float_val_acc", "ratio", "packed_bytes", "sparsity",
+                 "plan_final_bits", "recipe_bits", "reward_accuracy", "reward_action")
+PPO_KEYS = {"learning_rate", "n_steps", "batch_size", "n_epochs", "gamma", "gae_lambda", "clip_range",
+            "ent_coef", "vf_coef", "max_grad_norm", "target_kl", "normalize_advantage"}
+ENV_KEYS = {"targets", "mode", "reward_scale", "action_penalty", "divergence_penalty", "n_float_students",
+            "probe_samples", "probe_epochs", "epochs_per_stage", "stages"}
+TOP_KEYS = {"scenarios", "val_scenarios", "total_timesteps", "n_envs", "seed", "checkpoint_every",
+            "policy_kwargs", "ppo", "env", "gate_episodes"}
+
+
+def load_hyperparams(path: str | Path, key: str = "default") -> dict[str, Any]:
+    """The ``key`` entry of an agents/ppo.yml file, merged over its ``default:`` entry (safe_load only)."""
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except OSError as e:
+        raise RltuneError(f"{path}: cannot read ({e.strerror or e})") from None
+    except yaml.YAMLError:
+        raise RltuneError(f"{path}: not valid YAML") from None
+    if not isinstance(raw, dict) or "default" not in raw:
+        raise RltuneError(f"{path}: expected a mapping with a 'default:' entry")
+    if key not in raw:
+        raise RltuneError(f"{path}: no entry {key!r} (have: {', '.join(raw)})")
+    cfg = copy.deepcopy(raw["default"])
+    for k, v in (raw[key] or {}).items():
+        cfg[k] = {**cfg.get(k, {}), **v} if isinstance(v, dict) and isinstance(cfg.get(k), dict) else v
+    return check_config(cfg, f"{path}:{key}")
+
+
+def check_config(cfg: Any, where: str) -> dict[str, Any]:
+    if not isinstance(cfg, dict):
+        raise RltuneError(f"{where}: expected a mapping")
+    for k in cfg:
+        if k not in TOP_KEYS:
+            raise RltuneError(f"{where}: {k}: unknown field (expected one of {', '.join(sorted(TOP_KEYS))})")
+    for k in cfg.get("ppo", {}) or {}:
+        if k not in PPO_KEYS:
+            raise RltuneError(f"{where}: ppo.{k}: unknown PPO hyperparameter")
+    for k in cfg.get("env", {}) or {}:
+        if k not in ENV_KEYS:
+            raise RltuneError(f"{where}: env.{k}: unknown environment argument")
+    if not cfg.get("scenarios"):
+        raise RltuneError(f"{where}: scenarios: at least one training scenario is needed")
+    overlap = set(cfg.get("scenarios", [])) & set(cfg.get("val_scenarios", []) or [])
+    if overlap:
+        raise RltuneError(f"{where}: val_scenarios: {sorted(overlap)[0]} is also a training scenario")
+    return cfg
+
+
+def _policy_kwargs(cfg: dict[str, Any]) -> dict[str, Any]:
+    import torch.nn as nn
+
+    pk = dict(cfg.get("policy_kwargs", {}) or {})
+    acts = {"tanh": nn.Tanh, "relu": nn.ReLU}
+    if isinstance(pk.get("activation_fn"), str):
+        name = pk["activation_fn"]
+        if name not in acts:
+            raise RltuneError(f"policy_kwargs.activation_fn: {name!r} is not one of {', '.join(acts)}")
+        pk["activation_fn"] = acts[name]
+    return pk
+
+
+def make_env_fn(cfg: dict[str, Any], rank: int, monitor_dir: Path | None):
+    def _init():
+        from stable_baselines3.common.monitor import Monitor
+
+        from rltune.env import DistillCompressEnv
+
+        env = DistillCompressEnv(scenarios=cfg["scenarios"], **(cfg.get("env") or {}))
+        if monitor_dir is not None:
+            env = Monitor(env, str(monitor_dir / f"env{rank}"), info_keywords=INFO_KEYWORDS)
+        env.reset(seed=int(cfg.get("seed", 0)) * 1000 + rank)
+        return env
+
+    return _init
+
+
+def train(cfg: dict[str, Any], run_dir: str | Path, resume: bool = False, progress_bar: bool = True,
+          command: str | None = None) -> Path:
+    """Train PPO as configured; returns the run folder. See the module docstring for its layout."""
+    from stable_baselines3 import PPO
+    from stable_baselines3.common.callbacks import BaseCallback
+    from stable_baselines3.common.vec_env import DummyVecEnv, SubprocVecEnv
+
+    from rltune.agentfile import load_ppo, save_agent
+    from rltune.env import ACTION_LAYOUT, OBS_LAYOUT
+
+    run = Path(run_dir)
+    run.mkdir(parents=True, exist_ok=True)
+    (run / "monitor").mkdir(exist_ok=True)
+    (run / "checkpoints").mkdir(exist_ok=True)
+    (run / "config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
+    (run / "command.txt").write_text((command or " ".join(shlex.quote(a) for a in sys.argv)) + "\n")
+    n_envs = int(cfg.get("n_envs", 1))
+    fns = [make_env_fn(cfg, r, run / "monitor") for r in range(n_envs)]
+    venv = SubprocVecEnv(fns, start_method="fork") if n_envs > 1 else DummyVecEnv(fns)
+    total = int(cfg["total_timesteps"])
+    training_meta = {"scenarios": list(cfg["scenarios"]), "val_scenarios": list(cfg.get("val_scenarios") or []),
+                     "env": cfg.get("env") or {}, "total_timesteps": total, "seed": int(cfg.get("seed", 0)),
+                     "command": (run / "command.txt").read_text().strip()}
+    t0 = time.perf_counter()
+    done_steps = 0
+    ckpts = sorted((run / "checkpoints").glob("step_*"), key=lambda p: int(p.name.split("_")[1]))
+    if resume and ckpts:
+        model = load_ppo(ckpts[-1], env=venv, tensorboard_log=str(run / "tb"))
+        done_steps = int(ckpts[-1].name.split("_")[1])
+        print(f"resuming from {ckpts[-1]} ({done_steps} steps done)")
+    else:
+        model = PPO("MlpPolicy", venv, seed=int(cfg.get("seed", 0)), verbose=0, tensorboard_log=str(run / "tb"),
+                    policy_kwargs=_policy_kwargs(cfg), **(cfg.get("ppo") or {}))
+    every = int(cfg.get("checkpoint_every", 1000))
+    hp = {k: v for k, v in (cfg.get("ppo") or {}).items()}
+
+    class Checkpoint(BaseCallback):
+        def __init__(self):
+            super().__init__()
+            self.last = done_steps
+
+        def _on_step(self) -> bool:
+            steps = done_steps + self.num_timesteps
+            if steps - self.last >= every:
+                self.last = steps
+                save_agent(self.model, run / "checkpoints" / f"step_{steps}", OBS_LAYOUT, ACTION_LAYOUT,
+                           {**training_meta, "steps_done": steps}, hp)
+            return True
+
+    remaining = max(total - done_steps, 0)
+    try:
+        if remaining:
+            model.learn(remaining, callback=Checkpoint(), progress_bar=progress_bar,
+                        reset_num_timesteps=not resume, tb_log_name="ppo")
+    finally:
+        venv.close()
+    wall = time.perf_counter() - t0
+    training_meta.update({"wall_seconds": wall, "steps_done": total})
+    save_agent(model, run / "agent", OBS_LAYOUT, ACTION_LAYOUT, training_meta, hp)
+    (run / "train_summary.json").write_text(json.dumps({"wall_seconds": wall, "total_timesteps": total,
+                                                        "steps_per_second": remaining / wall if wall else None}, indent=1))
+    return run
+
+
+def run_episode(env, policy=None, seed: int = 0, options: dict | None = None) -> dict[str, Any]:
+    """One episode; ``policy`` None plays the zero action (the recipe). Returns the last info."""
+    obs, info = env.reset(seed=seed, options=options)
+    done = False
+    total = 0.0
+    while not done:
+        a = np.zeros(env.action_space.shape, np.float32) if policy is None else policy.predict(obs, deterministic=True)
+        obs, r, term, trunc, info = env.step(a)
+        total += r
+        done = term or trunc
+    return {**info, "return": total}
+
+
+def gate(agent_path: str | Path, scenarios: list[str], targets: list[str], episodes: int = 2,
+         env_kwargs: dict | None = None) -> dict[str, Any]:
+    """The trained policy against the recipe (zero action) on scenarios it was not trained on, val
+    split, same seeds. ``passed`` when its mean val accuracy is above the recipe's."""
+    from rltune.agentfile import load_policy
+    from rltune.env import DistillCompressEnv
+
+    agent = load_policy(agent_path)
+    trained_on = set(agent.meta.get("training", {}).get("scenarios", []))
+    bad = trained_on & set(scenarios)
+    if bad:
+        raise RltuneError(f"gate scenarios must be held out; {sorted(bad)[0]} was trained on")
+    kw = {k: v for k, v in (env_kwargs or {}).items() if k not in ("targets",)}
+    env = DistillCompressEnv(scenarios=scenarios, targets=targets, **kw)
+    rows = []
+    for i, name in enumerate(scenarios):
+        for t in targets:
+            for ep in range(episodes):
+                opts = {"scenario": i, "target": t, "float_seed": 0}
+                pol = run_episode(env, agent, seed=ep, options=opts)
+                rec = run_episode(env, None, seed=ep, options=opts)
+                rows.append({"scenario": name, "target": t, "episode": ep,
+                             "policy_val_acc": pol["val_acc"], "recipe_val_acc": rec["val_acc"],
+                             "policy_bits": pol["plan_final_bits"], "recipe_bits": rec["plan_final_bits"]})
+    diffs = [r["policy_val_acc"] - r["recipe_val_acc"] for r in rows]
+    return {"rows": rows, "mean_diff": statistics.fmean(diffs),
+            "std_diff": statistics.stdev(diffs) if len(diffs) > 1 else 0.0,
+            "passed": statistics.fmean(diffs) > 0, "episodes": episodes}

@@ -1,0 +1,96 @@
+import json
+
+import numpy as np
+import pytest
+import yaml
+
+from rltune.agentfile import load_policy
+from rltune.cli import main
+from rltune.errors import RltuneError
+from rltune.pipeline import replay
+from rltune.train import check_config, gate, load_hyperparams, train
+
+TINY = {"name": "tiny-wine", "dataset": {"source": "wine", "transfer": 200},
+        "teacher": {"arch": "mlp", "hidden": [32], "epochs": 30},
+        "student": {"arch": "mlp", "hidden": [16], "pretrain_epochs": 5},
+        "training": {"stages": 3, "epochs_per_stage": 1, "batch_size": 64, "lr": 0.005}}
+HELD_OUT = {**TINY, "name": "tiny-bc", "dataset": {"source": "breast_cancer", "transfer": 200},
+            "student": {"arch": "mlp", "hidden": [12], "pretrain_epochs": 5}}
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    d = tmp_path_factory.mktemp("train")
+    for s in (TINY, HELD_OUT):
+        (d / f"{s['name']}.yaml").write_text(yaml.safe_dump(s))
+    cfg = check_config({
+        "scenarios": [str(d / "tiny-wine.yaml")], "total_timesteps": 96, "n_envs": 1, "seed": 0,
+        "checkpoint_every": 48, "policy_kwargs": {"net_arch": [16], "activation_fn": "tanh", "log_std_init": -1.0},
+        "ppo": {"n_steps": 48, "batch_size": 16, "n_epochs": 2, "gamma": 1.0},
+        "env": {"targets": ["6x"]}}, "test")
+    run = train(cfg, d / "run", progress_bar=False, command="pytest")
+    return d, run, cfg
+
+
+def test_short_ppo_run_writes_its_folder(trained):
+    d, run, cfg = trained
+    for name in ("config.yaml", "command.txt", "train_summary.json", "agent/agent.json", "agent/policy.safetensors"):
+        assert (run / name).exists(), name
+    assert yaml.safe_load((run / "config.yaml").read_text()) == cfg
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step_48", "step_96"]
+    monitor = next((run / "monitor").glob("*.csv")).read_text().splitlines()
+    assert "val_acc" in monitor[1] and len(monitor) > 3
+    assert list((run / "tb").rglob("events.*"))
+    meta = json.loads((run / "agent" / "agent.json").read_text())
+    assert meta["training"]["scenarios"] == cfg["scenarios"]
+
+
+def test_resume_continues_from_the_last_checkpoint(trained):
+    d, run, cfg = trained
+    cfg2 = {**cfg, "total_timesteps": 144}
+    train(cfg2, run, resume=True, progress_bar=False, command="pytest")
+    assert (run / "checkpoints" / "step_144").exists()
+
+
+def test_replay_on_a_scenario_outside_the_training_list(trained, tmp_path):
+    d, run, _ = trained
+    rep = replay(run / "agent", d / "tiny-bc.yaml", "5x", out_dir=tmp_path)
+    assert rep["in_agent_training_set"] is False
+    assert rep["artifact_predicts_same"]
+    assert rep["compressed"]["ratio"] >= 5.0
+    assert (tmp_path / "tiny-bc.rlt").stat().st_size == rep["compressed"]["bytes"]
+    assert (tmp_path / "tiny-bc.md").read_text().count("|") > 10
+
+
+def test_gate_compares_policy_and_recipe_on_held_out_only(trained):
+    d, run, _ = trained
+    g = gate(run / "agent", [str(d / "tiny-bc.yaml")], ["5x"], episodes=1)
+    assert len(g["rows"]) == 1 and isinstance(g["passed"], bool)
+    with pytest.raises(RltuneError, match="held out"):
+        gate(run / "agent", [str(d / "tiny-wine.yaml")], ["5x"], episodes=1)
+
+
+def test_hyperparameter_file_default_entry_and_errors(tmp_path):
+    cfg = load_hyperparams("agents/ppo.yml", "smoke")
+    assert cfg["ppo"]["gamma"] == 1.0 and cfg["total_timesteps"] == 64  # merged over default
+    bad = tmp_path / "ppo.yml"
+    bad.write_text("default: {scenarios: [a], ppo: {learning_rat: 1}}\n")
+    with pytest.raises(RltuneError, match="ppo.learning_rat"):
+        load_hyperparams(bad)
+    bad.write_text("!!python/object/apply:os.system ['echo hi']\n")
+    with pytest.raises(RltuneError, match="not valid YAML"):
+        load_hyperparams(bad)
+
+
+def test_cli_replay_of_a_tampered_agent_is_one_line(trained, tmp_path, capsys):
+    d, run, _ = trained
+    import shutil
+
+    bad = tmp_path / "agent"
+    shutil.copytree(run / "agent", bad)
+    data = bytearray((bad / "policy.safetensors").read_bytes())
+    data[-1] ^= 0xFF
+    (bad / "policy.safetensors").write_bytes(bytes(data))
+    assert main(["replay", str(bad), "--scenario", str(d / "tiny-bc.yaml"), "--budget", "5x", "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("rltune: error:") and len(err.splitlines()) == 1
