@@ -87,10 +87,24 @@ def dequantize_codes(codes: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
     return codes.float() * scale
 
 
+def _fake_quant_value(w: torch.Tensor, qmax: int, per_channel: bool) -> torch.Tensor:
+    """The same numbers as ``dequantize_codes(*quantize_codes(w))``, without the integer casts
+    (every intermediate is an exactly representable integer or power of two, so nothing changes)."""
+    flat = w.reshape(w.shape[0], -1) if per_channel else w.reshape(1, -1)
+    ratio = flat.abs().amax(dim=1) / qmax
+    e = torch.ceil(8.0 * torch.log2(ratio.clamp_min(1e-30)))
+    e = torch.where(torch.exp2(e / 8.0) < ratio, e + 1, e).clamp_(-128, 127)
+    scale = torch.exp2(e / 8.0)
+    if per_channel:
+        scale = scale.reshape(-1, *([1] * (w.dim() - 1)))
+    return torch.clamp(torch.round(w / scale), -qmax, qmax) * scale
+
+
 def fake_quantize(w: torch.Tensor, bits: int) -> torch.Tensor:
     """``Q_b(w)`` in the forward pass, identity gradient in the backward pass (STE)."""
-    codes, e = quantize_codes(w, bits)
-    return w + (dequantize_codes(codes, e) - w).detach()
+    with torch.no_grad():
+        q = _fake_quant_value(w, 2 ** (bits - 1) - 1, True)
+    return w + (q - w.detach())
 
 
 def quantize_bias_codes(b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -140,8 +154,9 @@ class BiasCompressor(nn.Module):
     def forward(self, b: torch.Tensor) -> torch.Tensor:
         if self._wc.bits >= 32:
             return b
-        codes, e = quantize_bias_codes(b)
-        return b + (codes.float() * exponent_scale(e) - b).detach()
+        with torch.no_grad():
+            q = _fake_quant_value(b, 2 ** (BIAS_BITS - 1) - 1, False).reshape(b.shape)
+        return b + (q - b.detach())
 
 
 def _compressors(module: nn.Module) -> WeightCompressor | None:

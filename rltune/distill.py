@@ -57,10 +57,9 @@ def kd_loss(
     log_p_t = F.log_softmax(t_logits / tau, dim=1)
     kl = (log_p_t.exp() * (log_p_t - log_p_s)).sum(dim=1)
     loss = alpha * tau * tau * kl
-    labeled = y >= 0
-    if alpha < 1.0 and bool(labeled.any()):
-        ce = torch.zeros_like(kl)
-        ce[labeled] = F.cross_entropy(s_logits[labeled], y[labeled], reduction="none")
+    if alpha < 1.0:
+        # unlabeled rows (y = -1) are ignored by cross_entropy and contribute 0
+        ce = F.cross_entropy(s_logits, y, reduction="none", ignore_index=-1)
         loss = loss + (1.0 - alpha) * ce
     return loss.mean()
 
@@ -116,7 +115,10 @@ def train_epochs(
         # Adam moves every parameter by about lr per step whatever its gradient's scale; a
         # centroid stands for thousands of weights, so it gets a smaller step
         groups.append({"params": codebooks, "lr": lr * codebook_lr_scale})
-    opt = torch.optim.Adam(groups, lr=lr, weight_decay=weight_decay)
+    try:  # the fused CPU kernel: a third less time per step on tiny students
+        opt = torch.optim.Adam(groups, lr=lr, weight_decay=weight_decay, fused=True)
+    except (RuntimeError, TypeError):
+        opt = torch.optim.Adam(groups, lr=lr, weight_decay=weight_decay)
     n = len(y_all)
     model.train()
     last = math.nan
