@@ -290,24 +290,37 @@ class DistillCompressEnv(gym.Env):
         if self.state is None:
             raise RltuneError("call reset() before step()")
         a = np.clip(np.asarray(action, dtype=np.float64).reshape(-1), -1.0, 1.0)
-        sc = self.ctx.scenario
-        dec = decode_action(a, self.probe_result.recipe_bits, self.stages, sc.knobs)
+        dec = decode_action(a, self.probe_result.recipe_bits, self.stages, self.ctx.scenario.knobs)
         if self.plan is None:  # step 0 commits the episode-shaping decisions
-            b = dec["final_bits"]
-            feasible = [x for x in BITS if self.probe_result.required.get(x) is not None]
-            if b not in feasible:  # the nearest feasible bit-width, fewer bits first
-                b = min(feasible, key=lambda x: (abs(x - b), x))
-            self.plan = {"final_bits": b, "final_sparsity": self.probe_result.required[b],
-                         "late_stages": dec["late_stages"]}
+            self.commit(dec["final_bits"], dec["late_stages"])
+        sparsity = ramp(self.k + 1, self.stages, self.plan["final_sparsity"], dec["exponent"])
+        bits = self.plan["final_bits"] if self.k + 1 > self.stages - self.plan["late_stages"] else 8
+        knobs = Knobs(dec["temperature"], dec["alpha"], min(sparsity, 0.999), bits)
+        penalty = -self.action_penalty * self.reward_scale * float(np.mean(a ** 2))
+        return self.advance(knobs, {"reward_action": penalty})
+
+    def commit(self, final_bits: int, late_stages: int | None = None) -> dict[str, Any]:
+        """Fix the episode's final bit-width (the nearest feasible one) and so its final sparsity,
+        the smallest that meets the target at those bits. Done by the first step; a tuner that plays
+        its own schedule calls it directly."""
+        feasible = [x for x in BITS if self.probe_result.required.get(x) is not None]
+        b = final_bits if final_bits in feasible else min(feasible, key=lambda x: (abs(x - final_bits), x))
+        late = late_stages if late_stages is not None else max(1, self.stages // 4)
+        self.plan = {"final_bits": b, "final_sparsity": self.probe_result.required[b], "late_stages": late}
+        return self.plan
+
+    def advance(self, knobs: Knobs, parts: dict[str, float] | None = None):
+        """Run the next stage with these knobs; the Gymnasium step after decoding. Tuners that play
+        their own schedules call it too, so every tuner meets the target the same way."""
+        if self.plan is None:
+            raise RltuneError("commit() the final bit-width before the first stage")
+        parts = dict(parts or {"reward_action": 0.0})
+        sc = self.ctx.scenario
         self.k += 1
-        final = self.plan["final_sparsity"]
-        sparsity = ramp(self.k, self.stages, final, dec["exponent"])
-        bits = self.plan["final_bits"] if self.k > self.stages - self.plan["late_stages"] else 8
-        self.knobs = Knobs(dec["temperature"], dec["alpha"], min(sparsity, 0.999), bits)
-        parts: dict[str, float] = {"reward_action": -self.action_penalty * self.reward_scale * float(np.mean(a ** 2))}
+        self.knobs = knobs
         terminated = self.k >= self.stages
         try:
-            m = run_stage(self.ctx, self.state, self.knobs)
+            m = run_stage(self.ctx, self.state, knobs)
         except DivergedError as e:
             parts["reward_diverged"] = -self.divergence_penalty * self.reward_scale
             info = self._info(parts)
@@ -324,8 +337,7 @@ class DistillCompressEnv(gym.Env):
         self.last_metrics = m
         ref = self.state.ref
         if self.mode == "budget":
-            acc_part = self.reward_scale * (m.val_acc - ref.val_acc) if terminated else 0.0
-            parts["reward_accuracy"] = acc_part
+            parts["reward_accuracy"] = self.reward_scale * (m.val_acc - ref.val_acc) if terminated else 0.0
         else:  # each part is the scaled change of that part of the efficiency score
             score, score_parts = score_of(self.ctx, m, ref)
             for name, v in score_parts.items():

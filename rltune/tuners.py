@@ -1,0 +1,217 @@
+"""Tuners: anything that, given a scenario, a compression target and a budget of stages of real
+training, returns the best compressed student it found (by val), reported on test.
+
+Every tuner plays its episodes through :class:`rltune.env.DistillCompressEnv`, so every one meets
+the target the same way (final sparsity from the committed bit-width, excess pruned after the last
+stage) and is measured by the same code. One episode costs the scenario's ``S`` stages; a tuner
+given ``budget_stages`` runs ``budget_stages // S`` episodes and never more (``stages_used``).
+
+| name           | what it does                                                                     |
+|----------------|----------------------------------------------------------------------------------|
+| recipe         | the zero action: cubic ramp, 8 bits then the probe's bits late, τ 4, α 0.9 (1 episode) |
+| fixed-8bit     | what a practitioner would do: τ 4, α 0.9, cubic ramp, 8 bits throughout (1 episode) |
+| random         | uniformly random actions at every step, best episode by val                       |
+| optuna-const   | Optuna TPE over constant knobs (τ, α, bits; the target's sparsity from stage 1)    |
+| optuna-tpe     | Optuna TPE over the schedule's parameters (the 5 action dimensions, held per episode) |
+| ppo-replay     | a trained policy, one deterministic episode, zero-shot                            |
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from rltune.env import ALPHA0, TAU0, DistillCompressEnv
+from rltune.errors import RltuneError
+from rltune.stage import Knobs, final_report
+
+
+@dataclass
+class TuneResult:
+    tuner: str
+    scenario: str
+    target: str
+    seed: int
+    budget_stages: int
+    stages_used: int
+    episodes: int
+    val_acc: float
+    val_score: float
+    test: dict[str, Any]
+    config: dict[str, Any]
+    episode_val_accs: list[float] = field(default_factory=list)
+    seconds: float = 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class Session:
+    """Runs episodes of one (scenario, target, seed) cell and keeps the best by val."""
+
+    def __init__(self, env: DistillCompressEnv, scenario: int, target: str, seed: int, budget_stages: int):
+        self.env, self.scenario, self.target, self.seed = env, scenario, target, seed
+        self.budget_stages = budget_stages
+        self.stages_used = 0
+        self.best: tuple[float, Any, dict] | None = None
+        self.val_accs: list[float] = []
+        self.val_scores: list[float] = []
+
+    @property
+    def stages_per_episode(self) -> int:
+        return self.env.scenarios[self.scenario].training["stages"]
+
+    def can_run(self) -> bool:
+        return self.stages_used + self.stages_per_episode <= self.budget_stages
+
+    def _reset(self) -> None:
+        if not self.can_run():
+            raise RltuneError("stage budget exhausted")
+        n = len(self.val_accs)
+        self.env.reset(seed=self.seed * 100_003 + n,
+                       options={"scenario": self.scenario, "target": self.target, "float_seed": self.seed})
+
+    def _finish(self, info: dict, config: dict) -> float:
+        self.stages_used += self.env.k
+        acc = info["val_acc"] if "diverged" not in info else -1.0
+        if not math.isfinite(acc):
+            acc = -1.0
+        from rltune.stage import score_of
+
+        m = self.env.last_metrics
+        score = score_of(self.env.ctx, m, self.env.state.ref)[0] if m is not None and "diverged" not in info else -math.inf
+        key = score if self.env.mode == "tradeoff" else acc
+        self.val_accs.append(acc)
+        self.val_scores.append(score)
+        if self.best is None or key > self.best[0]:
+            self.best = (key, self.env.state, dict(config, val_acc=acc, val_score=score))
+        return key
+
+    def play_actions(self, policy: Callable[[np.ndarray, int], np.ndarray], config: dict) -> float:
+        """An episode of env steps; ``policy(obs, k)`` gives the action of step k."""
+        self._reset()
+        obs = self.env._obs()
+        done, k, info = False, 0, {}
+        while not done:
+            obs, _, term, trunc, info = self.env.step(policy(obs, k))
+            done, k = term or trunc, k + 1
+        return self._finish(info, config)
+
+    def play_knobs(self, final_bits: int, knobs_at: Callable[[int, float], Knobs], config: dict,
+                   late_stages: int | None = None) -> float:
+        """An episode of a tuner's own schedule: ``knobs_at(stage, final_sparsity)``."""
+        self._reset()
+        plan = self.env.commit(final_bits, late_stages)
+        done, k, info = False, 0, {}
+        while not done:
+            k += 1
+            _, _, term, trunc, info = self.env.advance(knobs_at(k, plan["final_sparsity"]))
+            done = term or trunc
+        return self._finish(info, {**config, "final_bits": plan["final_bits"]})
+
+    def result(self, tuner: str, t0: float) -> TuneResult:
+        if self.best is None:
+            raise RltuneError(f"{tuner}: the budget of {self.budget_stages} stages is less than one episode "
+                              f"({self.stages_per_episode} stages)")
+        _, state, config = self.best
+        env = self.env
+        test = final_report(env.context(self.scenario), state, latency=False)
+        return TuneResult(tuner, env.scenarios[self.scenario].name, str(self.target), self.seed,
+                          self.budget_stages, self.stages_used, len(self.val_accs), config["val_acc"],
+                          config["val_score"], test, config, self.val_accs, time.perf_counter() - t0)
+
+
+def tune_recipe(s: Session, bits8: bool = False) -> None:
+    if bits8:  # a practitioner's fixed recipe: 8 bits throughout, cubic ramp, τ 4, α 0.9
+        S = s.stages_per_episode
+        from rltune.env import ramp
+
+        s.play_knobs(8, lambda k, sf: Knobs(TAU0, ALPHA0, min(ramp(k, S, sf, 3.0), 0.999), s.env.plan["final_bits"]),
+                     {"bits": 8}, late_stages=S)
+    else:
+        s.play_actions(lambda obs, k: np.zeros(s.env.action_space.shape, np.float32), {"action": [0.0] * 5})
+
+
+def tune_random(s: Session) -> None:
+    rng = np.random.default_rng(s.seed)
+    while s.can_run():
+        s.play_actions(lambda obs, k: rng.uniform(-1, 1, s.env.action_space.shape).astype(np.float32),
+                       {"random": True})
+
+
+def _optuna_study(s: Session, name: str, storage: str | None):
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    sampler = optuna.samplers.TPESampler(seed=s.seed, n_startup_trials=min(8, max(1, s.budget_stages // s.stages_per_episode // 4)))
+    study_name = f"{name}-{s.env.scenarios[s.scenario].name}-{s.target}-{s.seed}"
+    return optuna.create_study(direction="maximize", sampler=sampler, storage=storage,
+                               study_name=study_name, load_if_exists=storage is not None)
+
+
+def tune_optuna_const(s: Session, storage: str | None = None) -> None:
+    """Constant knobs for every stage: τ, α and the bits; the target's sparsity from stage 1."""
+    sc = s.env.scenarios[s.scenario]
+    study = _optuna_study(s, "optuna-const", storage)
+    S = s.stages_per_episode
+    while s.can_run():
+        trial = study.ask()
+        tau = trial.suggest_float("temperature", *sc.knobs["temperature"], log=True)
+        alpha = trial.suggest_float("alpha", *sc.knobs["alpha"])
+        bits = trial.suggest_int("bits", *sc.knobs["bits"])
+        value = s.play_knobs(bits, lambda k, sf: Knobs(tau, alpha, min(sf, 0.999), s.env.plan["final_bits"]),
+                             {"temperature": tau, "alpha": alpha, "bits": bits}, late_stages=S)
+        study.tell(trial, value)
+
+
+def tune_optuna_schedule(s: Session, storage: str | None = None) -> None:
+    """The schedule's parameters: the 5 action dimensions (bits, ramp shape, τ, α, when bits drop)."""
+    from rltune.env import ACTION_LAYOUT
+
+    study = _optuna_study(s, "optuna-tpe", storage)
+    while s.can_run():
+        trial = study.ask()
+        a = np.array([trial.suggest_float(n, -1.0, 1.0) for n in ACTION_LAYOUT], np.float32)
+        value = s.play_actions(lambda obs, k: a, {"action": a.tolist()})
+        study.tell(trial, value)
+
+
+def tune_ppo_replay(s: Session, agent_path: str | Path) -> None:
+    from rltune.agentfile import load_policy
+
+    agent = load_policy(agent_path)
+    s.play_actions(lambda obs, k: agent.predict(obs, deterministic=True), {"agent": str(agent_path)})
+
+
+TUNERS = ("recipe", "fixed-8bit", "random", "optuna-const", "optuna-tpe", "ppo-replay")
+
+
+def run_tuner(name: str, env: DistillCompressEnv, scenario: int, target: str, seed: int, budget_stages: int,
+              agent: str | Path | None = None, storage: str | None = None) -> TuneResult:
+    """Run one tuner on one cell; every tuner stays within ``budget_stages`` stages of training."""
+    s = Session(env, scenario, target, seed, budget_stages)
+    t0 = time.perf_counter()
+    if name == "recipe":
+        tune_recipe(s)
+    elif name == "fixed-8bit":
+        tune_recipe(s, bits8=True)
+    elif name == "random":
+        tune_random(s)
+    elif name == "optuna-const":
+        tune_optuna_const(s, storage)
+    elif name == "optuna-tpe":
+        tune_optuna_schedule(s, storage)
+    elif name == "ppo-replay":
+        if agent is None:
+            raise RltuneError("ppo-replay needs an agent (--agent)")
+        tune_ppo_replay(s, agent)
+    else:
+        raise RltuneError(f"unknown tuner {name!r} (expected one of {', '.join(TUNERS)})")
+    assert s.stages_used <= budget_stages
+    return s.result(name, t0)
