@@ -110,6 +110,23 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from rltune.harness import evaluate
+
+    targets: dict[str, list[str]] | list[str] = args.targets
+    if args.scenario_targets:  # NAME=8x,16x pairs
+        targets = {}
+        for item in args.scenario_targets:
+            name, _, ts = item.partition("=")
+            targets[name] = ts.split(",")
+        args.scenarios = list(targets)
+    out = evaluate(args.scenarios, targets, args.tuners, args.budget, args.seeds, args.out, agent=args.agent,
+                   workers=args.workers, backend=args.backend, address=args.address, progress=not args.no_progress)
+    print((out / "benchmark.md").read_text())
+    print(f"results: {out / 'results.jsonl'}; summary: {out / 'summary.json'}")
+    return 0
+
+
 def cmd_validate(args: argparse.Namespace) -> int:
     from rltune.scenario import load_scenario
 
@@ -152,6 +169,21 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--recipe", action="store_true", help="play the zero action (the recipe) instead")
     r.add_argument("--out", default="runs/replay")
     r.set_defaults(func=cmd_replay)
+
+    e = sub.add_parser("evaluate", help="every tuner on every scenario, target and seed, on equal stage budgets")
+    e.add_argument("--scenarios", nargs="+", default=["wine-mlp", "breast-cancer-mlp"])
+    e.add_argument("--targets", nargs="+", default=["8x", "16x"], help="targets for every scenario")
+    e.add_argument("--scenario-targets", nargs="+", metavar="NAME=T1,T2", help="targets per scenario")
+    e.add_argument("--tuners", nargs="+", default=["ppo-replay", "recipe", "fixed-8bit", "random", "optuna-const", "optuna-tpe"])
+    e.add_argument("--budget", nargs="+", type=int, default=[256], help="stage budgets (several: score-vs-budget curves)")
+    e.add_argument("--seeds", type=int, default=5)
+    e.add_argument("--agent", default=str(REPO_ENVS.parent / "agents" / "ppo-v0"))
+    e.add_argument("--workers", type=int, default=2, help="parallel processes")
+    e.add_argument("--backend", choices=["process", "ray"], default="process")
+    e.add_argument("--address", help="an existing Ray cluster to join (default: start Ray locally)")
+    e.add_argument("--out", default="runs/evaluate")
+    e.add_argument("--no-progress", action="store_true")
+    e.set_defaults(func=cmd_evaluate)
 
     v = sub.add_parser("validate", help="check scenario files")
     v.add_argument("files", nargs="+")

@@ -1,0 +1,106 @@
+"""Environment throughput (issue 3): steps/s per scenario on one thread, the share of a step spent
+outside the stage's training, the reset (probe) cost, and PPO's share of wall time in training.
+
+    python experiments/env_throughput.py
+    python experiments/env_throughput.py --scenarios digits-linear --episodes 1 --ppo-steps 128
+
+Writes experiments/results/env_throughput.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import gymnasium as gym
+import numpy as np
+import torch
+
+from rltune.env import DistillCompressEnv
+
+ROOT = Path(__file__).resolve().parent
+
+
+class StepTimer(gym.Wrapper):
+    """Adds up the wall time spent inside env.step and env.reset."""
+
+    def __init__(self, env):
+        super().__init__(env)
+        self.env_seconds = 0.0
+
+    def step(self, action):
+        t = time.perf_counter()
+        out = self.env.step(action)
+        self.env_seconds += time.perf_counter() - t
+        return out
+
+    def reset(self, **kw):
+        t = time.perf_counter()
+        out = self.env.reset(**kw)
+        self.env_seconds += time.perf_counter() - t
+        return out
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--scenarios", nargs="+", default=["digits-linear", "digits-mlp", "mnist1d-small",
+                                                     "synthetic-6class", "mnist1d-lenet"])
+    p.add_argument("--target", default="12x")
+    p.add_argument("--episodes", type=int, default=2, help="timed episodes per scenario (after one warm-up)")
+    p.add_argument("--ppo-scenario", default="digits-linear")
+    p.add_argument("--ppo-steps", type=int, default=512)
+    p.add_argument("--out", default=str(ROOT / "results"))
+    a = p.parse_args()
+    torch.set_num_threads(1)
+    results = {"command": "python " + " ".join(sys.argv), "threads": 1, "target": a.target, "scenarios": {}}
+    for name in a.scenarios:
+        env = DistillCompressEnv(scenarios=[name], targets=[a.target])
+        env.reset(seed=0)  # warm-up: teacher, float student, probe cached
+        step_s, train_s, reset_s = [], [], []
+        for ep in range(a.episodes):
+            t = time.perf_counter()
+            env.reset(seed=ep + 1)
+            reset_s.append(time.perf_counter() - t)
+            done = False
+            while not done:
+                t = time.perf_counter()
+                _, _, term, trunc, _ = env.step(np.zeros(5, np.float32))
+                step_s.append(time.perf_counter() - t)
+                m = env.last_metrics
+                train_s.append(m.seconds - m.seconds_outside_training)
+                done = term or trunc
+        outside = [(s - tr) / s for s, tr in zip(step_s, train_s)]
+        r = {"steps_per_second": 1.0 / statistics.fmean(step_s), "step_seconds_median": statistics.median(step_s),
+             "outside_training_share_mean": statistics.fmean(outside), "outside_training_share_max": max(outside),
+             "reset_seconds_median": statistics.median(reset_s), "steps": len(step_s),
+             "probe_cached_between_resets": True}
+        results["scenarios"][name] = r
+        print(f"{name}: {r['steps_per_second']:.2f} steps/s, outside training {100 * r['outside_training_share_mean']:.1f} % "
+              f"(max {100 * r['outside_training_share_max']:.1f} %), reset {r['reset_seconds_median']:.3f} s", flush=True)
+
+    from stable_baselines3 import PPO
+
+    env = StepTimer(DistillCompressEnv(scenarios=[a.ppo_scenario], targets=[a.target]))
+    env.reset(seed=0)
+    env.env_seconds = 0.0
+    model = PPO("MlpPolicy", env, n_steps=128, batch_size=64, n_epochs=10, gamma=1.0, ent_coef=0.01,
+                policy_kwargs={"net_arch": [64, 64]}, seed=0, verbose=0)
+    t = time.perf_counter()
+    model.learn(a.ppo_steps)
+    wall = time.perf_counter() - t
+    results["ppo"] = {"scenario": a.ppo_scenario, "steps": a.ppo_steps, "wall_seconds": wall,
+                      "env_seconds": env.env_seconds, "ppo_share_of_wall": 1 - env.env_seconds / wall,
+                      "steps_per_second": a.ppo_steps / wall}
+    print(f"PPO on {a.ppo_scenario}: {a.ppo_steps / wall:.2f} steps/s, PPO's own share of wall time "
+          f"{100 * results['ppo']['ppo_share_of_wall']:.1f} %")
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "env_throughput.json").write_text(json.dumps(results, indent=1))
+
+
+if __name__ == "__main__":
+    main()

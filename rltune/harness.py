@@ -1,0 +1,269 @@
+"""The evaluation harness: every tuner × scenario × target × seed cell on equal stage budgets.
+
+Cells run in parallel processes; each finished cell is appended to ``results.jsonl`` at once (one
+JSON line, flushed and fsynced), so an interrupted evaluation resumes where it stopped and loses
+no finished cell. From the lines it writes ``summary.json`` (one record per scenario × target ×
+tuner × budget), a generated ``benchmark.md``, a Pareto plot per scenario (test accuracy against
+packed bytes) and score-versus-budget curves.
+
+Final numbers are on the test split; every choice a tuner makes is on val.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import statistics
+import sys
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable
+
+from rltune.errors import RltuneError
+
+_ENVS: dict[tuple, Any] = {}
+
+
+@dataclass(frozen=True)
+class Cell:
+    scenario: str
+    target: str
+    tuner: str
+    seed: int
+    budget_stages: int
+
+    @property
+    def key(self) -> str:
+        return f"{self.scenario}|{self.target}|{self.tuner}|{self.seed}|{self.budget_stages}"
+
+
+def run_cell(cell: Cell, agent: str | None = None, storage: str | None = None) -> dict[str, Any]:
+    """Run one cell in this process (environments are cached per process)."""
+    import torch
+
+    from rltune.cli import resolve_scenario
+    from rltune.env import DistillCompressEnv
+    from rltune.tuners import run_tuner
+
+    torch.set_num_threads(1)
+    key = (cell.scenario,)
+    if key not in _ENVS:
+        _ENVS[key] = DistillCompressEnv(scenarios=[str(resolve_scenario(cell.scenario))], targets=[cell.target])
+    env = _ENVS[key]
+    r = run_tuner(cell.tuner, env, 0, cell.target, cell.seed, cell.budget_stages, agent=agent, storage=storage)
+    out = r.to_dict()
+    out["scenario"] = cell.scenario
+    out["key"] = cell.key
+    trained_on: list[str] = []
+    if agent:
+        from rltune.agentfile import load_policy
+
+        trained_on = [Path(s).stem for s in load_policy(agent).meta.get("training", {}).get("scenarios", [])]
+    out["in_agent_training_set"] = Path(cell.scenario).stem in trained_on
+    return out
+
+
+def read_results(path: Path) -> list[dict[str, Any]]:
+    """The finished cells; a line cut short by an interruption is ignored (it will be rerun)."""
+    rows = []
+    if path.exists():
+        for line in path.read_text().splitlines():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue
+    return rows
+
+
+def _append(path: Path, row: dict[str, Any]) -> None:
+    with open(path, "a") as f:
+        f.write(json.dumps(row) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def evaluate(
+    scenarios: Iterable[str],
+    targets: dict[str, list[str]] | list[str],
+    tuners: Iterable[str],
+    budgets: Iterable[int],
+    seeds: int,
+    out_dir: str | Path,
+    agent: str | None = None,
+    workers: int = 1,
+    backend: str = "process",
+    address: str | None = None,
+    progress: bool = True,
+) -> Path:
+    """Run every missing cell, then write the summary, tables and plots. Returns ``out_dir``."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    results = out / "results.jsonl"
+    scenarios = list(scenarios)
+    tuners = list(tuners)
+    if "ppo-replay" in tuners and not agent:
+        raise RltuneError("the ppo-replay tuner needs --agent")
+    per_target = targets if isinstance(targets, dict) else {s: list(targets) for s in scenarios}
+    cells = [Cell(s, t, tu, seed, b) for s in scenarios for t in per_target[s] for tu in tuners
+             for b in budgets for seed in range(seeds)]
+    # a one-episode tuner's result does not depend on the budget: run it once, at the smallest
+    smallest = min(budgets)
+    cells = [c for c in cells if c.tuner not in ("recipe", "fixed-8bit", "ppo-replay") or c.budget_stages == smallest]
+    done = {r["key"] for r in read_results(results)}
+    todo = [c for c in cells if c.key not in done]
+    storage = f"sqlite:///{(out / 'optuna.db').resolve()}"
+    (out / "evaluation.json").write_text(json.dumps({
+        "command": " ".join(sys.argv), "scenarios": scenarios, "targets": per_target, "tuners": tuners,
+        "budgets": list(budgets), "seeds": seeds, "agent": agent}, indent=1))
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=len(cells), initial=len(cells) - len(todo), desc="cells", file=sys.stderr)
+    best: dict[str, float] = {}
+
+    def finished(row: dict[str, Any]) -> None:
+        _append(results, row)
+        k = f"{row['scenario']}@{row['target']}"
+        best[k] = max(best.get(k, -1.0), row["test"]["test_acc"])
+        if bar:
+            bar.update(1)
+            bar.set_postfix_str(f"best {k}: {100 * best[k]:.1f}% ({row['tuner']})")
+
+    if backend == "ray":
+        _run_ray(todo, agent, storage, address, finished)
+    elif workers <= 1:
+        for c in todo:
+            finished(run_cell(c, agent, storage))
+    else:
+        with ProcessPoolExecutor(max_workers=workers) as pool:
+            pending = {pool.submit(run_cell, c, agent, storage) for c in todo}
+            while pending:
+                ready, pending = wait(pending, return_when=FIRST_COMPLETED)
+                for f in ready:
+                    finished(f.result())
+    if bar:
+        bar.close()
+    write_summary(out)
+    return out
+
+
+def _run_ray(cells: list[Cell], agent, storage, address, finished) -> None:
+    try:
+        import ray
+    except ImportError:
+        raise RltuneError("the ray backend needs Ray: pip install 'rltune[ray]'") from None
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    if not ray.is_initialized():
+        ray.init(address=address, include_dashboard=False, log_to_driver=False) if address else \
+            ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
+    remote = ray.remote(num_cpus=1)(run_cell)
+    pending = [remote.remote(c, agent, storage) for c in cells]
+    while pending:
+        ready, pending = ray.wait(pending, num_returns=1)
+        finished(ray.get(ready[0]))
+
+
+def _ms(xs: list[float]) -> tuple[float, float]:
+    xs = [x for x in xs if x is not None and math.isfinite(x)]
+    if not xs:
+        return float("nan"), float("nan")
+    return statistics.fmean(xs), statistics.stdev(xs) if len(xs) > 1 else 0.0
+
+
+def summarize(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        groups.setdefault((r["scenario"], r["target"], r["tuner"], r["budget_stages"]), []).append(r)
+    out = []
+    for (scenario, target, tuner, budget), rs in sorted(groups.items()):
+        acc_m, acc_s = _ms([r["test"]["test_acc"] for r in rs])
+        sc_m, sc_s = _ms([r["test"]["test_score"] for r in rs])
+        out.append({
+            "scenario": scenario, "target": target, "tuner": tuner, "budget_stages": budget,
+            "episodes": statistics.fmean(r["episodes"] for r in rs), "n_seeds": len(rs),
+            "score_mean": sc_m, "score_std": sc_s, "test_acc_mean": acc_m, "test_acc_std": acc_s,
+            "float_test_acc_mean": _ms([r["test"]["float_test_acc"] for r in rs])[0],
+            "bytes_mean": _ms([r["test"]["packed_bytes"] for r in rs])[0],
+            "ratio_mean": _ms([r["test"]["ratio"] for r in rs])[0],
+            "val_acc_mean": _ms([r["val_acc"] for r in rs])[0],
+            "in_agent_training_set": any(r.get("in_agent_training_set") for r in rs),
+        })
+    return out
+
+
+def to_markdown(summary: list[dict[str, Any]], meta: dict[str, Any]) -> str:
+    lines = ["# Benchmark (generated by rltune evaluate; do not edit)", "",
+             f"Command: `{meta.get('command', '')}`  ",
+             "Test accuracy (%) and efficiency score, mean ± std over n seeds; every tuner meets the same "
+             "compression target; budget in stages of real training (episodes run in brackets). "
+             "**Bold**: best test accuracy for the scenario and target.", ""]
+    by_cell: dict[tuple, list[dict]] = {}
+    for r in summary:
+        by_cell.setdefault((r["scenario"], r["target"]), []).append(r)
+    for (scenario, target), rs in by_cell.items():
+        held = "trained on" if any(r["in_agent_training_set"] for r in rs) else "held out from the agent"
+        lines += [f"## {scenario} at {target} ({held})", "",
+                  "| tuner | budget (episodes) | n | test acc | score | bytes | ratio |", "|---|---|---|---|---|---|---|"]
+        top = max(r["test_acc_mean"] for r in rs)
+        for r in sorted(rs, key=lambda r: -r["test_acc_mean"]):
+            acc = f"{100 * r['test_acc_mean']:.2f} ± {100 * r['test_acc_std']:.2f}"
+            if r["test_acc_mean"] == top:
+                acc = f"**{acc}**"
+            lines.append(f"| {r['tuner']} | {r['budget_stages']} ({r['episodes']:.0f}) | {r['n_seeds']} | {acc} | "
+                         f"{r['score_mean']:.4f} ± {r['score_std']:.4f} | {r['bytes_mean']:.0f} | {r['ratio_mean']:.1f}× |")
+        lines.append("")
+    return "\n".join(lines) + "\n"
+
+
+def write_summary(out: Path) -> list[dict[str, Any]]:
+    rows = read_results(out / "results.jsonl")
+    meta = json.loads((out / "evaluation.json").read_text()) if (out / "evaluation.json").exists() else {}
+    summary = summarize(rows)
+    (out / "summary.json").write_text(json.dumps(summary, indent=1))
+    (out / "benchmark.md").write_text(to_markdown(summary, meta))
+    _plots(rows, summary, out)
+    return summary
+
+
+def _plots(rows: list[dict], summary: list[dict], out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    for scenario in sorted({r["scenario"] for r in rows}):
+        fig, ax = plt.subplots(figsize=(6, 4))
+        rs = [r for r in rows if r["scenario"] == scenario]
+        for i, tuner in enumerate(sorted({r["tuner"] for r in rs})):
+            pts = [(r["test"]["packed_bytes"], 100 * r["test"]["test_acc"]) for r in rs if r["tuner"] == tuner]
+            ax.scatter([p[0] for p in pts], [p[1] for p in pts], label=tuner, s=18, alpha=0.75, marker="os^vDP*X"[i % 8])
+        ax.set_xscale("log")
+        ax.set_xlabel("packed bytes (log)")
+        ax.set_ylabel("test accuracy (%)")
+        ax.set_title(f"{scenario}: every tuner's students")
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        fig.savefig(out / f"pareto_{Path(scenario).stem}.png", dpi=110)
+        plt.close(fig)
+    budgets = sorted({s["budget_stages"] for s in summary})
+    if len(budgets) > 1:
+        for scenario in sorted({s["scenario"] for s in summary}):
+            fig, ax = plt.subplots(figsize=(6, 4))
+            ss = [s for s in summary if s["scenario"] == scenario]
+            for tuner in sorted({s["tuner"] for s in ss}):
+                for target in sorted({s["target"] for s in ss}):
+                    pts = sorted((s["budget_stages"], s["score_mean"]) for s in ss if s["tuner"] == tuner and s["target"] == target)
+                    if len(pts) == 1:  # one-episode tuners: a flat line across the budgets
+                        pts = [(budgets[0], pts[0][1]), (budgets[-1], pts[0][1])]
+                    ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=f"{tuner} @ {target}")
+            ax.set_xscale("log")
+            ax.set_xlabel("budget (stages of training)")
+            ax.set_ylabel("test efficiency score")
+            ax.set_title(f"{scenario}: score against budget")
+            ax.legend(fontsize=6)
+            fig.tight_layout()
+            fig.savefig(out / f"budget_{Path(scenario).stem}.png", dpi=110)
+            plt.close(fig)
