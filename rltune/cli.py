@@ -174,7 +174,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--scenarios", nargs="+", default=["wine-mlp", "breast-cancer-mlp"])
     e.add_argument("--targets", nargs="+", default=["8x", "16x"], help="targets for every scenario")
     e.add_argument("--scenario-targets", nargs="+", metavar="NAME=T1,T2", help="targets per scenario")
-    e.add_argument("--tuners", nargs="+", default=["ppo-replay", "recipe", "fixed-8bit", "random", "optuna-const", "optuna-tpe"])
+    e.add_argument("--tuners", nargs="+", default=["ppo-replay", "recipe", "fixed-8bit", "adaptive-tau", "random", "optuna-const", "optuna-tpe"])
     e.add_argument("--budget", nargs="+", type=int, default=[256], help="stage budgets (several: score-vs-budget curves)")
     e.add_argument("--seeds", type=int, default=5)
     e.add_argument("--agent", default=str(REPO_ENVS.parent / "agents" / "ppo-v0"))

@@ -24,6 +24,7 @@ from typing import Any, Iterable
 from rltune.errors import RltuneError
 
 _ENVS: dict[tuple, Any] = {}
+ONE_EPISODE = ("recipe", "fixed-8bit", "adaptive-tau", "ppo-replay")
 
 
 @dataclass(frozen=True)
@@ -110,7 +111,7 @@ def evaluate(
              for b in budgets for seed in range(seeds)]
     # a one-episode tuner's result does not depend on the budget: run it once, at the smallest
     smallest = min(budgets)
-    cells = [c for c in cells if c.tuner not in ("recipe", "fixed-8bit", "ppo-replay") or c.budget_stages == smallest]
+    cells = [c for c in cells if c.tuner not in ONE_EPISODE or c.budget_stages == smallest]
     done = {r["key"] for r in read_results(results)}
     todo = [c for c in cells if c.key not in done]
     storage = f"sqlite:///{(out / 'optuna.db').resolve()}"

@@ -10,6 +10,7 @@ given ``budget_stages`` runs ``budget_stages // S`` episodes and never more (``s
 |----------------|----------------------------------------------------------------------------------|
 | recipe         | the zero action: cubic ramp, 8 bits then the probe's bits late, τ 4, α 0.9 (1 episode) |
 | fixed-8bit     | what a practitioner would do: τ 4, α 0.9, cubic ramp, 8 bits throughout (1 episode) |
+| adaptive-tau   | the recipe's ramp and bits; τ from 8, halved whenever val accuracy stalls (1 episode) |
 | random         | uniformly random actions at every step, best episode by val                       |
 | optuna-const   | Optuna TPE over constant knobs (τ, α, bits; the target's sparsity from stage 1)    |
 | optuna-tpe     | Optuna TPE over the schedule's parameters (the 5 action dimensions, held per episode) |
@@ -138,6 +139,26 @@ def tune_recipe(s: Session, bits8: bool = False) -> None:
         s.play_actions(lambda obs, k: np.zeros(s.env.action_space.shape, np.float32), {"action": [0.0] * 5})
 
 
+def tune_adaptive_tau(s: Session, start: float = 8.0, decay: float = 0.5, floor: float = 1.0) -> None:
+    """The recipe's sparsity and bits, with τ starting at ``start`` and multiplied by ``decay``
+    whenever the last stage did not raise val accuracy (the seeds' adaptive temperature schedule)."""
+    from rltune.env import ramp
+
+    S = s.stages_per_episode
+    tau = {"value": start, "best": -1.0}
+
+    def knobs_at(k: int, sf: float) -> Knobs:
+        hist = s.env.state.history
+        if hist:
+            if hist[-1].val_acc <= tau["best"]:
+                tau["value"] = max(floor, tau["value"] * decay)
+            tau["best"] = max(tau["best"], hist[-1].val_acc)
+        bits = s.env.plan["final_bits"] if k > S - s.env.plan["late_stages"] else 8
+        return Knobs(tau["value"], ALPHA0, min(ramp(k, S, sf, 3.0), 0.999), bits)
+
+    s.play_knobs(s.env.probe_result.recipe_bits, knobs_at, {"tau_start": start, "decay": decay})
+
+
 def tune_random(s: Session) -> None:
     rng = np.random.default_rng(s.seed)
     while s.can_run():
@@ -189,7 +210,7 @@ def tune_ppo_replay(s: Session, agent_path: str | Path) -> None:
     s.play_actions(lambda obs, k: agent.predict(obs, deterministic=True), {"agent": str(agent_path)})
 
 
-TUNERS = ("recipe", "fixed-8bit", "random", "optuna-const", "optuna-tpe", "ppo-replay")
+TUNERS = ("recipe", "fixed-8bit", "adaptive-tau", "random", "optuna-const", "optuna-tpe", "ppo-replay")
 
 
 def run_tuner(name: str, env: DistillCompressEnv, scenario: int, target: str, seed: int, budget_stages: int,
@@ -201,6 +222,8 @@ def run_tuner(name: str, env: DistillCompressEnv, scenario: int, target: str, se
         tune_recipe(s)
     elif name == "fixed-8bit":
         tune_recipe(s, bits8=True)
+    elif name == "adaptive-tau":
+        tune_adaptive_tau(s)
     elif name == "random":
         tune_random(s)
     elif name == "optuna-const":
