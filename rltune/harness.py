@@ -112,7 +112,14 @@ def evaluate(
     # a one-episode tuner's result does not depend on the budget: run it once, at the smallest
     smallest = min(budgets)
     cells = [c for c in cells if c.tuner not in ONE_EPISODE or c.budget_stages == smallest]
-    done = {r["key"] for r in read_results(results)}
+    finished_rows = read_results(results)
+    if results.exists():  # drop a line an interruption cut short, so appends start on a clean line
+        clean = "".join(json.dumps(r) + "\n" for r in finished_rows)
+        if results.read_text() != clean:
+            tmp = results.with_suffix(".jsonl.tmp")
+            tmp.write_text(clean)
+            os.replace(tmp, results)
+    done = {r["key"] for r in finished_rows}
     todo = [c for c in cells if c.key not in done]
     storage = f"sqlite:///{(out / 'optuna.db').resolve()}"
     (out / "evaluation.json").write_text(json.dumps({
