@@ -39,7 +39,7 @@ from rltune.stage import Knobs, final_report, recipe, run_schedule, run_stage, s
 
 ROOT = Path(__file__).resolve().parent
 # tiny students cannot lose many weights: their frontier is in the bits
-SMALL_GRID = "0.3:3,0.5:4,0.5:3,0.5:2,0.7:4,0.7:3,0.7:2,0.8:4,0.8:3,0.9:3"
+SMALL_GRID = "0.0:6,0.0:4,0.3:5,0.3:4,0.3:3,0.5:5,0.5:4,0.5:3,0.5:2,0.7:4,0.7:3,0.7:2,0.8:4,0.8:3,0.9:3"
 LARGE_GRID = "0.9:4,0.92:4,0.94:4,0.95:4,0.9:3,0.93:3,0.95:3,0.97:3"
 
 
@@ -206,6 +206,7 @@ def to_markdown(results: dict) -> str:
     for name, r in results["scenarios"].items():
         c = r["compression"]
         lines += [f"### {name} (float KD student {f(c['float_student_acc'])})", "",
+                  f"`{r.get('command', results['command'])}`", "",
                   "| sparsity | bits | test acc | ratio (packed) | bytes |", "|---|---|---|---|---|"]
         for p in c["recipe_points"]:
             lines.append(f"| {p['sparsity']:.2f} | {p['bits']} | {f(p['test_acc'])} | {p['ratio']['mean']:.1f}× | {p['bytes']['mean']:.0f} |")
@@ -223,7 +224,13 @@ def main() -> None:
     torch.set_num_threads(1)
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
-    results = {"command": "python " + " ".join(sys.argv), "seeds": a.seeds, "taus": a.taus, "scenarios": {}}
+    command = "python " + " ".join(sys.argv)
+    results = {"command": command, "seeds": a.seeds, "taus": a.taus, "scenarios": {}}
+    previous = out / "frontier.json"
+    if previous.exists():  # a rerun of some scenarios replaces their entries and keeps the others
+        old = json.loads(previous.read_text())
+        results["scenarios"] = old.get("scenarios", {})
+        results["command"] = old.get("command", command) if old.get("command") != command else command
     t_start = time.perf_counter()
     for name in a.scenarios:
         scenario = load_scenario(resolve_scenario(name))
@@ -244,11 +251,13 @@ def main() -> None:
         r["max_ratio_within_1pt"] = r["compression"]["max_ratio_within_1pt"]
         r["max_ratio_setting"] = r["compression"]["max_ratio_setting"]
         r["seconds"] = time.perf_counter() - t0
+        r["command"] = command
+        r["seeds"] = a.seeds
         results["scenarios"][scenario.name] = r
         print(f"  max_ratio_within_1pt {r['max_ratio_within_1pt']}  stage speed-up {r['stage_seconds']['speedup']:.2f}×  "
               f"({r['seconds']:.0f} s)", flush=True)
         (out / "frontier.json").write_text(json.dumps(results, indent=1))
-    results["total_seconds"] = time.perf_counter() - t_start
+    results["total_seconds_last_run"] = time.perf_counter() - t_start
     (out / "frontier.json").write_text(json.dumps(results, indent=1))
     (out / "frontier.md").write_text(to_markdown(results))
     print(to_markdown(results))
