@@ -230,7 +230,9 @@ def main() -> None:
     if previous.exists():  # a rerun of some scenarios replaces their entries and keeps the others
         old = json.loads(previous.read_text())
         results["scenarios"] = old.get("scenarios", {})
-        results["command"] = old.get("command", command) if old.get("command") != command else command
+        for entry in results["scenarios"].values():
+            entry.setdefault("command", old.get("command"))
+            entry.setdefault("seeds", old.get("seeds"))
     t_start = time.perf_counter()
     for name in a.scenarios:
         scenario = load_scenario(resolve_scenario(name))
