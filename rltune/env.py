@@ -129,7 +129,10 @@ class DistillCompressEnv(gym.Env):
     ## Rewards
     Budget mode (default): 0 on every step but the last, which pays
     ``reward_scale · (val_acc − float_val_acc)``: accuracy at the target, paid once at the end so
-    that putting off pruning earns nothing. Every step also pays
+    that putting off pruning earns nothing. With ``reward_baseline="recipe"`` (for training) the
+    baseline is instead the recipe's own val accuracy on the same scenario, target and float
+    student (one cached episode): the zero action then earns about 0 everywhere, and the return
+    says only whether the policy beat the recipe. Every step also pays
     ``−action_penalty · reward_scale · mean(a²)``, a trust region around the recipe.
     Trade-off mode: each step pays ``reward_scale ·`` the change in the efficiency score
     (``rltune.score``), so the return is the final score. A stage that diverges ends the episode
@@ -149,7 +152,8 @@ class DistillCompressEnv(gym.Env):
     ``"20x"``, ``"12KB"``, ``"5nJ"`` or numbers as ratios), ``mode`` ("budget" or "tradeoff"),
     ``reward_scale`` (20), ``action_penalty`` (0.05), ``divergence_penalty`` (1.0),
     ``n_float_students`` (1), ``probe_samples`` (4096), ``probe_epochs`` (3), ``probe_tolerance``
-    (0.015: the recipe takes the most bits whose probe accuracy is this close to the best), ``epochs_per_stage``
+    (0.015: the recipe takes the most bits whose probe accuracy is this close to the best),
+    ``reward_baseline`` ("float" or "recipe"), ``epochs_per_stage``
     (override the scenarios').
 
     ## Version History
@@ -172,9 +176,14 @@ class DistillCompressEnv(gym.Env):
         probe_tolerance: float = 0.015,
         epochs_per_stage: int | None = None,
         stages: int | None = None,
+        reward_baseline: str = "float",
     ):
         if mode not in ("budget", "tradeoff"):
             raise RltuneError(f"mode must be 'budget' or 'tradeoff', got {mode!r}")
+        if reward_baseline not in ("float", "recipe"):
+            raise RltuneError(f"reward_baseline must be 'float' or 'recipe', got {reward_baseline!r}")
+        self.reward_baseline = reward_baseline
+        self._baselines: dict[tuple, float] = {}
         if isinstance(scenarios, (str, Path, Scenario)):
             scenarios = [scenarios]
         if isinstance(targets, (str, int, float)):
@@ -266,6 +275,33 @@ class DistillCompressEnv(gym.Env):
         self._probes[key] = Probe(required, acc, recipe_bits)
         return self._probes[key]
 
+    def recipe_val_acc(self, i: int, seed: int, budget: Budget) -> float:
+        """Val accuracy of the recipe (zero action) on this scenario, target and float student, with
+        a fixed training seed; computed once. The paired baseline of ``reward_baseline="recipe"``."""
+        key = (i, seed, budget)
+        if key not in self._baselines:
+            ctx = self.context(i)
+            fs, ref = self._float_student(i, seed)
+            p = self.probe(i, seed, budget)
+            sc = ctx.scenario
+            model = C.prepare_(copy.deepcopy(fs))
+            state = StudentState(model, ref, torch.Generator().manual_seed(0), ctx.make_hint(model))
+            S = sc.training["stages"]
+            late = max(1, S // 4)
+            try:
+                for k in range(1, S + 1):
+                    bits = p.recipe_bits if k > S - late else 8
+                    run_stage(ctx, state, Knobs(TAU0, ALPHA0, min(ramp(k, S, p.required[p.recipe_bits], EXPONENT0), 0.999), bits))
+                meter = self._meter(ctx, ref, budget)
+                if enforce_(state.model, meter, sc.knobs["sparsity"][1], sc.training["pruning_scope"]):
+                    from rltune.stage import measure
+
+                    state.history[-1] = measure(ctx, state)
+                self._baselines[key] = state.history[-1].val_acc
+            except DivergedError:
+                self._baselines[key] = ref.val_acc
+        return self._baselines[key]
+
     @staticmethod
     def _meter(ctx: Context, ref: Reference, budget: Budget) -> Meter:
         return Meter(budget, ctx.scenario.student, ctx.n_features, ctx.n_classes, ref.float_bytes, ref.energy_pj)
@@ -346,7 +382,10 @@ class DistillCompressEnv(gym.Env):
         self.last_metrics = m
         ref = self.state.ref
         if self.mode == "budget":
-            parts["reward_accuracy"] = self.reward_scale * (m.val_acc - ref.val_acc) if terminated else 0.0
+            base = ref.val_acc
+            if terminated and self.reward_baseline == "recipe":
+                base = self.recipe_val_acc(self.scenario_index, self.float_seed, self.budget)
+            parts["reward_accuracy"] = self.reward_scale * (m.val_acc - base) if terminated else 0.0
         else:  # each part is the scaled change of that part of the efficiency score
             score, score_parts = score_of(self.ctx, m, ref)
             for name, v in score_parts.items():

@@ -119,3 +119,13 @@ def test_impossible_target_is_a_clear_error():
     e = DistillCompressEnv(scenarios=[TINY], targets=["100000x"])
     with pytest.raises(RltuneError, match="cannot be met"):
         e.reset(seed=0)
+
+
+def test_recipe_baseline_pays_zero_for_the_zero_action_with_the_same_seed():
+    e = DistillCompressEnv(scenarios=[TINY], targets=["6x"], reward_baseline="recipe")
+    e.reset(seed=0)
+    base = e.recipe_val_acc(0, 0, e.budget)
+    e.torch_seed = 0
+    e.state.generator.manual_seed(0)  # the baseline's training seed: the same episode exactly
+    rewards = [e.step(np.zeros(5, dtype=np.float32))[1] for _ in range(e.stages)]
+    assert e.last_metrics.val_acc == base and rewards[-1] == 0.0
