@@ -56,3 +56,15 @@ def test_parallel_workers_give_the_same_cells(scenario, tmp_path):
     evaluate([scenario], ["6x"], ["recipe", "random"], [3], 2, tmp_path, workers=2, progress=False)
     rows = read_results(tmp_path / "results.jsonl")
     assert len(rows) == 4 and all(r["stages_used"] <= 3 for r in rows)
+
+
+def test_ray_backend_on_a_local_ray(scenario, tmp_path, monkeypatch):
+    ray = pytest.importorskip("ray")
+    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
+    try:
+        evaluate([scenario], ["6x"], ["recipe", "random"], [3], 2, tmp_path, backend="ray", progress=False)
+    finally:
+        ray.shutdown()
+    rows = read_results(tmp_path / "results.jsonl")
+    assert len(rows) == 4 and len({r["key"] for r in rows}) == 4
+    assert (tmp_path / "summary.json").exists()
