@@ -183,7 +183,8 @@ class BiasCompressor(nn.Module):
         return b + (q - b.detach())
 
 
-def _compressors(module: nn.Module) -> WeightCompressor | None:
+def weight_compressor(module: nn.Module) -> WeightCompressor | None:
+    """The compression parametrization on ``module.weight``, or None if it has none."""
     if not parametrize.is_parametrized(module, "weight"):
         return None
     for p in module.parametrizations["weight"]:
@@ -214,7 +215,7 @@ def prepare_(model: nn.Module) -> nn.Module:
     for module in model.modules():
         if isinstance(module, COMPRESSIBLE):
             found = True
-            if _compressors(module) is not None:
+            if weight_compressor(module) is not None:
                 continue
             wc = WeightCompressor(module.weight)
             parametrize.register_parametrization(module, "weight", wc)
@@ -229,7 +230,7 @@ def layers(model: nn.Module) -> list[Layer]:
     """The compressible layers of a prepared model, in module order."""
     out = []
     for name, module in model.named_modules():
-        wc = _compressors(module) if isinstance(module, COMPRESSIBLE) else None
+        wc = weight_compressor(module) if isinstance(module, COMPRESSIBLE) else None
         if wc is not None:
             out.append(Layer(name, module, wc))
     if not out:

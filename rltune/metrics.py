@@ -25,7 +25,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from rltune.compress import COMPRESSIBLE, BIAS_BITS, WeightCompressor
+from rltune.compress import BIAS_BITS, COMPRESSIBLE, weight_compressor
 
 # Energy per operation at 45 nm, 0.9 V, in picojoules.
 # Source: M. Horowitz, "Computing's energy problem (and what we can do about it)",
@@ -81,15 +81,6 @@ class LayerProfile:
         return self.bits < 32
 
 
-def _weight_compressor(module: nn.Module) -> WeightCompressor | None:
-    if not parametrize.is_parametrized(module, "weight"):
-        return None
-    for p in module.parametrizations["weight"]:
-        if isinstance(p, WeightCompressor):
-            return p
-    return None
-
-
 @torch.no_grad()
 def profile(model: nn.Module, in_features: int, as_float: bool = False) -> list[LayerProfile]:
     """Per-layer counts from one batch-1 forward pass on zeros of shape ``(1, in_features)``.
@@ -103,7 +94,7 @@ def profile(model: nn.Module, in_features: int, as_float: bool = False) -> list[
     def hook(module: nn.Module, inputs, output) -> None:
         w = module.weight  # the effective weight when parametrized
         out_dim = module.out_features if isinstance(module, nn.Linear) else module.out_channels
-        wc = _weight_compressor(module)
+        wc = weight_compressor(module)
         bits = 32 if (wc is None or as_float) else int(wc.bits)
         records.append(LayerProfile(
             name=names.get(module, ""),

@@ -19,7 +19,6 @@ given ``budget_stages`` runs ``budget_stages // S`` episodes and never more (``s
 
 from __future__ import annotations
 
-import copy
 import math
 import time
 from dataclasses import asdict, dataclass, field

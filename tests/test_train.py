@@ -1,10 +1,8 @@
 import json
 
-import numpy as np
 import pytest
 import yaml
 
-from rltune.agentfile import load_policy
 from rltune.cli import main
 from rltune.errors import RltuneError
 from rltune.pipeline import replay
