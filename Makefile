@@ -1,5 +1,6 @@
 # Two commands do all set-up on a fresh machine:
-#   make demo   - install, then compress a small built-in scenario and print the before/after table
+#   make demo   - install, then replay the shipped agent on a built-in scenario it was never trained
+#                 on (one episode, no search) and print the before/after table
 #   make test   - install, then run the test suite
 # torch is installed first, pinned to the CPU build on this machine's disk (a looser pin can pull
 # a multi-GB CUDA build).
@@ -19,7 +20,7 @@ $(BIN)/rltune: pyproject.toml
 install: $(BIN)/rltune
 
 demo: install
-	$(BIN)/rltune compress --scenario digits-mlp --sparsity 0.8 --bits 4
+	$(BIN)/rltune replay agents/ppo-v0 --scenario synthetic-10class --budget 16x
 
 test: install
 	$(BIN)/python -m pytest tests
