@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import math
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -373,11 +374,16 @@ class DistillCompressEnv(gym.Env):
             return self._obs(), float(sum(parts.values())), True, False, info
         enforced = False
         if terminated:
+            t0 = time.perf_counter()
             enforced = enforce_(self.state.model, self.meter, sc.knobs["sparsity"][1], sc.training["pruning_scope"])
             if enforced:
                 from rltune.stage import measure
 
-                m = measure(self.ctx, self.state, m.train_loss)
+                trained = m
+                m = measure(self.ctx, self.state, trained.train_loss)
+                extra = time.perf_counter() - t0  # pruning the excess is work outside training
+                m.seconds = trained.seconds + extra
+                m.seconds_outside_training = trained.seconds_outside_training + extra
                 self.state.history[-1] = m
         self.last_metrics = m
         ref = self.state.ref
