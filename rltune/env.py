@@ -21,7 +21,7 @@ from rltune.distill import TrainSet, predict, train_epochs
 from rltune.errors import DivergedError, RltuneError
 from rltune.metrics import accuracy
 from rltune.scenario import Scenario, load_scenario
-from rltune.stage import Knobs, Reference, StudentState, reference, run_stage, score_of
+from rltune.stage import Knobs, Reference, StudentState, recipe, reference, run_stage, score_of
 
 BITS = (2, 3, 4, 5, 6, 7, 8)
 TAU0, ALPHA0, EXPONENT0 = 4.0, 0.9, 3.0
@@ -287,12 +287,9 @@ class DistillCompressEnv(gym.Env):
             sc = ctx.scenario
             model = C.prepare_(copy.deepcopy(fs))
             state = StudentState(model, ref, torch.Generator().manual_seed(0), ctx.make_hint(model))
-            S = sc.training["stages"]
-            late = max(1, S // 4)
             try:
-                for k in range(1, S + 1):
-                    bits = p.recipe_bits if k > S - late else 8
-                    run_stage(ctx, state, Knobs(TAU0, ALPHA0, min(ramp(k, S, p.required[p.recipe_bits], EXPONENT0), 0.999), bits))
+                for knobs in recipe(sc.training["stages"], p.required[p.recipe_bits], p.recipe_bits):
+                    run_stage(ctx, state, knobs)
                 meter = self._meter(ctx, ref, budget)
                 if enforce_(state.model, meter, sc.knobs["sparsity"][1], sc.training["pruning_scope"]):
                     from rltune.stage import measure
