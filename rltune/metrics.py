@@ -137,6 +137,17 @@ def count_macs(model: nn.Module, in_features: int) -> dict[str, int]:
     }
 
 
+def costs(model: nn.Module, in_features: int, packed_bytes: int | None = None) -> dict[str, float]:
+    """:func:`count_macs` and :func:`energy_per_inference` together, from one profiling pass
+    (what a stage measures every time: one forward with hooks instead of two)."""
+    prof = profile(model, in_features)
+    return {
+        "dense_macs": sum(p.dense_macs for p in prof),
+        "nonzero_macs": sum(p.nonzero_macs for p in prof),
+        **_energy(prof, packed_bytes),
+    }
+
+
 def plain_copy(model: nn.Module) -> nn.Module:
     """A deep copy with every parametrization removed and the effective weights baked in, in eval mode.
 

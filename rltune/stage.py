@@ -28,7 +28,7 @@ from rltune.context import Context
 from rltune.distill import Hint, predict, train_epochs
 from rltune.errors import RltuneError
 from rltune.export import packed_size
-from rltune.metrics import accuracy, agreement, count_macs, energy_per_inference, float_energy, measure_latency
+from rltune.metrics import accuracy, agreement, costs, float_energy, measure_latency
 from rltune.score import efficiency_score
 
 
@@ -125,7 +125,7 @@ def measure(ctx: Context, state: StudentState, train_loss: float = math.nan) -> 
     model, d = state.model, ctx.data
     logits = predict(model, d.x_val)
     nbytes = packed_size(model, ctx.scenario.student, ctx.n_features, ctx.n_classes)
-    macs = count_macs(model, ctx.n_features)
+    cost = costs(model, ctx.n_features, packed_bytes=nbytes)
     return Metrics(
         val_acc=accuracy(logits, d.y_val),
         val_agreement=agreement(logits, ctx.logits["val"]),
@@ -133,9 +133,9 @@ def measure(ctx: Context, state: StudentState, train_loss: float = math.nan) -> 
         ratio=state.ref.float_bytes / nbytes,
         sparsity=C.weight_sparsity(model),
         bits=C.model_bits(model),
-        nonzero_macs=macs["nonzero_macs"],
-        dense_macs=macs["dense_macs"],
-        energy_pj=energy_per_inference(model, ctx.n_features, packed_bytes=nbytes)["energy_pj"],
+        nonzero_macs=cost["nonzero_macs"],
+        dense_macs=cost["dense_macs"],
+        energy_pj=cost["energy_pj"],
         train_loss=train_loss,
         seconds=0.0,
         seconds_outside_training=0.0,

@@ -252,3 +252,16 @@ def test_cost_model_fit_and_json_round_trip():
         CostModel.from_json('{"format": "something else"}')
     with pytest.raises(RltuneError):
         CostModel().fit(samples[:3])
+
+
+def test_costs_equals_macs_and_energy_from_one_pass():
+    from rltune.compress import prepare_, prune_, set_bits_
+    from rltune.metrics import costs, count_macs, energy_per_inference
+    from rltune.models import build_model
+
+    m = prepare_(build_model({"arch": "mlp", "hidden": [32]}, 40, 10))
+    prune_(m, sparsity=0.6)
+    set_bits_(m, 4)
+    c = costs(m, 40, packed_bytes=300)
+    assert {k: c[k] for k in ("dense_macs", "nonzero_macs")} == count_macs(m, 40)
+    assert c["energy_pj"] == energy_per_inference(m, 40, packed_bytes=300)["energy_pj"]
