@@ -400,11 +400,6 @@ def iter_params(model: nn.Module) -> Iterator[nn.Parameter]:
     return iter([p for p in model.parameters() if p.requires_grad])
 
 
-def nonzero_weights(model: nn.Module) -> int:
-    with torch.no_grad():
-        return sum(int((l.effective_weight != 0).sum()) for l in layers(model))
-
-
 def model_bits(model: nn.Module) -> float:
     """Mean bit-width over compressible weights (weighted by size)."""
     ls = layers(model)

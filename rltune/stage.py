@@ -15,6 +15,7 @@ split is never read here: :func:`final_report` reads it once, at the end.
 
 from __future__ import annotations
 
+import copy
 import math
 import time
 from dataclasses import asdict, dataclass, field
@@ -111,8 +112,6 @@ class StudentState:
 
 def start(ctx: Context, seed: int = 0, float_student: nn.Module | None = None) -> StudentState:
     """A fresh compressible copy of the float student, with its own seeded generator."""
-    import copy
-
     base = float_student if float_student is not None else ctx.float_student(seed)
     ref = reference(ctx, base)
     model = C.prepare_(copy.deepcopy(base))
