@@ -104,8 +104,9 @@ def evaluate(
     results = out / "results.jsonl"
     scenarios = list(scenarios)
     tuners = list(tuners)
-    if "ppo-replay" in tuners and not agent:
-        raise RltuneError("the ppo-replay tuner needs --agent")
+    for t in ("ppo-replay", "ppo-finetune"):
+        if t in tuners and not agent:
+            raise RltuneError(f"the {t} tuner needs --agent")
     per_target = targets if isinstance(targets, dict) else {s: list(targets) for s in scenarios}
     cells = [Cell(s, t, tu, seed, b) for s in scenarios for t in per_target[s] for tu in tuners
              for b in budgets for seed in range(seeds)]

@@ -15,6 +15,7 @@ given ``budget_stages`` runs ``budget_stages // S`` episodes and never more (``s
 | optuna-const   | Optuna TPE over constant knobs (τ, α, bits; the target's sparsity from stage 1)    |
 | optuna-tpe     | Optuna TPE over the schedule's parameters (the 5 action dimensions, held per episode) |
 | ppo-replay     | a trained policy, one deterministic episode, zero-shot                            |
+| ppo-finetune   | the trained policy fine-tuned by PPO on this cell for the budget, then replayed   |
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+import gymnasium as gym
 import numpy as np
 
 from rltune.env import ALPHA0, TAU0, DistillCompressEnv
@@ -209,7 +211,79 @@ def tune_ppo_replay(s: Session, agent_path: str | Path) -> None:
     s.play_actions(lambda obs, k: agent.predict(obs, deterministic=True), {"agent": str(agent_path)})
 
 
-TUNERS = ("recipe", "fixed-8bit", "adaptive-tau", "random", "optuna-const", "optuna-tpe", "ppo-replay")
+class CellEnv(gym.Env):
+    """A Session's cell as a Gymnasium env for SB3: every reset starts an episode of this scenario,
+    target and float student, and every finished episode is a candidate (best by val). A reset when
+    fewer than ``reserve + S`` stages are left runs nothing and sets ``exhausted``, so a callback can
+    stop learning before another stage is trained."""
+
+    def __init__(self, s: Session, reserve: int = 0):
+        self.s, self.reserve = s, reserve
+        self.observation_space = s.env.observation_space
+        self.action_space = s.env.action_space
+        self.exhausted = False
+        self.episodes = 0
+
+    def reset(self, *, seed=None, options=None):
+        super().reset(seed=seed)
+        s = self.s
+        if s.stages_used + s.stages_per_episode + self.reserve > s.budget_stages:
+            self.exhausted = True
+            return np.zeros(self.observation_space.shape, np.float32), {}
+        s._reset()
+        return s.env._obs(), {}
+
+    def step(self, action):
+        if self.exhausted:
+            raise RltuneError("ppo-finetune: the stage budget is spent")
+        obs, r, term, trunc, info = self.s.env.step(action)
+        if term or trunc:
+            self.episodes += 1
+            self.s._finish(info, {"finetune_episode": self.episodes})
+        return obs, r, term, trunc, info
+
+
+def tune_ppo_finetune(s: Session, agent_path: str | Path, episodes_per_update: int = 4) -> None:
+    """Fine-tune the agent with PPO on this one cell, ``episodes_per_update`` episodes per rollout,
+    keeping one episode of the budget for a last deterministic replay of the fine-tuned policy.
+    Every episode, exploratory or not, meets the target and is a candidate; the best by val wins.
+    The reward is the env's (accuracy at the target; with one scenario and target a baseline would
+    only shift it). Adam starts fresh; the other PPO hyperparameters are the agent's."""
+    from stable_baselines3.common.callbacks import BaseCallback
+    from stable_baselines3.common.vec_env import DummyVecEnv
+
+    from rltune.agentfile import load_ppo
+
+    S = s.stages_per_episode
+    cell = CellEnv(s, reserve=S)
+    if s.budget_stages >= 2 * S:
+        n_steps = episodes_per_update * S
+        model = load_ppo(agent_path, env=DummyVecEnv([lambda: cell]), n_steps=n_steps,
+                         batch_size=min(n_steps, 64), seed=s.seed, verbose=0)
+
+        class Stop(BaseCallback):
+            # stop when the budget is spent, unless this step completes a rollout: PPO then updates
+            # on it, and learn() ends there because num_timesteps has reached total_timesteps
+            def _on_step(self) -> bool:
+                return not cell.exhausted or self.locals["n_steps"] + 1 >= self.locals["n_rollout_steps"]
+
+        train_steps = (s.budget_stages - s.stages_used - S) // S * S
+        model.learn(total_timesteps=train_steps, callback=Stop(), progress_bar=False)
+        def act(obs, k):
+            a, _ = model.predict(obs, deterministic=True)
+            return a
+    else:  # no room to fine-tune: the zero-shot replay
+        from rltune.agentfile import load_policy
+
+        agent = load_policy(agent_path)
+
+        def act(obs, k):
+            return agent.predict(obs, deterministic=True)
+    s.play_actions(act, {"agent": str(agent_path), "finetuned_episodes": cell.episodes})
+
+
+TUNERS = ("recipe", "fixed-8bit", "adaptive-tau", "random", "optuna-const", "optuna-tpe", "ppo-replay",
+          "ppo-finetune")
 
 
 def run_tuner(name: str, env: DistillCompressEnv, scenario: int, target: str, seed: int, budget_stages: int,
@@ -229,10 +303,10 @@ def run_tuner(name: str, env: DistillCompressEnv, scenario: int, target: str, se
         tune_optuna_const(s, storage)
     elif name == "optuna-tpe":
         tune_optuna_schedule(s, storage)
-    elif name == "ppo-replay":
+    elif name in ("ppo-replay", "ppo-finetune"):
         if agent is None:
-            raise RltuneError("ppo-replay needs an agent (--agent)")
-        tune_ppo_replay(s, agent)
+            raise RltuneError(f"{name} needs an agent (--agent)")
+        (tune_ppo_replay if name == "ppo-replay" else tune_ppo_finetune)(s, agent)
     else:
         raise RltuneError(f"unknown tuner {name!r} (expected one of {', '.join(TUNERS)})")
     assert s.stages_used <= budget_stages

@@ -18,7 +18,7 @@ def env():
     return DistillCompressEnv(scenarios=[TINY], targets=["6x"])
 
 
-@pytest.mark.parametrize("tuner", [t for t in TUNERS if t != "ppo-replay"])
+@pytest.mark.parametrize("tuner", [t for t in TUNERS if not t.startswith("ppo-")])
 @pytest.mark.parametrize("budget", [3, 8])
 def test_every_tuner_respects_its_stage_budget(env, tuner, budget):
     counted = []
@@ -50,3 +50,46 @@ def test_reported_score_is_the_env_efficiency_score():
     # score of the final student, which is what the tuner reports
     assert r.val_score == pytest.approx(trade.last_score)
     assert r.val_score != 0.0
+
+
+@pytest.fixture(scope="module")
+def agent(env, tmp_path_factory):
+    from stable_baselines3 import PPO
+
+    from rltune.agentfile import save_agent
+    from rltune.env import ACTION_LAYOUT, OBS_LAYOUT
+
+    model = PPO("MlpPolicy", env, policy_kwargs={"net_arch": [8]}, n_steps=16, batch_size=16, seed=0)
+    return save_agent(model, tmp_path_factory.mktemp("agent") / "a", OBS_LAYOUT, ACTION_LAYOUT,
+                      {"scenarios": ["tiny"]})
+
+
+@pytest.mark.parametrize("tuner", ["ppo-replay", "ppo-finetune"])
+@pytest.mark.parametrize("budget,used", [(3, 3), (8, 6), (15, 15)])
+def test_ppo_tuners_respect_their_stage_budget(env, agent, tuner, budget, used):
+    counted = []
+    real = env.advance
+
+    def counting(*a, **k):
+        counted.append(1)
+        return real(*a, **k)
+
+    env.advance = counting
+    try:
+        r = run_tuner(tuner, env, 0, "6x", 0, budget, agent=agent)
+    finally:
+        del env.advance
+    assert len(counted) == r.stages_used == (3 if tuner == "ppo-replay" else used)
+    assert r.test["ratio"] >= 6.0
+
+
+def test_ppo_finetune_updates_the_policy_on_a_full_rollout(env, agent, monkeypatch):
+    # 15 stages: 4 fine-tuning episodes (one rollout of 4 x 3 steps, then a PPO update) + the replay
+    from stable_baselines3 import PPO
+
+    updates = []
+    real = PPO.train
+    monkeypatch.setattr(PPO, "train", lambda self: (updates.append(1), real(self))[1])
+    r = run_tuner("ppo-finetune", env, 0, "6x", 0, 15, agent=agent)
+    assert updates == [1]
+    assert r.episodes == 5
