@@ -123,6 +123,12 @@ def evaluate(
     done = {r["key"] for r in finished_rows}
     todo = [c for c in cells if c.key not in done]
     storage = f"sqlite:///{(out / 'optuna.db').resolve()}"
+    if todo and any(t.startswith("optuna") for t in tuners):
+        # create the schema here, once: workers creating a new SQLite file at the same moment race
+        # on its version table (sqlite3.IntegrityError on alembic_version)
+        import optuna
+
+        optuna.storages.RDBStorage(storage)
     meta_path = out / "evaluation.json"
     runs = json.loads(meta_path.read_text()).get("runs", []) if meta_path.exists() else []
     this = {"command": " ".join(sys.argv), "scenarios": scenarios, "targets": per_target, "tuners": tuners,
