@@ -121,7 +121,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
             targets[name] = ts.split(",")
         args.scenarios = list(targets)
     out = evaluate(args.scenarios, targets, args.tuners, args.budget, args.seeds, args.out, agent=args.agent,
-                   workers=args.workers, backend=args.backend, address=args.address, progress=not args.no_progress)
+                   workers=args.workers, backend=args.backend, address=args.address, progress=not args.no_progress,
+                   trial_workers=args.trial_workers, storage=args.storage)
     print((out / "benchmark.md").read_text())
     print(f"results: {out / 'results.jsonl'}; summary: {out / 'summary.json'}")
     return 0
@@ -181,6 +182,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--workers", type=int, default=2, help="parallel processes")
     e.add_argument("--backend", choices=["process", "ray"], default="process")
     e.add_argument("--address", help="an existing Ray cluster to join (default: start Ray locally)")
+    e.add_argument("--trial-workers", type=int, default=1,
+                   help="split each Optuna cell's trials over this many workers sharing one study")
+    e.add_argument("--storage", help="Optuna storage URL shared by the workers (default: SQLite in --out)")
     e.add_argument("--out", default="runs/evaluate")
     e.add_argument("--no-progress", action="store_true")
     e.set_defaults(func=cmd_evaluate)

@@ -34,10 +34,22 @@ class Cell:
     tuner: str
     seed: int
     budget_stages: int
+    part: int = 0  # an Optuna cell split over `parts` workers sharing one study
+    parts: int = 1
 
     @property
     def key(self) -> str:
-        return f"{self.scenario}|{self.target}|{self.tuner}|{self.seed}|{self.budget_stages}"
+        key = f"{self.scenario}|{self.target}|{self.tuner}|{self.seed}|{self.budget_stages}"
+        return key if self.parts == 1 else f"{key}|part{self.part}of{self.parts}"
+
+    @property
+    def whole(self) -> "Cell":
+        return Cell(self.scenario, self.target, self.tuner, self.seed, self.budget_stages)
+
+
+def split_episodes(episodes: int, parts: int, part: int) -> int:
+    """Episodes of part ``part`` when ``episodes`` are split as evenly as possible over ``parts``."""
+    return episodes // parts + (1 if part < episodes % parts else 0)
 
 
 def run_cell(cell: Cell, agent: str | None = None, storage: str | None = None) -> dict[str, Any]:
@@ -53,10 +65,18 @@ def run_cell(cell: Cell, agent: str | None = None, storage: str | None = None) -
     if key not in _ENVS:
         _ENVS[key] = DistillCompressEnv(scenarios=[str(resolve_scenario(cell.scenario))], targets=[cell.target])
     env = _ENVS[key]
-    r = run_tuner(cell.tuner, env, 0, cell.target, cell.seed, cell.budget_stages, agent=agent, storage=storage)
+    if cell.parts > 1:  # one part of a study shared through the storage, its own sampler seed
+        S = env.scenarios[0].training["stages"]
+        episodes = cell.budget_stages // S
+        r = run_tuner(cell.tuner, env, 0, cell.target, cell.seed, S * split_episodes(episodes, cell.parts, cell.part),
+                      storage=storage, sampler_seed=cell.seed * 1000 + cell.part + 1, study_episodes=episodes)
+    else:
+        r = run_tuner(cell.tuner, env, 0, cell.target, cell.seed, cell.budget_stages, agent=agent, storage=storage)
     out = r.to_dict()
     out["scenario"] = cell.scenario
     out["key"] = cell.key
+    if cell.parts > 1:
+        out.update(part=cell.part, parts=cell.parts)
     trained_on: list[str] = []
     if agent:
         from rltune.agentfile import load_policy
@@ -64,6 +84,18 @@ def run_cell(cell: Cell, agent: str | None = None, storage: str | None = None) -
         trained_on = [Path(s).stem for s in load_policy(agent).meta.get("training", {}).get("scenarios", [])]
     out["in_agent_training_set"] = Path(cell.scenario).stem in trained_on
     return out
+
+
+def merge_parts(cell: Cell, rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """The cell's result from its parts: the best student by val (the score in trade-off mode is
+    not stored per part, so val accuracy decides, as in budget mode); stages and episodes summed."""
+    best = max(rows, key=lambda r: r["val_acc"])
+    return {**{k: v for k, v in best.items() if k not in ("part", "parts")},
+            "key": cell.key, "budget_stages": cell.budget_stages,
+            "stages_used": sum(r["stages_used"] for r in rows), "episodes": sum(r["episodes"] for r in rows),
+            "episode_val_accs": [a for r in sorted(rows, key=lambda r: r["part"]) for a in r["episode_val_accs"]],
+            "seconds": max(r["seconds"] for r in rows), "trial_workers": len(rows),
+            "config": {**best["config"], "best_part": best["part"]}}
 
 
 def read_results(path: Path) -> list[dict[str, Any]]:
@@ -97,8 +129,17 @@ def evaluate(
     backend: str = "process",
     address: str | None = None,
     progress: bool = True,
+    trial_workers: int = 1,
+    storage: str | None = None,
 ) -> Path:
-    """Run every missing cell, then write the summary, tables and plots. Returns ``out_dir``."""
+    """Run every missing cell, then write the summary, tables and plots. Returns ``out_dir``.
+
+    ``trial_workers`` > 1 splits each Optuna cell's episodes over that many tasks that share one
+    study through ``storage`` (default: SQLite in ``out_dir``; give a server URL such as
+    ``postgresql://...`` when the tasks run on several machines); the cell's result is the best of
+    its parts by val, and its stage count their sum."""
+    if trial_workers < 1:
+        raise RltuneError(f"trial_workers must be at least 1, got {trial_workers}")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     results = out / "results.jsonl"
@@ -113,6 +154,19 @@ def evaluate(
     # a one-episode tuner's result does not depend on the budget: run it once, at the smallest
     smallest = min(budgets)
     cells = [c for c in cells if c.tuner not in ONE_EPISODE or c.budget_stages == smallest]
+    if trial_workers > 1:
+        from rltune.cli import resolve_scenario
+        from rltune.scenario import load_scenario
+
+        stages = {s: load_scenario(resolve_scenario(s)).training["stages"] for s in scenarios}
+        split = []
+        for c in cells:
+            parts = min(trial_workers, c.budget_stages // stages[c.scenario])
+            if c.tuner.startswith("optuna") and parts > 1:
+                split += [Cell(c.scenario, c.target, c.tuner, c.seed, c.budget_stages, p, parts) for p in range(parts)]
+            else:
+                split.append(c)
+        cells = split
     finished_rows = read_results(results)
     if results.exists():  # drop a line an interruption cut short, so appends start on a clean line
         clean = "".join(json.dumps(r) + "\n" for r in finished_rows)
@@ -122,8 +176,8 @@ def evaluate(
             os.replace(tmp, results)
     done = {r["key"] for r in finished_rows}
     todo = [c for c in cells if c.key not in done]
-    storage = f"sqlite:///{(out / 'optuna.db').resolve()}"
-    if todo and any(t.startswith("optuna") for t in tuners):
+    storage = storage or f"sqlite:///{(out / 'optuna.db').resolve()}"
+    if todo and any(t.startswith("optuna") for t in tuners) and storage.startswith("sqlite"):
         # create the schema here, once: workers creating a new SQLite file at the same moment race
         # on its version table (sqlite3.IntegrityError on alembic_version)
         import optuna
@@ -133,6 +187,8 @@ def evaluate(
     runs = json.loads(meta_path.read_text()).get("runs", []) if meta_path.exists() else []
     this = {"command": " ".join(sys.argv), "scenarios": scenarios, "targets": per_target, "tuners": tuners,
             "budgets": list(budgets), "seeds": seeds, "agent": agent}
+    if trial_workers > 1:
+        this["trial_workers"] = trial_workers
     if this not in runs:  # several invocations may fill one folder; each is recorded
         runs.append(this)
     meta_path.write_text(json.dumps({"runs": runs}, indent=1))
@@ -142,9 +198,28 @@ def evaluate(
 
         bar = tqdm(total=len(cells), initial=len(cells) - len(todo), desc="cells", file=sys.stderr)
     best: dict[str, float] = {}
+    parts_of: dict[str, list[Cell]] = {}
+    whole_of: dict[str, Cell] = {}
+    for c in cells:
+        if c.parts > 1:
+            parts_of.setdefault(c.whole.key, []).append(c)
+            whole_of[c.key] = c.whole
+    part_rows: dict[str, dict[str, Any]] = {r["key"]: r for r in finished_rows if "part" in r}
+
+    def merge_if_complete(whole: Cell) -> None:
+        rows = [part_rows.get(c.key) for c in parts_of[whole.key]]
+        if whole.key not in done and all(rows):
+            done.add(whole.key)
+            _append(results, merge_parts(whole, rows))
+
+    for cs in parts_of.values():  # parts finished before an interruption
+        merge_if_complete(cs[0].whole)
 
     def finished(row: dict[str, Any]) -> None:
         _append(results, row)
+        if "part" in row:
+            part_rows[row["key"]] = row
+            merge_if_complete(whole_of[row["key"]])
         k = f"{row['scenario']}@{row['target']}"
         best[k] = max(best.get(k, -1.0), row["test"]["test_acc"])
         if bar:
@@ -239,7 +314,7 @@ def to_markdown(summary: list[dict[str, Any]], meta: dict[str, Any]) -> str:
 
 
 def write_summary(out: Path) -> list[dict[str, Any]]:
-    rows = read_results(out / "results.jsonl")
+    rows = [r for r in read_results(out / "results.jsonl") if "part" not in r]  # parts are merged
     meta = json.loads((out / "evaluation.json").read_text()) if (out / "evaluation.json").exists() else {}
     summary = summarize(rows)
     (out / "summary.json").write_text(json.dumps(summary, indent=1))

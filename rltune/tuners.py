@@ -167,20 +167,25 @@ def tune_random(s: Session) -> None:
                        {"random": True})
 
 
-def _optuna_study(s: Session, name: str, storage: str | None):
+def _optuna_study(s: Session, name: str, storage: str | None, sampler_seed: int | None = None,
+                  study_episodes: int | None = None):
+    """The cell's study. Several processes may share it (same storage, same name), each with its own
+    ``sampler_seed``; ``study_episodes`` is the whole study's episode budget (sets the random start)."""
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    sampler = optuna.samplers.TPESampler(seed=s.seed, n_startup_trials=min(8, max(1, s.budget_stages // s.stages_per_episode // 4)))
+    episodes = study_episodes or s.budget_stages // s.stages_per_episode
+    sampler = optuna.samplers.TPESampler(seed=s.seed if sampler_seed is None else sampler_seed,
+                                         n_startup_trials=min(8, max(1, episodes // 4)))
     study_name = f"{name}-{s.env.scenarios[s.scenario].name}-{s.target}-{s.seed}"
     return optuna.create_study(direction="maximize", sampler=sampler, storage=storage,
                                study_name=study_name, load_if_exists=storage is not None)
 
 
-def tune_optuna_const(s: Session, storage: str | None = None) -> None:
+def tune_optuna_const(s: Session, storage: str | None = None, **study: Any) -> None:
     """Constant knobs for every stage: τ, α and the bits; the target's sparsity from stage 1."""
     sc = s.env.scenarios[s.scenario]
-    study = _optuna_study(s, "optuna-const", storage)
+    study = _optuna_study(s, "optuna-const", storage, **study)
     S = s.stages_per_episode
     while s.can_run():
         trial = study.ask()
@@ -192,11 +197,11 @@ def tune_optuna_const(s: Session, storage: str | None = None) -> None:
         study.tell(trial, value)
 
 
-def tune_optuna_schedule(s: Session, storage: str | None = None) -> None:
+def tune_optuna_schedule(s: Session, storage: str | None = None, **study: Any) -> None:
     """The schedule's parameters: the 5 action dimensions (bits, ramp shape, τ, α, when bits drop)."""
     from rltune.env import ACTION_LAYOUT
 
-    study = _optuna_study(s, "optuna-tpe", storage)
+    study = _optuna_study(s, "optuna-tpe", storage, **study)
     while s.can_run():
         trial = study.ask()
         a = np.array([trial.suggest_float(n, -1.0, 1.0) for n in ACTION_LAYOUT], np.float32)
@@ -287,8 +292,12 @@ TUNERS = ("recipe", "fixed-8bit", "adaptive-tau", "random", "optuna-const", "opt
 
 
 def run_tuner(name: str, env: DistillCompressEnv, scenario: int, target: str, seed: int, budget_stages: int,
-              agent: str | Path | None = None, storage: str | None = None) -> TuneResult:
-    """Run one tuner on one cell; every tuner stays within ``budget_stages`` stages of training."""
+              agent: str | Path | None = None, storage: str | None = None, sampler_seed: int | None = None,
+              study_episodes: int | None = None) -> TuneResult:
+    """Run one tuner on one cell; every tuner stays within ``budget_stages`` stages of training.
+
+    ``sampler_seed`` and ``study_episodes`` let several processes share one Optuna study (a part of
+    the cell's budget each, the storage shared); see :func:`rltune.harness.evaluate`."""
     s = Session(env, scenario, target, seed, budget_stages)
     t0 = time.perf_counter()
     if name == "recipe":
@@ -300,9 +309,9 @@ def run_tuner(name: str, env: DistillCompressEnv, scenario: int, target: str, se
     elif name == "random":
         tune_random(s)
     elif name == "optuna-const":
-        tune_optuna_const(s, storage)
+        tune_optuna_const(s, storage, sampler_seed=sampler_seed, study_episodes=study_episodes)
     elif name == "optuna-tpe":
-        tune_optuna_schedule(s, storage)
+        tune_optuna_schedule(s, storage, sampler_seed=sampler_seed, study_episodes=study_episodes)
     elif name in ("ppo-replay", "ppo-finetune"):
         if agent is None:
             raise RltuneError(f"{name} needs an agent (--agent)")

@@ -68,3 +68,44 @@ def test_ray_backend_on_a_local_ray(scenario, tmp_path, monkeypatch):
     rows = read_results(tmp_path / "results.jsonl")
     assert len(rows) == 4 and len({r["key"] for r in rows}) == 4
     assert (tmp_path / "summary.json").exists()
+
+
+def _trials(db, name):
+    import optuna
+
+    return len(optuna.load_study(study_name=name, storage=f"sqlite:///{db}").trials)
+
+
+@pytest.mark.parametrize("backend", ["process", "ray"])
+def test_optuna_trials_of_one_study_run_on_several_workers(scenario, tmp_path, monkeypatch, backend):
+    if backend == "ray":
+        ray = pytest.importorskip("ray")
+        monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
+    try:
+        # 5 episodes of 3 stages, split 3 + 2 over two workers sharing one SQLite study
+        evaluate([scenario], ["6x"], ["optuna-tpe"], [15], 1, tmp_path, workers=2, backend=backend,
+                 trial_workers=2, progress=False)
+    finally:
+        if backend == "ray":
+            ray.shutdown()
+    rows = read_results(tmp_path / "results.jsonl")
+    parts = sorted((r for r in rows if "part" in r), key=lambda r: r["part"])
+    merged = [r for r in rows if "part" not in r]
+    assert [p["episodes"] for p in parts] == [3, 2] and len(merged) == 1
+    m = merged[0]
+    assert m["stages_used"] == 15 and m["episodes"] == 5 and m["budget_stages"] == 15
+    assert m["val_acc"] == max(p["val_acc"] for p in parts)
+    assert _trials(tmp_path / "optuna.db", f"optuna-tpe-tiny-h-6x-0") == 5  # one study holds every trial
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert len(summary) == 1 and summary[0]["episodes"] == 5
+
+
+def test_parts_finished_before_an_interruption_are_merged_on_resume(scenario, tmp_path, monkeypatch):
+    evaluate([scenario], ["6x"], ["optuna-const"], [6], 1, tmp_path, trial_workers=2, progress=False)
+    lines = (tmp_path / "results.jsonl").read_text().splitlines()
+    assert len(lines) == 3  # two parts, then the merged cell
+    (tmp_path / "results.jsonl").write_text("\n".join(lines[:2]) + "\n")  # interrupted before the merge
+    monkeypatch.setattr(H, "run_cell", lambda *a, **k: pytest.fail("a finished part was rerun"))
+    evaluate([scenario], ["6x"], ["optuna-const"], [6], 1, tmp_path, trial_workers=2, progress=False)
+    rows = read_results(tmp_path / "results.jsonl")
+    assert len(rows) == 3 and json.loads(lines[2]) == rows[2]
