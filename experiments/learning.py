@@ -3,7 +3,8 @@
 For every scenario the agents were trained on and every target, on the test split:
 
 - each trained agent (several PPO training seeds), one deterministic episode per evaluation seed;
-- the zero action (the recipe), one episode;
+- the zero action (the recipe), one episode; and the recipe one bit above the probe's pick
+  (``recipe-plus1``: the cheap rule experiments/recipe_bits.py found best), one episode;
 - random actions, one episode;
 - the best constant setting and the best schedule found by Optuna TPE with ``--trials`` episodes
   (``optuna-const``, ``optuna-tpe``), best by val, reported on test.
@@ -51,11 +52,12 @@ def aggregate(out: Path, agents: list[str], scenarios: list[str], targets: list[
     for sc in scenarios:
         for t in targets:
             recipe = _by_seed(base, sc, t, "recipe")
+            plus1 = _by_seed(base, sc, t, "recipe-plus1")
             row = {"scenario": sc, "target": t, "n_seeds": len(recipe)}
-            for tuner in ("recipe", "random", "optuna-const", "optuna-tpe"):
+            for tuner in ("recipe", "recipe-plus1", "random", "optuna-const", "optuna-tpe"):
                 m, s = _ms(list(_by_seed(base, sc, t, tuner).values()))
                 row[tuner] = {"test_acc_mean": m, "test_acc_std": s}
-            agent_means, pooled, diffs = [], [], []
+            agent_means, pooled, diffs, diffs1 = [], [], [], []
             row["agents"] = {}
             for a in agents:
                 acc = _by_seed(per_agent[a], sc, t, "ppo-replay")
@@ -65,6 +67,7 @@ def aggregate(out: Path, agents: list[str], scenarios: list[str], targets: list[
                     agent_means.append(m)
                 pooled += list(acc.values())
                 diffs += [acc[k] - recipe[k] for k in acc if k in recipe]
+                diffs1 += [acc[k] - plus1[k] for k in acc if k in plus1]
             m_agents, s_agents = _ms(agent_means)
             m_pool, s_pool = _ms(pooled)
             d_m, d_s = _ms(diffs)
@@ -76,10 +79,14 @@ def aggregate(out: Path, agents: list[str], scenarios: list[str], targets: list[
                 "in_recipe_std": d_m / r_std if d_m is not None and r_std else None,
                 "in_paired_std": d_m / d_s if d_m is not None and d_s else None,
             }
+            d1_m, d1_s = _ms(diffs1)
+            row["ppo_minus_recipe_plus1"] = {"mean": d1_m, "std_paired": d1_s, "n_pairs": len(diffs1)}
             cells.append(row)
     all_diffs_m = [c["ppo_minus_recipe"]["mean"] for c in cells if c["ppo_minus_recipe"]["mean"] is not None]
+    plus1_m = [c["ppo_minus_recipe_plus1"]["mean"] for c in cells if c["ppo_minus_recipe_plus1"]["mean"] is not None]
     summary = {
         "mean_ppo_minus_recipe": statistics.fmean(all_diffs_m) if all_diffs_m else None,
+        "mean_ppo_minus_recipe_plus1": statistics.fmean(plus1_m) if plus1_m else None,
         "cells_beating_recipe_by_2_recipe_std": sum(1 for c in cells if (c["ppo_minus_recipe"]["in_recipe_std"] or 0) > 2),
         "cells": len(cells),
     }
@@ -94,19 +101,21 @@ def to_markdown(res: dict, command: str) -> str:
              "agents (PPO training seeds) × the evaluation seeds, one deterministic episode each, pooled; "
              "baselines: one result per evaluation seed. Δ: PPO − recipe, paired by evaluation seed, "
              "and Δ in units of the recipe's std over seeds.", "",
-             "| scenario @ target | PPO | recipe | random actions | Optuna const | Optuna schedule | Δ (pt) | Δ / recipe std | per agent |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "| scenario @ target | PPO | recipe | recipe +1 bit | random actions | Optuna const | Optuna schedule | Δ (pt) | Δ / recipe std | per agent |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for c in res["cells"]:
         d = c["ppo_minus_recipe"]
         per = ", ".join("–" if v["test_acc_mean"] is None else f"{100 * v['test_acc_mean']:.2f}" for v in c["agents"].values())
         dd = "–" if d["mean"] is None else f"{100 * d['mean']:+.2f} ± {100 * d['std_paired']:.2f}"
         ds = "–" if d["in_recipe_std"] is None else f"{d['in_recipe_std']:+.1f}"
-        lines.append(f"| {c['scenario']} @ {c['target']} | {f(c['ppo'])} | {f(c['recipe'])} | {f(c['random'])} | "
+        lines.append(f"| {c['scenario']} @ {c['target']} | {f(c['ppo'])} | {f(c['recipe'])} | {f(c['recipe-plus1'])} | {f(c['random'])} | "
                      f"{f(c['optuna-const'])} | {f(c['optuna-tpe'])} | {dd} | {ds} | {per} |")
     s = res["summary"]
     m = s["mean_ppo_minus_recipe"]
+    m1 = s["mean_ppo_minus_recipe_plus1"]
     lines += ["", f"Mean Δ over cells: {'–' if m is None else f'{100 * m:+.2f} pt'}; cells where PPO beats the recipe "
-              f"by more than 2 recipe std: {s['cells_beating_recipe_by_2_recipe_std']} of {s['cells']}.", ""]
+              f"by more than 2 recipe std: {s['cells_beating_recipe_by_2_recipe_std']} of {s['cells']}. "
+              f"Mean PPO − (recipe +1 bit): {'–' if m1 is None else f'{100 * m1:+.2f} pt'}.", ""]
     return "\n".join(lines)
 
 
@@ -132,7 +141,7 @@ def main(argv=None) -> int:
     if not args.render:
         for sc in scenarios:
             S = load_scenario(resolve_scenario(sc)).training["stages"]
-            evaluate([sc], args.targets, ["recipe", "random"], [S], args.seeds, out / "baselines",
+            evaluate([sc], args.targets, ["recipe", "recipe-plus1", "random"], [S], args.seeds, out / "baselines",
                      workers=args.workers, progress=False)
             evaluate([sc], args.targets, ["optuna-const", "optuna-tpe"], [args.trials * S], args.seeds,
                      out / "baselines", workers=args.workers, progress=False)

@@ -24,7 +24,7 @@ from typing import Any, Iterable
 from rltune.errors import RltuneError
 
 _ENVS: dict[tuple, Any] = {}
-ONE_EPISODE = ("recipe", "fixed-8bit", "adaptive-tau", "ppo-replay")
+ONE_EPISODE = ("recipe", "recipe-plus1", "fixed-8bit", "adaptive-tau", "ppo-replay")
 
 
 @dataclass(frozen=True)

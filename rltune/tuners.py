@@ -9,6 +9,7 @@ given ``budget_stages`` runs ``budget_stages // S`` episodes and never more (``s
 | name           | what it does                                                                     |
 |----------------|----------------------------------------------------------------------------------|
 | recipe         | the zero action: cubic ramp, 8 bits then the probe's bits late, τ 4, α 0.9 (1 episode) |
+| recipe-plus1   | the recipe with one bit more than the probe's pick (a cheap rule; 1 episode)     |
 | fixed-8bit     | what a practitioner would do: τ 4, α 0.9, cubic ramp, 8 bits throughout (1 episode) |
 | adaptive-tau   | the recipe's ramp and bits; τ from 8, halved whenever val accuracy stalls (1 episode) |
 | random         | uniformly random actions at every step, best episode by val                       |
@@ -138,6 +139,14 @@ def tune_recipe(s: Session, bits8: bool = False) -> None:
                      {"bits": 8}, late_stages=S)
     else:
         s.play_actions(lambda obs, k: np.zeros(s.env.action_space.shape, np.float32), {"action": [0.0] * 5})
+
+
+def tune_recipe_plus1(s: Session) -> None:
+    """The recipe at one bit more than the probe's pick (the nearest feasible bit-width): the cheap
+    rule that experiments/recipe_bits.py found best on the training scenarios."""
+    a = np.zeros(s.env.action_space.shape, np.float32)
+    a[0] = 0.5  # decode_action: final bits = recipe bits + round(2 * 0.5)
+    s.play_actions(lambda obs, k: a if k == 0 else np.zeros_like(a), {"action": a.tolist()})
 
 
 def tune_adaptive_tau(s: Session, start: float = 8.0, decay: float = 0.5, floor: float = 1.0) -> None:
@@ -287,7 +296,7 @@ def tune_ppo_finetune(s: Session, agent_path: str | Path, episodes_per_update: i
     s.play_actions(act, {"agent": str(agent_path), "finetuned_episodes": cell.episodes})
 
 
-TUNERS = ("recipe", "fixed-8bit", "adaptive-tau", "random", "optuna-const", "optuna-tpe", "ppo-replay",
+TUNERS = ("recipe", "recipe-plus1", "fixed-8bit", "adaptive-tau", "random", "optuna-const", "optuna-tpe", "ppo-replay",
           "ppo-finetune")
 
 
@@ -302,6 +311,8 @@ def run_tuner(name: str, env: DistillCompressEnv, scenario: int, target: str, se
     t0 = time.perf_counter()
     if name == "recipe":
         tune_recipe(s)
+    elif name == "recipe-plus1":
+        tune_recipe_plus1(s)
     elif name == "fixed-8bit":
         tune_recipe(s, bits8=True)
     elif name == "adaptive-tau":

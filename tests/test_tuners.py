@@ -34,7 +34,7 @@ def test_every_tuner_respects_its_stage_budget(env, tuner, budget):
     finally:
         del env.advance
     assert len(counted) == r.stages_used <= budget
-    assert r.stages_used == (3 if tuner in ("recipe", "fixed-8bit", "adaptive-tau") else 3 * (budget // 3))
+    assert r.stages_used == (3 if tuner in ("recipe", "recipe-plus1", "fixed-8bit", "adaptive-tau") else 3 * (budget // 3))
     assert r.test["ratio"] >= 6.0  # the target is met whatever the tuner chose
 
 
@@ -93,3 +93,10 @@ def test_ppo_finetune_updates_the_policy_on_a_full_rollout(env, agent, monkeypat
     r = run_tuner("ppo-finetune", env, 0, "6x", 0, 15, agent=agent)
     assert updates == [1]
     assert r.episodes == 5
+
+
+def test_recipe_plus1_keeps_one_bit_more_than_the_probe(env):
+    r = run_tuner("recipe-plus1", env, 0, "6x", 0, 3)
+    p = env.probe_result
+    feasible = [b for b, s in p.required.items() if s is not None]
+    assert r.test["bits"] == pytest.approx(min(p.recipe_bits + 1, max(feasible)))
