@@ -313,12 +313,47 @@ def to_markdown(summary: list[dict[str, Any]], meta: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def compact_table(summary: list[dict[str, Any]]) -> str:
+    """One table for a README: a row per tuner, a column per scenario @ target, test accuracy (%)
+    mean ± std; the best of each column in bold; (h) marks scenarios held out from the agent."""
+    cols = sorted({(r["scenario"], r["target"]) for r in summary},
+                  key=lambda c: (c[0], float(c[1].rstrip("xX")) if c[1].rstrip("xX").replace(".", "").isdigit() else 0))
+    held = {c: not any(r["in_agent_training_set"] for r in summary if (r["scenario"], r["target"]) == c) for c in cols}
+    tuners: dict[tuple, dict] = {}
+    for r in summary:
+        tuners.setdefault((r["tuner"], r["budget_stages"]), {})[(r["scenario"], r["target"])] = r
+    top = {c: max(r["test_acc_mean"] for r in summary if (r["scenario"], r["target"]) == c) for c in cols}
+    head = " | ".join(f"{Path(sc).stem} @ {t}{' (h)' if held[(sc, t)] else ''}" for sc, t in cols)
+    lines = [f"| tuner (episodes) | {head} |", "|---" * (len(cols) + 1) + "|"]
+
+    def order(item):
+        rs = item[1].values()
+        return -statistics.fmean(r["test_acc_mean"] for r in rs)
+
+    for (tuner, _), rs in sorted(tuners.items(), key=order):
+        eps = max(r["episodes"] for r in rs.values())
+        cells = []
+        for c in cols:
+            r = rs.get(c)
+            if r is None:
+                cells.append("–")
+                continue
+            v = f"{100 * r['test_acc_mean']:.2f} ± {100 * r['test_acc_std']:.2f}"
+            cells.append(f"**{v}**" if r["test_acc_mean"] == top[c] else v)
+        lines.append(f"| {tuner} ({eps:.0f}) | " + " | ".join(cells) + " |")
+    n = sorted({r["n_seeds"] for r in summary})
+    lines.append("")
+    lines.append(f"Test accuracy (%), mean ± std over {'/'.join(map(str, n))} seeds; (h): held out from the agent's training.")
+    return "\n".join(lines) + "\n"
+
+
 def write_summary(out: Path) -> list[dict[str, Any]]:
     rows = [r for r in read_results(out / "results.jsonl") if "part" not in r]  # parts are merged
     meta = json.loads((out / "evaluation.json").read_text()) if (out / "evaluation.json").exists() else {}
     summary = summarize(rows)
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
     (out / "benchmark.md").write_text(to_markdown(summary, meta))
+    (out / "table.md").write_text(compact_table(summary))
     _plots(rows, summary, out)
     return summary
 

@@ -31,6 +31,8 @@ def test_tiny_evaluation_writes_summary_tables_and_plots(scenario, tmp_path):
     assert all(s["n_seeds"] == 2 for s in summary)
     md = (out / "benchmark.md").read_text()
     assert "| tuner |" in md and "**" in md and "n seeds" in md
+    table = (out / "table.md").read_text().splitlines()
+    assert table[0] == "| tuner (episodes) | tiny-h @ 6x (h) |" and len(table) == 2 + 3 + 2  # a row per tuner x budget
     assert (out / "pareto_tiny-h.png").stat().st_size > 1000
     assert (out / "budget_tiny-h.png").stat().st_size > 1000
 
