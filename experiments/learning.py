@@ -42,7 +42,14 @@ def _ms(xs):
 
 def _by_seed(rows, scenario, target, tuner):
     return {r["seed"]: r["test"]["test_acc"] for r in rows
-            if r["scenario"] == scenario and r["target"] == target and r["tuner"] == tuner}
+            if r["scenario"] == scenario and r["target"] == target and r["tuner"] == tuner and "part" not in r}
+
+
+def _paired(ppo_by_seed: dict[int, float], base: dict[int, float]) -> dict:
+    """PPO − baseline, paired by evaluation seed: mean, std over seeds and standard error."""
+    d = [ppo_by_seed[k] - base[k] for k in ppo_by_seed if k in base]
+    m, sd = _ms(d)
+    return {"mean": m, "std_over_seeds": sd, "se": sd / len(d) ** 0.5 if d else None, "n_seeds": len(d)}
 
 
 def aggregate(out: Path, agents: list[str], scenarios: list[str], targets: list[str]) -> dict:
@@ -57,37 +64,35 @@ def aggregate(out: Path, agents: list[str], scenarios: list[str], targets: list[
             for tuner in ("recipe", "recipe-plus1", "random", "optuna-const", "optuna-tpe"):
                 m, s = _ms(list(_by_seed(base, sc, t, tuner).values()))
                 row[tuner] = {"test_acc_mean": m, "test_acc_std": s}
-            agent_means, pooled, diffs, diffs1 = [], [], [], []
+            accs = {Path(a).name: _by_seed(per_agent[a], sc, t, "ppo-replay") for a in agents}
             row["agents"] = {}
-            for a in agents:
-                acc = _by_seed(per_agent[a], sc, t, "ppo-replay")
+            for name, acc in accs.items():
                 m, s = _ms(list(acc.values()))
-                row["agents"][Path(a).name] = {"test_acc_mean": m, "test_acc_std": s, "episodes": len(acc)}
-                if m is not None:
-                    agent_means.append(m)
-                pooled += list(acc.values())
-                diffs += [acc[k] - recipe[k] for k in acc if k in recipe]
-                diffs1 += [acc[k] - plus1[k] for k in acc if k in plus1]
-            m_agents, s_agents = _ms(agent_means)
-            m_pool, s_pool = _ms(pooled)
-            d_m, d_s = _ms(diffs)
+                row["agents"][name] = {"test_acc_mean": m, "test_acc_std": s, "episodes": len(acc),
+                                       "minus_recipe": _paired(acc, recipe)["mean"]}
+            # the policy at evaluation seed k: the mean over the agents (PPO training seeds)
+            seeds = set.intersection(*(set(acc) for acc in accs.values())) if accs else set()
+            ppo = {k: statistics.fmean(acc[k] for acc in accs.values()) for k in sorted(seeds)}
+            m, s = _ms(list(ppo.values()))
+            agent_means = [v["test_acc_mean"] for v in row["agents"].values() if v["test_acc_mean"] is not None]
+            row["ppo"] = {"test_acc_mean": m, "test_acc_std": s, "std_across_agents": _ms(agent_means)[1],
+                          "n_agents": len(agent_means), "episodes": sum(len(a) for a in accs.values())}
+            d = _paired(ppo, recipe)
             r_std = row["recipe"]["test_acc_std"]
-            row["ppo"] = {"test_acc_mean": m_pool, "test_acc_std": s_pool, "std_across_agents": s_agents,
-                          "n_agents": len(agent_means), "episodes": len(pooled)}
-            row["ppo_minus_recipe"] = {
-                "mean": d_m, "std_paired": d_s, "n_pairs": len(diffs),
-                "in_recipe_std": d_m / r_std if d_m is not None and r_std else None,
-                "in_paired_std": d_m / d_s if d_m is not None and d_s else None,
-            }
-            d1_m, d1_s = _ms(diffs1)
-            row["ppo_minus_recipe_plus1"] = {"mean": d1_m, "std_paired": d1_s, "n_pairs": len(diffs1)}
+            d["in_recipe_std"] = d["mean"] / r_std if d["mean"] is not None and r_std else None
+            d["in_se"] = d["mean"] / d["se"] if d["mean"] is not None and d["se"] else None
+            d["std_across_agents"] = _ms([v["minus_recipe"] for v in row["agents"].values()
+                                         if v["minus_recipe"] is not None])[1]
+            row["ppo_minus_recipe"] = d
+            row["ppo_minus_recipe_plus1"] = _paired(ppo, plus1)
             cells.append(row)
-    all_diffs_m = [c["ppo_minus_recipe"]["mean"] for c in cells if c["ppo_minus_recipe"]["mean"] is not None]
+    means = [c["ppo_minus_recipe"]["mean"] for c in cells if c["ppo_minus_recipe"]["mean"] is not None]
     plus1_m = [c["ppo_minus_recipe_plus1"]["mean"] for c in cells if c["ppo_minus_recipe_plus1"]["mean"] is not None]
     summary = {
-        "mean_ppo_minus_recipe": statistics.fmean(all_diffs_m) if all_diffs_m else None,
+        "mean_ppo_minus_recipe": statistics.fmean(means) if means else None,
         "mean_ppo_minus_recipe_plus1": statistics.fmean(plus1_m) if plus1_m else None,
         "cells_beating_recipe_by_2_recipe_std": sum(1 for c in cells if (c["ppo_minus_recipe"]["in_recipe_std"] or 0) > 2),
+        "cells_beating_recipe_by_2_se": sum(1 for c in cells if (c["ppo_minus_recipe"]["in_se"] or 0) > 2),
         "cells": len(cells),
     }
     return {"agents": agents, "scenarios": scenarios, "targets": targets, "cells": cells, "summary": summary}
@@ -97,24 +102,28 @@ def to_markdown(res: dict, command: str) -> str:
     f = lambda d: "–" if d["test_acc_mean"] is None else f"{100 * d['test_acc_mean']:.2f} ± {100 * d['test_acc_std']:.2f}"
     lines = ["# Learning benchmark (generated by experiments/learning.py; do not edit)", "",
              f"Command: `{command}`", "",
-             f"Training scenarios of the agents; test accuracy (%), mean ± std. PPO: {len(res['agents'])} "
-             "agents (PPO training seeds) × the evaluation seeds, one deterministic episode each, pooled; "
-             "baselines: one result per evaluation seed. Δ: PPO − recipe, paired by evaluation seed, "
-             "and Δ in units of the recipe's std over seeds.", "",
-             "| scenario @ target | PPO | recipe | recipe +1 bit | random actions | Optuna const | Optuna schedule | Δ (pt) | Δ / recipe std | per agent |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             f"Training scenarios of the agents; test accuracy (%), mean ± std over the evaluation seeds. "
+             f"PPO: at each evaluation seed the mean of {len(res['agents'])} agents (PPO training seeds), one "
+             "deterministic episode each; baselines: one result per evaluation seed (Optuna: the best of its "
+             "episodes by val). Δ: PPO − recipe, paired by evaluation seed, mean ± std over seeds; "
+             "Δ/σ: Δ in units of the recipe's std over seeds (the issue's bar is > 2); Δ/se: Δ over its "
+             "standard error. Per agent: each agent's Δ.", "",
+             "| scenario @ target | PPO | recipe | recipe +1 bit | random actions | Optuna const | Optuna schedule | Δ (pt) | Δ/σ | Δ/se | per agent Δ |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for c in res["cells"]:
         d = c["ppo_minus_recipe"]
-        per = ", ".join("–" if v["test_acc_mean"] is None else f"{100 * v['test_acc_mean']:.2f}" for v in c["agents"].values())
-        dd = "–" if d["mean"] is None else f"{100 * d['mean']:+.2f} ± {100 * d['std_paired']:.2f}"
+        per = ", ".join("–" if v["minus_recipe"] is None else f"{100 * v['minus_recipe']:+.2f}" for v in c["agents"].values())
+        dd = "–" if d["mean"] is None else f"{100 * d['mean']:+.2f} ± {100 * d['std_over_seeds']:.2f}"
         ds = "–" if d["in_recipe_std"] is None else f"{d['in_recipe_std']:+.1f}"
-        lines.append(f"| {c['scenario']} @ {c['target']} | {f(c['ppo'])} | {f(c['recipe'])} | {f(c['recipe-plus1'])} | {f(c['random'])} | "
-                     f"{f(c['optuna-const'])} | {f(c['optuna-tpe'])} | {dd} | {ds} | {per} |")
+        dse = "–" if d["in_se"] is None else f"{d['in_se']:+.1f}"
+        lines.append(f"| {c['scenario']} @ {c['target']} | {f(c['ppo'])} | {f(c['recipe'])} | {f(c['recipe-plus1'])} | "
+                     f"{f(c['random'])} | {f(c['optuna-const'])} | {f(c['optuna-tpe'])} | {dd} | {ds} | {dse} | {per} |")
     s = res["summary"]
     m = s["mean_ppo_minus_recipe"]
     m1 = s["mean_ppo_minus_recipe_plus1"]
     lines += ["", f"Mean Δ over cells: {'–' if m is None else f'{100 * m:+.2f} pt'}; cells where PPO beats the recipe "
-              f"by more than 2 recipe std: {s['cells_beating_recipe_by_2_recipe_std']} of {s['cells']}. "
+              f"by more than 2 recipe std: {s['cells_beating_recipe_by_2_recipe_std']} of {s['cells']}; by more than "
+              f"2 standard errors: {s['cells_beating_recipe_by_2_se']}. "
               f"Mean PPO − (recipe +1 bit): {'–' if m1 is None else f'{100 * m1:+.2f} pt'}.", ""]
     return "\n".join(lines)
 
@@ -132,6 +141,9 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     torch.set_num_threads(1)
     out = Path(args.out)
+    if len({Path(a).name for a in args.agents}) < len(args.agents):
+        print("error: --agents: two agents share a folder name (their results would share a folder)", file=sys.stderr)
+        return 2
     trained = [set(load_policy(a).meta.get("training", {}).get("scenarios", [])) for a in args.agents]
     scenarios = args.scenarios or sorted(set.intersection(*trained))
     for sc in scenarios:

@@ -87,8 +87,8 @@ def run_cell(cell: Cell, agent: str | None = None, storage: str | None = None) -
 
 
 def merge_parts(cell: Cell, rows: list[dict[str, Any]]) -> dict[str, Any]:
-    """The cell's result from its parts: the best student by val (the score in trade-off mode is
-    not stored per part, so val accuracy decides, as in budget mode); stages and episodes summed."""
+    """The cell's result from its parts: the best student by val accuracy (the harness's envs are in
+    budget mode, where the tuners also pick by val accuracy); stages and episodes summed."""
     best = max(rows, key=lambda r: r["val_acc"])
     return {**{k: v for k, v in best.items() if k not in ("part", "parts")},
             "key": cell.key, "budget_stages": cell.budget_stages,
@@ -175,10 +175,10 @@ def evaluate(
             tmp.write_text(clean)
             os.replace(tmp, results)
     done = {r["key"] for r in finished_rows}
-    todo = [c for c in cells if c.key not in done]
+    todo = [c for c in cells if c.key not in done and c.whole.key not in done]
     storage = storage or f"sqlite:///{(out / 'optuna.db').resolve()}"
-    if todo and any(t.startswith("optuna") for t in tuners) and storage.startswith("sqlite"):
-        # create the schema here, once: workers creating a new SQLite file at the same moment race
+    if todo and any(t.startswith("optuna") for t in tuners):
+        # create the schema here, once: workers creating a new database at the same moment race
         # on its version table (sqlite3.IntegrityError on alembic_version)
         import optuna
 
@@ -318,20 +318,23 @@ def compact_table(summary: list[dict[str, Any]]) -> str:
     mean ± std; the best of each column in bold; (h) marks scenarios held out from the agent."""
     cols = sorted({(r["scenario"], r["target"]) for r in summary},
                   key=lambda c: (c[0], float(c[1].rstrip("xX")) if c[1].rstrip("xX").replace(".", "").isdigit() else 0))
-    held = {c: not any(r["in_agent_training_set"] for r in summary if (r["scenario"], r["target"]) == c) for c in cols}
+    with_agent = any(r["tuner"].startswith("ppo") for r in summary)
+    held = {c: with_agent and not any(r["in_agent_training_set"] for r in summary if (r["scenario"], r["target"]) == c)
+            for c in cols}
     tuners: dict[tuple, dict] = {}
     for r in summary:
         tuners.setdefault((r["tuner"], r["budget_stages"]), {})[(r["scenario"], r["target"])] = r
-    top = {c: max(r["test_acc_mean"] for r in summary if (r["scenario"], r["target"]) == c) for c in cols}
+    top = {c: max((r["test_acc_mean"] for r in summary if (r["scenario"], r["target"]) == c
+                   and math.isfinite(r["test_acc_mean"])), default=math.nan) for c in cols}
     head = " | ".join(f"{Path(sc).stem} @ {t}{' (h)' if held[(sc, t)] else ''}" for sc, t in cols)
     lines = [f"| tuner (episodes) | {head} |", "|---" * (len(cols) + 1) + "|"]
 
     def order(item):
-        rs = item[1].values()
-        return -statistics.fmean(r["test_acc_mean"] for r in rs)
+        accs = [r["test_acc_mean"] for r in item[1].values() if math.isfinite(r["test_acc_mean"])]
+        return -statistics.fmean(accs) if accs else math.inf
 
-    for (tuner, _), rs in sorted(tuners.items(), key=order):
-        eps = max(r["episodes"] for r in rs.values())
+    for (tuner, budget), rs in sorted(tuners.items(), key=order):
+        eps = sorted({round(r["episodes"]) for r in rs.values()})
         cells = []
         for c in cols:
             r = rs.get(c)
@@ -340,7 +343,7 @@ def compact_table(summary: list[dict[str, Any]]) -> str:
                 continue
             v = f"{100 * r['test_acc_mean']:.2f} ± {100 * r['test_acc_std']:.2f}"
             cells.append(f"**{v}**" if r["test_acc_mean"] == top[c] else v)
-        lines.append(f"| {tuner} ({eps:.0f}) | " + " | ".join(cells) + " |")
+        lines.append(f"| {tuner} ({'/'.join(map(str, eps))}) | " + " | ".join(cells) + " |")
     n = sorted({r["n_seeds"] for r in summary})
     lines.append("")
     lines.append(f"Test accuracy (%), mean ± std over {'/'.join(map(str, n))} seeds; (h): held out from the agent's training.")

@@ -178,15 +178,23 @@ def tune_random(s: Session) -> None:
 
 def _optuna_study(s: Session, name: str, storage: str | None, sampler_seed: int | None = None,
                   study_episodes: int | None = None):
-    """The cell's study. Several processes may share it (same storage, same name), each with its own
-    ``sampler_seed``; ``study_episodes`` is the whole study's episode budget (sets the random start)."""
+    """The cell's study, named by tuner, scenario, target, seed and the study's episode budget, so
+    cells of other budgets never share it. Several processes may share it (same storage, same name:
+    the parts of one cell, ``sampler_seed`` set, each with its own seed); ``study_episodes`` is the
+    whole study's episode budget (it sets the random start). A cell run whole starts a fresh study:
+    trials of an interrupted earlier run are deleted, since their students were not kept."""
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     episodes = study_episodes or s.budget_stages // s.stages_per_episode
     sampler = optuna.samplers.TPESampler(seed=s.seed if sampler_seed is None else sampler_seed,
                                          n_startup_trials=min(8, max(1, episodes // 4)))
-    study_name = f"{name}-{s.env.scenarios[s.scenario].name}-{s.target}-{s.seed}"
+    study_name = f"{name}-{s.env.scenarios[s.scenario].name}-{s.target}-{s.seed}-{episodes}ep"
+    if storage is not None and sampler_seed is None:
+        try:
+            optuna.delete_study(study_name=study_name, storage=storage)
+        except KeyError:
+            pass
     return optuna.create_study(direction="maximize", sampler=sampler, storage=storage,
                                study_name=study_name, load_if_exists=storage is not None)
 
@@ -271,7 +279,9 @@ def tune_ppo_finetune(s: Session, agent_path: str | Path, episodes_per_update: i
     S = s.stages_per_episode
     cell = CellEnv(s, reserve=S)
     if s.budget_stages >= 2 * S:
-        n_steps = episodes_per_update * S
+        # a rollout of at most `episodes_per_update` episodes, fewer when the budget is small, so
+        # that even two fine-tuning episodes give a PPO update (a last partial rollout is not used)
+        n_steps = min(episodes_per_update, s.budget_stages // S - 1) * S
         model = load_ppo(agent_path, env=DummyVecEnv([lambda: cell]), n_steps=n_steps,
                          batch_size=min(n_steps, 64), seed=s.seed, verbose=0)
 

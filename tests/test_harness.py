@@ -32,7 +32,7 @@ def test_tiny_evaluation_writes_summary_tables_and_plots(scenario, tmp_path):
     md = (out / "benchmark.md").read_text()
     assert "| tuner |" in md and "**" in md and "n seeds" in md
     table = (out / "table.md").read_text().splitlines()
-    assert table[0] == "| tuner (episodes) | tiny-h @ 6x (h) |" and len(table) == 2 + 3 + 2  # a row per tuner x budget
+    assert table[0] == "| tuner (episodes) | tiny-h @ 6x |" and len(table) == 2 + 3 + 2  # a row per tuner x budget
     assert (out / "pareto_tiny-h.png").stat().st_size > 1000
     assert (out / "budget_tiny-h.png").stat().st_size > 1000
 
@@ -97,7 +97,7 @@ def test_optuna_trials_of_one_study_run_on_several_workers(scenario, tmp_path, m
     m = merged[0]
     assert m["stages_used"] == 15 and m["episodes"] == 5 and m["budget_stages"] == 15
     assert m["val_acc"] == max(p["val_acc"] for p in parts)
-    assert _trials(tmp_path / "optuna.db", f"optuna-tpe-tiny-h-6x-0") == 5  # one study holds every trial
+    assert _trials(tmp_path / "optuna.db", "optuna-tpe-tiny-h-6x-0-5ep") == 5  # one study holds every trial
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert len(summary) == 1 and summary[0]["episodes"] == 5
 
