@@ -329,9 +329,9 @@ def compact_table(summary: list[dict[str, Any]]) -> str:
     head = " | ".join(f"{Path(sc).stem} @ {t}{' (h)' if held[(sc, t)] else ''}" for sc, t in cols)
     lines = [f"| tuner (episodes) | {head} |", "|---" * (len(cols) + 1) + "|"]
 
-    def order(item):
-        accs = [r["test_acc_mean"] for r in item[1].values() if math.isfinite(r["test_acc_mean"])]
-        return -statistics.fmean(accs) if accs else math.inf
+    def order(item):  # by the mean gap to each column's best, so rows with missing cells rank fairly
+        gaps = [top[c] - r["test_acc_mean"] for c, r in item[1].items() if math.isfinite(r["test_acc_mean"])]
+        return statistics.fmean(gaps) if gaps else math.inf
 
     for (tuner, budget), rs in sorted(tuners.items(), key=order):
         eps = sorted({round(r["episodes"]) for r in rs.values()})
