@@ -20,7 +20,8 @@ def env():
 
 @pytest.mark.parametrize("tuner", [t for t in TUNERS if not t.startswith("ppo-")])
 @pytest.mark.parametrize("budget", [3, 8])
-def test_every_tuner_respects_its_stage_budget(env, tuner, budget):
+def run_counting_stages(env, *args, **kw):
+    """Run a tuner and count the stages it trains (every tuner's stages go through env.advance)."""
     counted = []
     real = env.advance
 
@@ -30,10 +31,14 @@ def test_every_tuner_respects_its_stage_budget(env, tuner, budget):
 
     env.advance = counting
     try:
-        r = run_tuner(tuner, env, 0, "6x", 0, budget)
+        return run_tuner(*args, **kw), len(counted)
     finally:
         del env.advance
-    assert len(counted) == r.stages_used <= budget
+
+
+def test_every_tuner_respects_its_stage_budget(env, tuner, budget):
+    r, counted = run_counting_stages(env, tuner, env, 0, "6x", 0, budget)
+    assert counted == r.stages_used <= budget
     assert r.stages_used == (3 if tuner in ("recipe", "recipe-plus1", "fixed-8bit", "adaptive-tau") else 3 * (budget // 3))
     assert r.test["ratio"] >= 6.0  # the target is met whatever the tuner chose
 
@@ -67,19 +72,8 @@ def agent(env, tmp_path_factory):
 @pytest.mark.parametrize("tuner", ["ppo-replay", "ppo-finetune"])
 @pytest.mark.parametrize("budget,used", [(3, 3), (8, 6), (15, 15)])
 def test_ppo_tuners_respect_their_stage_budget(env, agent, tuner, budget, used):
-    counted = []
-    real = env.advance
-
-    def counting(*a, **k):
-        counted.append(1)
-        return real(*a, **k)
-
-    env.advance = counting
-    try:
-        r = run_tuner(tuner, env, 0, "6x", 0, budget, agent=agent)
-    finally:
-        del env.advance
-    assert len(counted) == r.stages_used == (3 if tuner == "ppo-replay" else used)
+    r, counted = run_counting_stages(env, tuner, env, 0, "6x", 0, budget, agent=agent)
+    assert counted == r.stages_used == (3 if tuner == "ppo-replay" else used)
     assert r.test["ratio"] >= 6.0
 
 
