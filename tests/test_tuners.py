@@ -18,8 +18,6 @@ def env():
     return DistillCompressEnv(scenarios=[TINY], targets=["6x"])
 
 
-@pytest.mark.parametrize("tuner", [t for t in TUNERS if not t.startswith("ppo-")])
-@pytest.mark.parametrize("budget", [3, 8])
 def run_counting_stages(env, *args, **kw):
     """Run a tuner and count the stages it trains (every tuner's stages go through env.advance)."""
     counted = []
@@ -36,6 +34,8 @@ def run_counting_stages(env, *args, **kw):
         del env.advance
 
 
+@pytest.mark.parametrize("tuner", [t for t in TUNERS if not t.startswith("ppo-")])
+@pytest.mark.parametrize("budget", [3, 8])
 def test_every_tuner_respects_its_stage_budget(env, tuner, budget):
     r, counted = run_counting_stages(env, tuner, env, 0, "6x", 0, budget)
     assert counted == r.stages_used <= budget
