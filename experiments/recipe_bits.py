@@ -60,14 +60,13 @@ def run_cell(scenario: str, target: str, seed: int) -> list[dict]:
 
 
 def rule_bits(probe: dict[str, float | None], rule: str) -> int:
+    from rltune.env import probe_pick
+
     acc = {int(k): v for k, v in probe.items() if v is not None}
-    top = max(acc.values())
     if rule.startswith("tol"):
-        t = float(rule[3:])
-        return max(b for b, v in acc.items() if v >= top - t)
+        return probe_pick(acc, float(rule[3:]))
     if rule == "pick+1":
-        pick = max(b for b, v in acc.items() if v >= top - 0.015)
-        return min(pick + 1, max(acc))
+        return min(probe_pick(acc, 0.015) + 1, max(acc))
     raise ValueError(rule)
 
 

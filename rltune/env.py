@@ -64,6 +64,14 @@ def ramp(stage: int, stages: int, final: float, exponent: float) -> float:
     return final * (1.0 - (1.0 - frac) ** exponent)
 
 
+def probe_pick(accuracy: dict[int, float | None], tolerance: float) -> int:
+    """The recipe's bit-width rule: the most bits whose probe accuracy is within ``tolerance`` of
+    the best (``None``: infeasible at that bit-width)."""
+    feasible = {b: a for b, a in accuracy.items() if a is not None}
+    top = max(feasible.values())
+    return max(b for b, a in feasible.items() if a >= top - tolerance)
+
+
 @dataclass
 class Probe:
     """What the first observation tells the policy about a model: per final bit-width, the sparsity
@@ -271,9 +279,7 @@ class DistillCompressEnv(gym.Env):
         # best. A short probe underrates how well the gradual ramp recovers from sparsity (measured:
         # the best-probe pick was 1-2 bits too low on 3 of 3 training scenarios), so near-ties go
         # to more bits and less sparsity
-        top = max(acc[b] for b in feasible)
-        recipe_bits = max(b for b in feasible if acc[b] >= top - self.probe_tolerance)
-        self._probes[key] = Probe(required, acc, recipe_bits)
+        self._probes[key] = Probe(required, acc, probe_pick(acc, self.probe_tolerance))
         return self._probes[key]
 
     def recipe_val_acc(self, i: int, seed: int, budget: Budget) -> float:

@@ -277,33 +277,26 @@ def tune_ppo_finetune(s: Session, agent_path: str | Path, episodes_per_update: i
     from rltune.agentfile import load_ppo
 
     S = s.stages_per_episode
+    if s.budget_stages < 2 * S:  # no room to fine-tune: the zero-shot replay
+        tune_ppo_replay(s, agent_path)
+        return
     cell = CellEnv(s, reserve=S)
-    if s.budget_stages >= 2 * S:
-        # a rollout of at most `episodes_per_update` episodes, fewer when the budget is small, so
-        # that even two fine-tuning episodes give a PPO update (a last partial rollout is not used)
-        n_steps = min(episodes_per_update, s.budget_stages // S - 1) * S
-        model = load_ppo(agent_path, env=DummyVecEnv([lambda: cell]), n_steps=n_steps,
-                         batch_size=min(n_steps, 64), seed=s.seed, verbose=0)
+    # a rollout of at most `episodes_per_update` episodes, fewer when the budget is small, so that
+    # even two fine-tuning episodes give a PPO update (a last partial rollout is not used)
+    n_steps = min(episodes_per_update, s.budget_stages // S - 1) * S
+    model = load_ppo(agent_path, env=DummyVecEnv([lambda: cell]), n_steps=n_steps,
+                     batch_size=min(n_steps, 64), seed=s.seed, verbose=0)
 
-        class Stop(BaseCallback):
-            # stop when the budget is spent, unless this step completes a rollout: PPO then updates
-            # on it, and learn() ends there because num_timesteps has reached total_timesteps
-            def _on_step(self) -> bool:
-                return not cell.exhausted or self.locals["n_steps"] + 1 >= self.locals["n_rollout_steps"]
+    class Stop(BaseCallback):
+        # stop when the budget is spent, unless this step completes a rollout: PPO then updates on
+        # it, and learn() ends there because num_timesteps has reached total_timesteps
+        def _on_step(self) -> bool:
+            return not cell.exhausted or self.locals["n_steps"] + 1 >= self.locals["n_rollout_steps"]
 
-        train_steps = (s.budget_stages - s.stages_used - S) // S * S
-        model.learn(total_timesteps=train_steps, callback=Stop(), progress_bar=False)
-        def act(obs, k):
-            a, _ = model.predict(obs, deterministic=True)
-            return a
-    else:  # no room to fine-tune: the zero-shot replay
-        from rltune.agentfile import load_policy
-
-        agent = load_policy(agent_path)
-
-        def act(obs, k):
-            return agent.predict(obs, deterministic=True)
-    s.play_actions(act, {"agent": str(agent_path), "finetuned_episodes": cell.episodes})
+    train_steps = (s.budget_stages - s.stages_used - S) // S * S
+    model.learn(total_timesteps=train_steps, callback=Stop(), progress_bar=False)
+    s.play_actions(lambda obs, k: model.predict(obs, deterministic=True)[0],
+                   {"agent": str(agent_path), "finetuned_episodes": cell.episodes})
 
 
 TUNERS = ("recipe", "recipe-plus1", "fixed-8bit", "adaptive-tau", "random", "optuna-const", "optuna-tpe", "ppo-replay",
