@@ -29,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-from rltune.cli import resolve_scenario
+from rltune.shipped import resolve_scenario
 from rltune.context import Context
 from rltune.distill import predict, train_epochs
 from rltune.metrics import accuracy

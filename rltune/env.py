@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from gymnasium import spaces
 
-from rltune import compress as C
+from rltune import compression as C
 from rltune.budget import Budget, Meter, enforce_, required_sparsity
 from rltune.context import Context
 from rltune.distill import TrainSet, predict, train_epochs
@@ -157,7 +157,9 @@ class DistillCompressEnv(gym.Env):
     ``info["diverged"]`` says why). No truncation.
 
     ## Arguments
-    ``scenarios`` (names, paths or ``Scenario`` objects), ``targets`` (budgets to draw from:
+    ``scenarios`` (names, paths or ``Scenario`` objects), ``problems`` (:class:`rltune.Problem`
+    objects: a user's own teacher, student and data; episodes draw from scenarios and problems
+    alike), ``targets`` (budgets to draw from:
     ``"20x"``, ``"12KB"``, ``"5nJ"`` or numbers as ratios), ``mode`` ("budget" or "tradeoff"),
     ``reward_scale`` (20), ``action_penalty`` (0.05), ``divergence_penalty`` (1.0),
     ``n_float_students`` (1), ``probe_samples`` (4096), ``probe_epochs`` (3), ``probe_tolerance``
@@ -169,11 +171,11 @@ class DistillCompressEnv(gym.Env):
     * v0: initial version.
     """
 
-    metadata = {"render_modes": []}
+    metadata = {"render_modes": ["ansi"]}
 
     def __init__(
         self,
-        scenarios: Sequence[str | Path | Scenario] = ("digits-linear",),
+        scenarios: Sequence[str | Path | Scenario] | None = None,
         targets: Sequence[str | float] = ("8x", "12x", "16x"),
         mode: str = "budget",
         reward_scale: float = 20.0,
@@ -186,6 +188,8 @@ class DistillCompressEnv(gym.Env):
         epochs_per_stage: int | None = None,
         stages: int | None = None,
         reward_baseline: str = "float",
+        problems: Sequence[Any] | None = None,
+        render_mode: str | None = None,
     ):
         if mode not in ("budget", "tradeoff"):
             raise RltuneError(f"mode must be 'budget' or 'tradeoff', got {mode!r}")
@@ -193,18 +197,43 @@ class DistillCompressEnv(gym.Env):
             raise RltuneError(f"reward_baseline must be 'float' or 'recipe', got {reward_baseline!r}")
         self.reward_baseline = reward_baseline
         self._baselines: dict[tuple, float] = {}
-        if isinstance(scenarios, (str, Path, Scenario)):
+        from rltune.problem import Problem
+        from rltune.shipped import resolve_scenario
+
+        if render_mode is not None and render_mode not in self.metadata["render_modes"]:
+            raise RltuneError(f"render_mode must be one of {self.metadata['render_modes']} or None, got {render_mode!r}")
+        self.render_mode = render_mode
+        if scenarios is None and problems is None:
+            scenarios = ("digits-linear",)
+        if isinstance(scenarios, (str, Path, Scenario, Problem, torch.nn.Module)):
             scenarios = [scenarios]
+        if isinstance(problems, (Problem, torch.nn.Module)):
+            problems = [problems]
         if isinstance(targets, (str, int, float)):
             targets = [targets]
-        if not scenarios or not targets:
-            raise RltuneError("the environment needs at least one scenario and one target")
-        from rltune.cli import resolve_scenario
-
-        self.scenarios = [s if isinstance(s, Scenario) else load_scenario(resolve_scenario(str(s))) for s in scenarios]
+        sources: list[Any] = []
+        for s in list(scenarios or []) + list(problems or []):
+            if isinstance(s, torch.nn.Module):
+                raise RltuneError(f"got a {type(s).__name__} module where a scenario or Problem is expected: "
+                                  "wrap your teacher, student and data in rltune.Problem(...) and pass problems=[...]")
+            if isinstance(s, (Problem, Scenario)):
+                sources.append(s)
+            else:
+                sources.append(load_scenario(resolve_scenario(s)))
+        if not sources or not targets:
+            raise RltuneError("the environment needs at least one scenario or problem and one target")
         if stages is not None or epochs_per_stage is not None:
             over = {k: v for k, v in (("stages", stages), ("epochs_per_stage", epochs_per_stage)) if v is not None}
-            self.scenarios = [s.replace(training=over) for s in self.scenarios]
+            for i, s in enumerate(sources):
+                if isinstance(s, Problem):
+                    s = copy.copy(s)
+                    s.scenario = s.scenario.replace(training=over)
+                    sources[i] = s
+                else:
+                    sources[i] = s.replace(training=over)
+        # what an episode reads of each (settings: stages, knobs, names) is the Scenario
+        self.sources = sources
+        self.scenarios = [s.scenario if isinstance(s, Problem) else s for s in sources]
         self.budgets = [Budget.parse(t) for t in targets]
         self.mode = mode
         self.reward_scale = float(reward_scale)
@@ -226,10 +255,11 @@ class DistillCompressEnv(gym.Env):
 
     def context(self, i: int) -> Context:
         if i not in self._contexts:
-            self._contexts[i] = Context.build(self.scenarios[i])
+            self._contexts[i] = Context.build(self.sources[i])
         return self._contexts[i]
 
-    def _float_student(self, i: int, seed: int):
+    def float_student(self, i: int, seed: int) -> tuple[torch.nn.Module, Reference]:
+        """The float KD student of scenario/problem ``i`` for ``seed`` and its reference figures (cached)."""
         if (i, seed) not in self._students:
             ctx = self.context(i)
             fs = ctx.float_student(seed)
@@ -241,7 +271,7 @@ class DistillCompressEnv(gym.Env):
         if key in self._probes:
             return self._probes[key]
         ctx = self.context(i)
-        fs, ref = self._float_student(i, seed)
+        fs, ref = self.float_student(i, seed)
         meter = self._meter(ctx, ref, budget)
         sc = ctx.scenario
         lo_b, hi_b = sc.knobs["bits"]
@@ -288,7 +318,7 @@ class DistillCompressEnv(gym.Env):
         key = (i, seed, budget)
         if key not in self._baselines:
             ctx = self.context(i)
-            fs, ref = self._float_student(i, seed)
+            fs, ref = self.float_student(i, seed)
             p = self.probe(i, seed, budget)
             sc = ctx.scenario
             model = C.prepare_(copy.deepcopy(fs))
@@ -308,7 +338,7 @@ class DistillCompressEnv(gym.Env):
 
     @staticmethod
     def _meter(ctx: Context, ref: Reference, budget: Budget) -> Meter:
-        return Meter(budget, ctx.scenario.student, ctx.n_features, ctx.n_classes, ref.float_bytes, ref.energy_pj)
+        return Meter(budget, ctx.student_spec, ctx.input_shape, ctx.n_classes, ref.float_bytes, ref.energy_pj)
 
     # -- the MDP ---------------------------------------------------------------------------------
 
@@ -320,7 +350,7 @@ class DistillCompressEnv(gym.Env):
         fs_seed = int(options.get("float_seed", self.np_random.integers(self.n_float_students)))
         self.torch_seed = torch_seed = int(self.np_random.integers(2 ** 31 - 1))
         self.ctx = ctx = self.context(i)
-        fs, ref = self._float_student(i, fs_seed)
+        fs, ref = self.float_student(i, fs_seed)
         self.scenario_index, self.budget, self.float_seed = i, budget, fs_seed
         self.meter = self._meter(ctx, ref, budget)
         self.probe_result = self.probe(i, fs_seed, budget)
@@ -408,6 +438,22 @@ class DistillCompressEnv(gym.Env):
         return self._obs(), float(reward), terminated, False, info
 
     # -- observation and info --------------------------------------------------------------------
+
+    def observe(self) -> np.ndarray:
+        """The current observation (what ``reset`` and ``step`` return)."""
+        return self._obs()
+
+    def render(self) -> str | None:
+        """``render_mode="ansi"``: one line of text on the episode so far."""
+        if self.render_mode != "ansi" or self.state is None:
+            return None
+        m = self.last_metrics
+        plan = self.plan or {}
+        head = f"{self.ctx.scenario.name} @ {self.budget}: stage {self.k}/{self.stages}"
+        if m is None:
+            return head + f", float val {100 * self.state.ref.val_acc:.2f} %"
+        return (head + f", val {100 * m.val_acc:.2f} %, {m.sparsity:.1%} sparse, {m.bits:.1f} bits, "
+                f"{m.ratio:.1f}x, final plan {plan.get('final_bits')} bits")
 
     def _obs(self) -> np.ndarray:
         ctx, ref, p = self.ctx, self.state.ref, self.probe_result

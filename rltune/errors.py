@@ -12,3 +12,7 @@ class RltuneError(Exception):
 
 class DivergedError(RltuneError):
     """Training produced a NaN or infinite loss."""
+
+
+class RltuneWarning(UserWarning):
+    """Something that works but is likely not what the user wants (a float student far below its teacher)."""

@@ -18,12 +18,12 @@ API::
 stores only layer shapes and ``load_artifact`` needs ``skeleton=``, an un-prepared module of the
 same architecture (it is deep-copied, not modified).
 
-Byte format (version 1)
-=======================
+Byte format (version 2; version 1 files still load)
+===================================================
 
 ::
 
-    file := "RLT" | version:u8 (=1) | body | crc:u32 big-endian
+    file := "RLT" | version:u8 (=2) | body | crc:u32 big-endian
     crc  := zlib.crc32(every byte before it)
 
 ``body`` is one bit stream, most significant bit first, zero-padded to a whole byte. Below,
@@ -34,12 +34,17 @@ Byte format (version 1)
 =========================  =================  ===================================================
 field                      encoding           meaning / formula
 =========================  =================  ===================================================
-arch                       uv                 0 custom (spec=None), 1 linear, 2 mlp, 3 cnn1d
-in_features, out_features  uv, uv             arch != 0 only
+arch                       uv                 0 custom (spec=None), 1 linear, 2 mlp, 3 cnn1d, 4 cnn2d
+in_features, out_features  uv, uv             arch 1-3 only
 n_hidden, hidden[i]        uv, uv each        arch == 2 only: ``spec["hidden"]``
 channels                   uv                 arch == 3 only: ``spec["channels"]``
+C, H, W, out_features      uv each            arch == 4 only: the input shape and the classes,
+n_ch, channels[i]          uv, uv each        then ``spec["channels"]``,
+n_hidden, hidden[i]        uv, uv each        ``spec["hidden"]``
+kernel                     uv                 and ``spec["kernel"]``
 n_layers                   uv                 arch == 0 only, then per compressible layer:
- - type                    u1                 0 nn.Linear (2 dims), 1 nn.Conv1d (3 dims)
+ - type                    u2                 0 nn.Linear (2 dims), 1 nn.Conv1d (3 dims),
+                                              2 nn.Conv2d (4 dims); u1 in version 1 (no Conv2d)
  - dims                    uv each            ``weight.shape``
  - has_bias                u1
 has_extras                 u1                 then, if 1: count (uv) and per tensor:
@@ -47,7 +52,7 @@ has_extras                 u1                 then, if 1: count (uv) and per ten
  - dtype                   u4                 index in ``_DTYPES`` (float32, float64, ...)
  - ndim, dims              uv, uv each
  - data                    u8 each            the raw little-endian bytes (float32 for BatchNorm)
-layer records              see below          one per nn.Linear / nn.Conv1d, in module order
+layer records              see below          one per nn.Linear / nn.Conv1d / nn.Conv2d, in module order
 padding                    0..7 zero bits
 =========================  =================  ===================================================
 
@@ -111,7 +116,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from rltune.compress import (
+from rltune.compression import (
     COMPRESSIBLE,
     dequantize_codes,
     exponent_scale,
@@ -126,8 +131,10 @@ __all__ = ["export_bytes", "save_artifact", "packed_size", "load_artifact", "ent
            "MAGIC", "VERSION"]
 
 MAGIC = b"RLT"
-VERSION = 1
-_ARCH_IDS = {"linear": 1, "mlp": 2, "cnn1d": 3}
+VERSION = 2
+READABLE_VERSIONS = (1, 2)
+_ARCH_IDS = {"linear": 1, "mlp": 2, "cnn1d": 3, "cnn2d": 4}
+_DIMS = {0: 2, 1: 3, 2: 4}  # layer type -> weight dimensions
 _ARCH_NAMES = {v: k for k, v in _ARCH_IDS.items()}
 KIND_FLOAT, KIND_QUANT, KIND_SHARED = 0, 1, 2
 LAYOUT_DENSE, LAYOUT_BITMAP, LAYOUT_GAPS = 0, 1, 2
@@ -598,39 +605,99 @@ def _write_layer(wr: _BitWriter, d: _LayerData) -> None:
 # model structure: spec header, layer shapes, extra tensors
 
 
-def _norm_spec(spec: dict[str, Any], model_layers: list, in_features, out_features) -> tuple:
+def _numel(shape) -> int:
+    return math.prod(int(d) for d in shape) if isinstance(shape, (tuple, list, torch.Size)) else int(shape)
+
+
+def _norm_spec(spec: dict[str, Any], model_layers: list, in_features, out_features) -> dict[str, Any]:
+    """The header's fields: ``{"arch", "in", "out", ...}`` with ``in`` an int, or (C, H, W) for cnn2d."""
     if not isinstance(spec, dict) or spec.get("arch") not in _ARCH_IDS:
         raise RltuneError(f"unknown student spec {spec!r}: expected arch one of {', '.join(_ARCH_IDS)}")
     arch = spec["arch"]
     first, last = model_layers[0].module, model_layers[-1].module
     if in_features is None:
-        if arch == "cnn1d":
-            raise RltuneError("exporting a cnn1d student needs in_features")
+        if arch in ("cnn1d", "cnn2d"):
+            raise RltuneError(f"exporting a {arch} student needs in_features")
         in_features = first.in_features
     if out_features is None:
         out_features = last.out_features
-    extra: tuple[int, ...] = ()
-    if arch == "mlp":
-        extra = tuple(int(h) for h in spec.get("hidden", []))
-    elif arch == "cnn1d":
-        extra = (int(spec.get("channels", 25)),)
-    return arch, int(in_features), int(out_features), extra
+    h: dict[str, Any] = {"arch": arch, "out": int(out_features)}
+    if arch == "cnn2d":
+        shape = tuple(int(d) for d in in_features) if isinstance(in_features, (tuple, list, torch.Size)) else ()
+        if len(shape) != 3:
+            raise RltuneError(f"a cnn2d student needs an input shape (C, H, W), got {in_features!r}")
+        ch = spec.get("channels", [6, 16])
+        h.update({"in": shape, "channels": tuple(int(c) for c in (ch if isinstance(ch, (list, tuple)) else [ch])),
+                  "hidden": tuple(int(x) for x in spec.get("hidden", [])), "kernel": int(spec.get("kernel", 5))})
+    else:
+        h["in"] = _numel(in_features)
+        if arch == "mlp":
+            h["hidden"] = tuple(int(x) for x in spec.get("hidden", []))
+        elif arch == "cnn1d":
+            h["channels"] = int(spec.get("channels", 25))
+    return h
 
 
-def _build(arch: str, in_features: int, out_features: int, extra: tuple[int, ...],
-           meta: bool = True) -> nn.Module:
-    """A built-in model: on the meta device (shapes only), or on the CPU without touching the
-    caller's random state (the initial weights are overwritten anyway)."""
-    spec: dict[str, Any] = {"arch": arch}
-    if arch == "mlp":
-        spec["hidden"] = list(extra)
-    elif arch == "cnn1d":
-        spec["channels"] = extra[0]
+def _spec_of(h: dict[str, Any]) -> dict[str, Any]:
+    spec: dict[str, Any] = {"arch": h["arch"]}
+    for k in ("hidden", "channels", "kernel"):
+        if k in h:
+            spec[k] = list(h[k]) if isinstance(h[k], tuple) else h[k]
+    return spec
+
+
+def _build(h: dict[str, Any], meta: bool = True) -> nn.Module:
+    """A built-in model from its header: on the meta device (shapes only), or on the CPU without
+    touching the caller's random state (the initial weights are overwritten anyway)."""
     if meta:
         with torch.device("meta"):
-            return build_model(spec, in_features, out_features)
+            return build_model(_spec_of(h), h["in"], h["out"])
     with torch.random.fork_rng(devices=[]):
-        return build_model(spec, in_features, out_features)
+        return build_model(_spec_of(h), h["in"], h["out"])
+
+
+def _write_header(wr: "_BitWriter", h: dict[str, Any]) -> None:
+    wr.uv(_ARCH_IDS[h["arch"]])
+    if h["arch"] == "cnn2d":
+        for x in (*h["in"], h["out"], len(h["channels"]), *h["channels"], len(h["hidden"]), *h["hidden"], h["kernel"]):
+            wr.uv(x)
+        return
+    wr.uv(h["in"])
+    wr.uv(h["out"])
+    if h["arch"] == "mlp":
+        wr.uv(len(h["hidden"]))
+        for x in h["hidden"]:
+            wr.uv(x)
+    elif h["arch"] == "cnn1d":
+        wr.uv(h["channels"])
+
+
+def _read_list(rd: "_BitReader", most: int = 1024) -> tuple[int, ...]:
+    n = rd.uv()
+    if n > most:
+        raise _Corrupt("too many layers in the architecture")
+    return tuple(rd.uv() for _ in range(n))
+
+
+def _read_header(rd: "_BitReader", arch: str) -> dict[str, Any]:
+    if arch == "cnn2d":
+        h = {"arch": arch, "in": (rd.uv(), rd.uv(), rd.uv()), "out": rd.uv()}
+        h["channels"] = _read_list(rd, 4)
+        h["hidden"] = _read_list(rd)
+        h["kernel"] = rd.uv()
+        sizes = (*h["in"], h["out"], *h["channels"], *h["hidden"], h["kernel"])
+        if not h["channels"] or h["kernel"] > 11 or _numel(h["in"]) > _MAX_PARAMS:
+            raise _Corrupt("an architecture size is out of range")
+    else:
+        h = {"arch": arch, "in": rd.uv(), "out": rd.uv()}
+        if arch == "mlp":
+            h["hidden"] = _read_list(rd)
+        elif arch == "cnn1d":
+            h["channels"] = rd.uv()
+        sizes = (h["in"], h["out"], *h.get("hidden", ()), *((h["channels"],) if "channels" in h else ()))
+    if max(sizes) > _MAX_PARAMS or min(sizes) < 1:
+        raise _Corrupt("an architecture size is out of range")
+    return h
 
 
 def _plain_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
@@ -640,7 +707,7 @@ def _plain_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
 def _signature(module: nn.Module) -> tuple:
     w = module.weight if not parametrize.is_parametrized(module, "weight") \
         else module.parametrizations["weight"].original
-    kind = 0 if isinstance(module, nn.Linear) else 1
+    kind = 0 if isinstance(module, nn.Linear) else (1 if isinstance(module, nn.Conv1d) else 2)
     return kind, tuple(w.shape), _latent_bias(module) is not None
 
 
@@ -690,29 +757,31 @@ def export_bytes(model: nn.Module, spec: dict[str, Any] | None = None,
     """The packed artifact of a prepared model (see the module docstring for the format)."""
     ls = layers(model)
     wr = _BitWriter()
+    extras = _extras(model, [l.name for l in ls])
     if spec is not None:
-        arch, fin, fout, extra = _norm_spec(spec, ls, in_features, out_features)
-        ref = [_signature(m) for _, m in _plain_layers(_build(arch, fin, fout, extra))]
+        h = _norm_spec(spec, ls, in_features, out_features)
+        built = _build(h)
+        ref = [_signature(m) for _, m in _plain_layers(built)]
         got = [_signature(l.module) for l in ls]
-        if ref != got:
-            raise RltuneError(f"the model does not match its spec {spec!r} with {fin} inputs, {fout} outputs")
-        wr.uv(_ARCH_IDS[arch])
-        wr.uv(fin)
-        wr.uv(fout)
-        if arch == "mlp":
-            wr.uv(len(extra))
-        for x in extra:
-            wr.uv(x)
+        want = [(n, tuple(t.shape), t.dtype) for n, t in _extras(built, [n for n, _ in _plain_layers(built)])]
+        have = [(n, tuple(t.shape), t.dtype) for n, t in extras]
+        # save only what load_artifact can rebuild: the built-in class with the same layers and the
+        # same other tensors (a user's module with LayerNorm and equal Linear shapes is not an mlp)
+        if ref != got or want != have or type(model) is not type(built):
+            raise RltuneError(f"the model is not the built-in {h['arch']} {spec!r} with input {h['in']} and "
+                              f"{h['out']} outputs (it is a {type(model).__name__}); export it without a spec "
+                              "and load it with skeleton=")
+        _write_header(wr, h)
     else:
         wr.uv(0)
         wr.uv(len(ls))
         for l in ls:
             kind, shape, has_bias = _signature(l.module)
-            wr.uint(kind, 1)
+            wr.uint(kind, 2)
             for s in shape:
                 wr.uv(s)
             wr.uint(int(has_bias), 1)
-    _write_extras(wr, _extras(model, [l.name for l in ls]))
+    _write_extras(wr, extras)
     for l in ls:
         _write_layer(wr, _layer_data(l))
     head = MAGIC + bytes([VERSION]) + wr.getvalue()
@@ -847,7 +916,7 @@ def _bias(dec: _Decoded) -> torch.Tensor:
     return torch.from_numpy(codes.astype(np.int32)).float() * exponent_scale(torch.tensor([e], dtype=torch.int8))
 
 
-def _parse(data: bytes, skeleton: nn.Module | None, where: str) -> nn.Module:
+def _parse(data: bytes, skeleton: nn.Module | None, where: str, version: int = VERSION) -> nn.Module:
     rd = _BitReader(data)
     arch_id = rd.uv()
     if arch_id == 0:
@@ -856,26 +925,18 @@ def _parse(data: bytes, skeleton: nn.Module | None, where: str) -> nn.Module:
                               "of the same architecture) to load it")
         stored = []
         for _ in range(min(rd.uv(), 1 << 20)):
-            kind = rd.uint(1)
-            shape = tuple(rd.uv() for _ in range(2 if kind == 0 else 3))
+            kind = rd.uint(1 if version == 1 else 2)
+            if kind not in _DIMS:
+                raise _Corrupt("unknown layer type")
+            shape = tuple(rd.uv() for _ in range(_DIMS[kind]))
             stored.append((kind, shape, bool(rd.uint(1))))
         target = skeleton
     elif arch_id in _ARCH_NAMES:
-        arch = _ARCH_NAMES[arch_id]
-        fin, fout = rd.uv(), rd.uv()
-        extra: tuple[int, ...] = ()
-        if arch == "mlp":
-            nh = rd.uv()
-            if nh > 1024:
-                raise _Corrupt("too many hidden layers")
-            extra = tuple(rd.uv() for _ in range(nh))
-        elif arch == "cnn1d":
-            extra = (rd.uv(),)
-        widths = (fin, fout, *extra)
-        if max(widths) > _MAX_PARAMS or min(widths) < 1:
-            raise _Corrupt("an architecture size is out of range")
-        built = (arch, fin, fout, extra)
-        target = _build(*built)
+        built = _read_header(rd, _ARCH_NAMES[arch_id])
+        try:
+            target = _build(built)
+        except RltuneError as e:
+            raise _Corrupt(f"the architecture cannot be built ({e})") from None
         stored = [_signature(m) for _, m in _plain_layers(target)]
         if skeleton is not None:
             target = skeleton
@@ -917,7 +978,7 @@ def _parse(data: bytes, skeleton: nn.Module | None, where: str) -> nn.Module:
         raise _Corrupt("trailing data after the last layer")
 
     if arch_id != 0 and skeleton is None:
-        target = _build(*built, meta=False)
+        target = _build(built, meta=False)
         plain = _plain_layers(target)
     want = _extras(target, [n for n, _ in plain])
     if sorted(n for n, _ in want) != sorted(e[0] for e in extras):
@@ -957,12 +1018,14 @@ def load_artifact(path_or_bytes: str | os.PathLike | bytes | bytearray | memoryv
         raise RltuneError(f"{where} is not an rltune artifact (bad magic)")
     if len(data) < len(MAGIC) + 1 + 4:
         raise RltuneError(f"{where} is truncated ({len(data)} bytes)")
-    if data[len(MAGIC)] != VERSION:
-        raise RltuneError(f"{where}: unsupported artifact version {data[len(MAGIC)]} (expected {VERSION})")
+    version = data[len(MAGIC)]
+    if version not in READABLE_VERSIONS:
+        raise RltuneError(f"{where}: unsupported artifact version {version} (this rltune reads "
+                          f"{', '.join(map(str, READABLE_VERSIONS))})")
     if zlib.crc32(data[:-4]) != int.from_bytes(data[-4:], "big"):
         raise RltuneError(f"{where} is corrupt or truncated (checksum mismatch)")
     try:
-        return _parse(data[len(MAGIC) + 1:-4], skeleton, where)
+        return _parse(data[len(MAGIC) + 1:-4], skeleton, where, version)
     except RltuneError:
         raise
     except _Corrupt as exc:

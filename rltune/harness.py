@@ -56,7 +56,7 @@ def run_cell(cell: Cell, agent: str | None = None, storage: str | None = None) -
     """Run one cell in this process (environments are cached per process)."""
     import torch
 
-    from rltune.cli import resolve_scenario
+    from rltune.shipped import resolve_scenario
     from rltune.env import DistillCompressEnv
     from rltune.tuners import run_tuner
 
@@ -155,7 +155,7 @@ def evaluate(
     smallest = min(budgets)
     cells = [c for c in cells if c.tuner not in ONE_EPISODE or c.budget_stages == smallest]
     if trial_workers > 1:
-        from rltune.cli import resolve_scenario
+        from rltune.shipped import resolve_scenario
         from rltune.scenario import load_scenario
 
         stages = {s: load_scenario(resolve_scenario(s)).training["stages"] for s in scenarios}

@@ -1,8 +1,10 @@
 """Deployment metrics of a (compressed) model: MACs, latency, modelled energy, accuracy.
 
 Torch and numpy only (no gymnasium, no SB3). Every function accepts a model prepared with
-:func:`rltune.compress.prepare_` as well as a plain ``nn.Module`` (a user's own included); only
-``nn.Linear`` and ``nn.Conv1d`` layers are counted, and an un-prepared layer is a dense float32 one.
+:func:`rltune.compression.prepare_` as well as a plain ``nn.Module`` (a user's own included); only
+``nn.Linear``, ``nn.Conv1d`` and ``nn.Conv2d`` layers are counted, and an un-prepared layer is a dense
+float32 one. ``in_features`` is the number of input features, or the shape of one input (without the
+batch dimension, e.g. ``(1, 28, 28)`` for an image model).
 
 Example usage::
 
@@ -25,7 +27,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from rltune.compress import BIAS_BITS, COMPRESSIBLE, weight_compressor
+from rltune.compression import BIAS_BITS, COMPRESSIBLE, weight_compressor
 
 # Energy per operation at 45 nm, 0.9 V, in picojoules.
 # Source: M. Horowitz, "Computing's energy problem (and what we can do about it)",
@@ -56,7 +58,7 @@ _MEMORY_TIERS = (
 
 @dataclass
 class LayerProfile:
-    """One call of a Linear / Conv1d layer during a batch-1 forward pass."""
+    """One call of a Linear / Conv1d / Conv2d layer during a batch-1 forward pass."""
 
     name: str
     bits: int                 # weight bit-width (32 = float)
@@ -81,9 +83,16 @@ class LayerProfile:
         return self.bits < 32
 
 
+def input_shape(in_features: int | tuple[int, ...] | list[int]) -> tuple[int, ...]:
+    """One input's shape (no batch dimension) from a feature count or a shape."""
+    if isinstance(in_features, (tuple, list, torch.Size)):
+        return tuple(int(d) for d in in_features)
+    return (int(in_features),)
+
+
 @torch.no_grad()
-def profile(model: nn.Module, in_features: int, as_float: bool = False) -> list[LayerProfile]:
-    """Per-layer counts from one batch-1 forward pass on zeros of shape ``(1, in_features)``.
+def profile(model: nn.Module, in_features: int | tuple[int, ...], as_float: bool = False) -> list[LayerProfile]:
+    """Per-layer counts from one batch-1 forward pass on zeros of shape ``(1, *input_shape)``.
 
     ``as_float=True`` describes the un-compressed model instead: every layer dense and 32-bit.
     A layer called twice appears twice. The model's train/eval mode is restored afterwards.
@@ -115,7 +124,7 @@ def profile(model: nn.Module, in_features: int, as_float: bool = False) -> list[
         param = next(model.parameters(), None)
         dtype = param.dtype if param is not None and param.is_floating_point() else torch.float32
         device = param.device if param is not None else torch.device("cpu")
-        model(torch.zeros(1, in_features, dtype=dtype, device=device))
+        model(torch.zeros(1, *input_shape(in_features), dtype=dtype, device=device))
     finally:
         for h in handles:
             h.remove()
@@ -123,10 +132,10 @@ def profile(model: nn.Module, in_features: int, as_float: bool = False) -> list[
     return records
 
 
-def count_macs(model: nn.Module, in_features: int) -> dict[str, int]:
+def count_macs(model: nn.Module, in_features: int | tuple[int, ...]) -> dict[str, int]:
     """Multiply-accumulates of one inference (batch 1) in the model's Linear / Conv1d layers.
 
-    Linear: ``in * out``; Conv1d: ``out_channels * out_length * in_channels / groups * kernel``.
+    Linear: ``in * out``; Conv: ``out_channels * output positions * in_channels / groups * kernel size``.
     ``nonzero_macs`` counts only non-zero effective weights (for a conv, non-zeros x output length).
     Biases, activations and pooling are not counted.
     """
@@ -137,7 +146,7 @@ def count_macs(model: nn.Module, in_features: int) -> dict[str, int]:
     }
 
 
-def costs(model: nn.Module, in_features: int, packed_bytes: int | None = None) -> dict[str, float]:
+def costs(model: nn.Module, in_features: int | tuple[int, ...], packed_bytes: int | None = None) -> dict[str, float]:
     """:func:`count_macs` and :func:`energy_per_inference` together, from one profiling pass
     (what a stage measures every time: one forward with hooks instead of two)."""
     prof = profile(model, in_features)
@@ -151,7 +160,7 @@ def costs(model: nn.Module, in_features: int, packed_bytes: int | None = None) -
 def plain_copy(model: nn.Module) -> nn.Module:
     """A deep copy with every parametrization removed and the effective weights baked in, in eval mode.
 
-    This is what a user deploys: ordinary ``nn.Linear`` / ``nn.Conv1d`` layers holding the pruned and
+    This is what a user deploys: ordinary ``nn.Linear`` / ``nn.Conv1d`` / ``nn.Conv2d`` layers holding the pruned and
     quantized float weights, with no masks or quantizers left to run.
     """
     plain = copy.deepcopy(model)
@@ -172,7 +181,7 @@ def plain_copy(model: nn.Module) -> nn.Module:
 
 def measure_latency(
     model: nn.Module,
-    in_features: int,
+    in_features: int | tuple[int, ...],
     batch_sizes: tuple[int, ...] = (1, 256),
     repeats: int | None = None,
     warmup: int = 3,
@@ -198,7 +207,7 @@ def measure_latency(
     try:
         with torch.inference_mode():
             for bs in batch_sizes:
-                x = torch.randn(int(bs), in_features, generator=gen).to(dtype)
+                x = torch.randn(int(bs), *input_shape(in_features), generator=gen).to(dtype)
                 for _ in range(max(warmup, 1)):
                     t0 = time.perf_counter()
                     plain(x)
@@ -262,7 +271,7 @@ def _energy(prof: list[LayerProfile], packed_bytes: int | None) -> dict[str, flo
     }
 
 
-def energy_per_inference(model: nn.Module, in_features: int, packed_bytes: int | None = None) -> dict[str, float]:
+def energy_per_inference(model: nn.Module, in_features: int | tuple[int, ...], packed_bytes: int | None = None) -> dict[str, float]:
     """Modelled energy (picojoules) of one batch-1 inference from :data:`HOROWITZ_45NM_PJ`.
 
     Model (a first-order accelerator estimate, not a measurement):
@@ -286,7 +295,7 @@ def energy_per_inference(model: nn.Module, in_features: int, packed_bytes: int |
     return _energy(profile(model, in_features), packed_bytes)
 
 
-def float_energy(model: nn.Module, in_features: int) -> dict[str, float]:
+def float_energy(model: nn.Module, in_features: int | tuple[int, ...]) -> dict[str, float]:
     """:func:`energy_per_inference` of the un-compressed model: every layer dense and float32."""
     return _energy(profile(model, in_features, as_float=True), None)
 

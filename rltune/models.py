@@ -2,8 +2,11 @@
 
 Every built-in model is described by a small JSON-able *spec* (``{"arch": "mlp", ...}``) so that
 a packed artifact can rebuild it without pickle. A user's own ``nn.Module`` works everywhere a
-built-in does (the compression ops only look for ``nn.Linear`` / ``nn.Conv1d`` layers); it just
-cannot be rebuilt from an artifact without the user handing the skeleton back.
+built-in does (the compression ops only look for ``nn.Linear`` / ``nn.Conv1d`` / ``nn.Conv2d``
+layers); it just cannot be rebuilt from an artifact without the user handing the skeleton back.
+
+``in_features`` is a feature count or one input's shape without the batch dimension (``(1, 28, 28)``
+for an image); ``mlp``, ``linear`` and ``cnn1d`` flatten their input, ``cnn2d`` needs ``(C, H, W)``.
 """
 
 from __future__ import annotations
@@ -15,7 +18,16 @@ from torch import nn
 
 from rltune.errors import RltuneError
 
-ARCHS = ("linear", "mlp", "cnn1d")
+ARCHS = ("linear", "mlp", "cnn1d", "cnn2d")
+
+
+def _numel(in_features) -> int:
+    if isinstance(in_features, (tuple, list, torch.Size)):
+        n = 1
+        for d in in_features:
+            n *= int(d)
+        return n
+    return int(in_features)
 
 
 class MLP(nn.Module):
@@ -41,6 +53,36 @@ class MLP(nn.Module):
         for layer in list(self.net)[:-1]:
             h = layer(h)
         return h
+
+
+class CNN2D(nn.Module):
+    """A LeNet-5-like 2-D CNN: per entry of ``channels`` a ``kernel``×``kernel`` convolution ("same"
+    padding), ReLU and 2×2 max-pooling; then a ReLU MLP with ``hidden`` widths and a linear read-out.
+
+    ``channels=[6, 16], hidden=[120, 84], kernel=5`` on 1×28×28 inputs is LeNet-5 with same padding.
+    """
+
+    def __init__(self, in_shape: tuple[int, int, int], out_features: int, channels=(6, 16), hidden=(120, 84),
+                 kernel: int = 5):
+        super().__init__()
+        if len(in_shape) != 3:
+            raise RltuneError(f"cnn2d needs image inputs of shape (channels, height, width), got {tuple(in_shape)}")
+        c, h, w = (int(d) for d in in_shape)
+        convs: list[nn.Module] = []
+        for ch in channels:
+            convs += [nn.Conv2d(c, int(ch), kernel, padding=kernel // 2), nn.ReLU(), nn.MaxPool2d(2)]
+            c, h, w = int(ch), h // 2, w // 2
+        if h < 1 or w < 1:
+            raise RltuneError(f"cnn2d: {len(channels)} poolings do not fit an input of {tuple(in_shape)}")
+        self.conv = nn.Sequential(*convs)
+        self.head = MLP(c * h * w, out_features, list(hidden))
+        self.in_shape = (int(in_shape[0]), int(in_shape[1]), int(in_shape[2]))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.conv(x.reshape(x.shape[0], *self.in_shape)))
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head.features(self.conv(x.reshape(x.shape[0], *self.in_shape)))
 
 
 class CNN1D(nn.Module):
@@ -70,16 +112,22 @@ class CNN1D(nn.Module):
         return self.conv(x.reshape(x.shape[0], 1, -1)).flatten(1)
 
 
-def build_model(spec: dict[str, Any], in_features: int, out_features: int) -> nn.Module:
+def build_model(spec: dict[str, Any], in_features, out_features: int) -> nn.Module:
     """Build a model from its spec: ``{"arch": "linear"}``, ``{"arch": "mlp", "hidden": [32]}``,
-    ``{"arch": "cnn1d", "channels": 25}``."""
+    ``{"arch": "cnn1d", "channels": 25}``, ``{"arch": "cnn2d", "channels": [6, 16], "hidden": [120, 84],
+    "kernel": 5}``. ``in_features``: a feature count or one input's shape."""
     arch = spec.get("arch")
     if arch == "linear":
-        return MLP(in_features, out_features, [])
+        return MLP(_numel(in_features), out_features, [])
     if arch == "mlp":
-        return MLP(in_features, out_features, [int(h) for h in spec.get("hidden", [])])
+        return MLP(_numel(in_features), out_features, [int(h) for h in spec.get("hidden", [])])
     if arch == "cnn1d":
-        return CNN1D(in_features, out_features, int(spec.get("channels", 25)))
+        return CNN1D(_numel(in_features), out_features, int(spec.get("channels", 25)))
+    if arch == "cnn2d":
+        shape = tuple(in_features) if isinstance(in_features, (tuple, list, torch.Size)) else (in_features,)
+        ch = spec.get("channels", [6, 16])
+        return CNN2D(shape, out_features, [int(c) for c in (ch if isinstance(ch, (list, tuple)) else [ch])],
+                     [int(h) for h in spec.get("hidden", [])], int(spec.get("kernel", 5)))
     raise RltuneError(f"unknown architecture {arch!r} (expected one of {', '.join(ARCHS)})")
 
 

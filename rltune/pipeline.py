@@ -84,7 +84,7 @@ def replay(agent_path: str | Path, scenario_path: str | Path, budget: str, seed:
         from rltune.errors import RltuneError
 
         raise RltuneError(f"the episode ended early: {info['diverged']}")
-    fs, _ = env._float_student(0, 0)
+    fs, _ = env.float_student(0, 0)
     trained_on = agent.meta.get("training", {}).get("scenarios", []) if agent else []
     how = {"method": "recipe" if recipe_only else "ppo-replay", "agent": None if recipe_only else str(agent_path),
            "budget": budget, "seed": seed, "in_agent_training_set": env.ctx.scenario.name in trained_on,

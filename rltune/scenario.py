@@ -4,16 +4,20 @@ A scenario file::
 
     name: digits-mlp
     dataset:                 # where the data comes from (all offline)
-      source: digits         # digits | breast_cancer | wine | iris | synthetic | mnist1d
+      source: digits         # digits | breast_cancer | wine | iris | mnist | synthetic | mnist1d | file
       seed: 0
       val_fraction: 0.2      # fixed sets: stratified split fractions
       test_fraction: 0.2
       # generators (mnist1d, synthetic): n_train, n_val, n_test; synthetic: params for
       # sklearn.datasets.make_classification (n_features, n_classes, n_informative, ...)
       transfer: 0            # unlabeled transfer-set size for distillation (0: none)
+      # file: path (.npz with x, y [, x_val, y_val, x_test, y_test, x_transfer] or .csv), relative
+      # to this file; label: the CSV's label column (default "label"); standardize: true
     teacher:
-      arch: mlp              # linear | mlp | cnn1d
-      hidden: [256, 256]     # mlp widths; cnn1d takes channels
+      arch: mlp              # linear | mlp | cnn1d | cnn2d
+      hidden: [256, 256]     # mlp widths (cnn2d: the widths after its convolutions)
+      channels: 25           # cnn1d: channels; cnn2d: a list, one convolution each ([6, 16])
+      kernel: 5              # cnn2d: kernel size
       epochs: 100
       lr: 0.001
       batch_size: 128
@@ -22,11 +26,13 @@ A scenario file::
       arch: mlp
       hidden: [32]
       pretrain_epochs: 30    # float KD student every episode starts from (cached)
+      pretrain_steps: null   # or at least this many optimizer steps (rounded up to whole epochs)
       lr: null               # its learning rate (null: training.lr)
     training:                # the budget of one episode
       stages: 8
       epochs_per_stage: 3
-      batch_size: 256
+      steps_per_stage: null  # or at least this many optimizer steps a stage (rounded up to epochs)
+      batch_size: null       # null: picked from the data size (see rltune.problem.auto_batch_size)
       lr: 0.001
       pruning_scope: global  # global | layer (magnitude threshold over all layers, or per layer)
       weight_sharing: false
@@ -51,6 +57,7 @@ Unknown keys are errors (a typo must not silently fall back to a default).
 from __future__ import annotations
 
 import copy
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -65,15 +72,16 @@ DEFAULTS: dict[str, Any] = {
     "dataset": {
         "seed": 0, "val_fraction": 0.2, "test_fraction": 0.2, "transfer": 0,
         "n_train": None, "n_val": None, "n_test": None, "params": {},
+        "path": None, "label": "label", "standardize": True,
     },
     "teacher": {
-        "arch": "mlp", "hidden": [256, 256], "channels": 25, "epochs": 100, "lr": 1e-3,
+        "arch": "mlp", "hidden": [256, 256], "channels": 25, "kernel": 5, "epochs": 100, "lr": 1e-3,
         "batch_size": 128, "weight_decay": 0.0, "seed": 0,
     },
-    "student": {"arch": "mlp", "hidden": [32], "channels": 25, "pretrain_epochs": 30,
-                "temperature": 4.0, "alpha": 0.9, "lr": None},
+    "student": {"arch": "mlp", "hidden": [32], "channels": 25, "kernel": 5, "pretrain_epochs": 30,
+                "pretrain_steps": None, "temperature": 4.0, "alpha": 0.9, "lr": None},
     "training": {
-        "stages": 8, "epochs_per_stage": 3, "batch_size": 256, "lr": 1e-3,
+        "stages": 8, "epochs_per_stage": 3, "steps_per_stage": None, "batch_size": None, "lr": 1e-3,
         "pruning_scope": "global", "weight_sharing": False, "hint_weight": 0.0,
     },
     "knobs": {"temperature": [1.0, 20.0], "alpha": [0.0, 1.0], "sparsity": [0.0, 0.98], "bits": [2, 8]},
@@ -127,6 +135,8 @@ class _Checker:
             return None
         if isinstance(v, bool) or not isinstance(v, (int, float)):
             self.fail(name, f"expected a number, got {v!r}")
+        if not math.isfinite(v):
+            self.fail(name, f"expected a finite number, got {v!r}")
         if integer and int(v) != v:
             self.fail(name, f"expected a whole number, got {v!r}")
         if lo is not None and v < lo:
@@ -145,7 +155,7 @@ class _Checker:
         v = sec[key]
         name = f"{prefix}.{key}"
         if (not isinstance(v, list) or len(v) != 2
-                or any(isinstance(x, bool) or not isinstance(x, (int, float)) for x in v)):
+                or any(isinstance(x, bool) or not isinstance(x, (int, float)) or not math.isfinite(x) for x in v)):
             self.fail(name, f"expected [min, max], got {v!r}")
         a, b = v
         if a > b:
@@ -200,15 +210,40 @@ def parse_scenario(raw: Any, where: str = "<scenario>") -> Scenario:
                 if k not in ok:
                     c.fail(f"dataset.params.{k}", f"not a make_classification argument rltune accepts ({', '.join(sorted(ok))})")
     else:
-        c.number(d, "val_fraction", "dataset", lo=0.05, hi=0.45)
-        c.number(d, "test_fraction", "dataset", lo=0.05, hi=0.45)
+        c.number(d, "val_fraction", "dataset", lo=0.0 if d["source"] == "file" else 0.05, hi=0.45)
+        c.number(d, "test_fraction", "dataset", lo=0.0 if d["source"] == "file" else 0.05, hi=0.45)
+    if d["source"] == "file":
+        if not isinstance(d["path"], str) or not d["path"] or "\0" in d["path"]:
+            c.fail("dataset.path", f"the file source needs a path to a .npz or .csv file, got {d['path']!r}")
+        if not d["path"].lower().endswith((".npz", ".csv")):
+            c.fail("dataset.path", f"expected a .npz or .csv file, got {d['path']!r}")
+        base = Path(where).parent if where and not where.startswith("<") else Path(".")
+        d["path"] = str((base / d["path"]).resolve()) if not Path(d["path"]).is_absolute() else d["path"]
+        if not isinstance(d["label"], str) or not d["label"]:
+            c.fail("dataset.label", f"expected the name of the CSV's label column, got {d['label']!r}")
+    elif d["path"] is not None:
+        c.fail("dataset.path", f"only the file source reads a path (source is {d['source']!r})")
+    if not isinstance(d["standardize"], bool):
+        c.fail("dataset.standardize", f"expected true or false, got {d['standardize']!r}")
 
     for role in ("teacher", "student"):
         s = secs[role]
         if s["arch"] not in ARCHS:
             c.fail(f"{role}.arch", f"unknown architecture {s['arch']!r} (expected one of {', '.join(ARCHS)})")
         c.widths(s, "hidden", role)
-        c.number(s, "channels", role, lo=1, integer=True)
+        if s["arch"] == "cnn2d":
+            if "channels" not in (raw.get(role) or {}):
+                s["channels"] = [6, 16]
+            elif isinstance(s["channels"], int) and not isinstance(s["channels"], bool):
+                s["channels"] = [s["channels"]]
+            c.widths(s, "channels", role)
+            if not 1 <= len(s["channels"]) <= 4:
+                c.fail(f"{role}.channels", f"cnn2d takes 1 to 4 convolutions, got {len(s['channels'])}")
+            c.number(s, "kernel", role, lo=1, hi=11, integer=True)
+            if d["source"] not in ("mnist", "file"):
+                c.fail(f"{role}.arch", f"cnn2d needs image inputs (source mnist or an image file), not {d['source']!r}")
+        else:
+            c.number(s, "channels", role, lo=1, integer=True)
     t = secs["teacher"]
     c.number(t, "epochs", "teacher", lo=1, integer=True)
     c.number(t, "lr", "teacher", lo=1e-6, hi=1.0)
@@ -217,6 +252,7 @@ def parse_scenario(raw: Any, where: str = "<scenario>") -> Scenario:
     c.number(t, "seed", "teacher", lo=0, integer=True)
     s = secs["student"]
     c.number(s, "pretrain_epochs", "student", lo=0, integer=True)
+    c.number(s, "pretrain_steps", "student", lo=0, integer=True, nullable=True)
     c.number(s, "temperature", "student", lo=0.1, hi=100)
     c.number(s, "alpha", "student", lo=0.0, hi=1.0)
     c.number(s, "lr", "student", lo=1e-6, hi=1.0, nullable=True)
@@ -224,7 +260,8 @@ def parse_scenario(raw: Any, where: str = "<scenario>") -> Scenario:
     tr = secs["training"]
     c.number(tr, "stages", "training", lo=1, hi=100, integer=True)
     c.number(tr, "epochs_per_stage", "training", lo=1, integer=True)
-    c.number(tr, "batch_size", "training", lo=1, integer=True)
+    c.number(tr, "steps_per_stage", "training", lo=1, integer=True, nullable=True)
+    c.number(tr, "batch_size", "training", lo=1, integer=True, nullable=True)
     c.number(tr, "lr", "training", lo=1e-6, hi=1.0)
     c.number(tr, "hint_weight", "training", lo=0.0)
     if tr["pruning_scope"] not in ("layer", "global"):

@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from rltune import compress as C
+from rltune import compression as C
 from rltune.context import Context
 from rltune.distill import Hint, predict, train_epochs
 from rltune.errors import RltuneError
@@ -93,7 +93,7 @@ def reference(ctx: Context, float_student: nn.Module) -> Reference:
         val_acc=accuracy(predict(float_student, d.x_val), d.y_val),
         test_acc=accuracy(predict(float_student, d.x_test), d.y_test),
         float_bytes=C.float_bytes(float_student),
-        energy_pj=float_energy(float_student, ctx.n_features)["energy_pj"],
+        energy_pj=float_energy(float_student, ctx.input_shape)["energy_pj"],
         teacher_val_acc=ctx.teacher_info["val_acc"],
         teacher_test_acc=ctx.teacher_info["test_acc"],
     )
@@ -123,8 +123,8 @@ def measure(ctx: Context, state: StudentState, train_loss: float = math.nan) -> 
     """Measure the student on the val split (never test)."""
     model, d = state.model, ctx.data
     logits = predict(model, d.x_val)
-    nbytes = packed_size(model, ctx.scenario.student, ctx.n_features, ctx.n_classes)
-    cost = costs(model, ctx.n_features, packed_bytes=nbytes)
+    nbytes = packed_size(model, ctx.student_spec, ctx.input_shape, ctx.n_classes)
+    cost = costs(model, ctx.input_shape, packed_bytes=nbytes)
     return Metrics(
         val_acc=accuracy(logits, d.y_val),
         val_agreement=agreement(logits, ctx.logits["val"]),
@@ -217,8 +217,9 @@ def final_report(ctx: Context, state: StudentState, latency: bool = True) -> dic
     }
     score, _ = score_of(ctx, m, state.ref, acc=out["test_acc"], ref_acc=state.ref.test_acc)
     out["test_score"] = score
+    out["layers"] = C.layer_summary(state.model)
     if latency:
-        out.update(measure_latency(state.model, ctx.n_features))
+        out.update(measure_latency(state.model, ctx.input_shape))
     return out
 
 

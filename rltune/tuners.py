@@ -23,7 +23,8 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import asdict, dataclass, field
+import copy
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Callable
 
@@ -50,9 +51,10 @@ class TuneResult:
     config: dict[str, Any]
     episode_val_accs: list[float] = field(default_factory=list)
     seconds: float = 0.0
+    state: Any = field(default=None, repr=False, compare=False)  # the best student (not serialised)
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        return {f.name: copy.deepcopy(getattr(self, f.name)) for f in fields(self) if f.name != "state"}
 
 
 class Session:
@@ -99,7 +101,7 @@ class Session:
     def play_actions(self, policy: Callable[[np.ndarray, int], np.ndarray], config: dict) -> float:
         """An episode of env steps; ``policy(obs, k)`` gives the action of step k."""
         self._reset()
-        obs = self.env._obs()
+        obs = self.env.observe()
         done, k, info = False, 0, {}
         while not done:
             obs, _, term, trunc, info = self.env.step(policy(obs, k))
@@ -127,7 +129,7 @@ class Session:
         test = final_report(env.context(self.scenario), state, latency=False)
         return TuneResult(tuner, env.scenarios[self.scenario].name, str(self.target), self.seed,
                           self.budget_stages, self.stages_used, len(self.val_accs), config["val_acc"],
-                          config["val_score"], test, config, self.val_accs, time.perf_counter() - t0)
+                          config["val_score"], test, config, self.val_accs, time.perf_counter() - t0, state)
 
 
 def tune_recipe(s: Session, bits8: bool = False) -> None:
@@ -228,8 +230,9 @@ def tune_optuna_schedule(s: Session, storage: str | None = None, **study: Any) -
 
 def tune_ppo_replay(s: Session, agent_path: str | Path) -> None:
     from rltune.agentfile import load_policy
+    from rltune.shipped import resolve_agent
 
-    agent = load_policy(agent_path)
+    agent = load_policy(resolve_agent(agent_path))
     s.play_actions(lambda obs, k: agent.predict(obs, deterministic=True), {"agent": str(agent_path)})
 
 
@@ -253,7 +256,7 @@ class CellEnv(gym.Env):
             self.exhausted = True
             return np.zeros(self.observation_space.shape, np.float32), {}
         s._reset()
-        return s.env._obs(), {}
+        return s.env.observe(), {}
 
     def step(self, action):
         if self.exhausted:
@@ -284,7 +287,9 @@ def tune_ppo_finetune(s: Session, agent_path: str | Path, episodes_per_update: i
     # a rollout of at most `episodes_per_update` episodes, fewer when the budget is small, so that
     # even two fine-tuning episodes give a PPO update (a last partial rollout is not used)
     n_steps = min(episodes_per_update, s.budget_stages // S - 1) * S
-    model = load_ppo(agent_path, env=DummyVecEnv([lambda: cell]), n_steps=n_steps,
+    from rltune.shipped import resolve_agent
+
+    model = load_ppo(resolve_agent(agent_path), env=DummyVecEnv([lambda: cell]), n_steps=n_steps,
                      batch_size=min(n_steps, 64), seed=s.seed, verbose=0)
 
     class Stop(BaseCallback):

@@ -8,7 +8,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import rltune  # noqa: F401  (registers the ids)
-from rltune import compress as C
+from rltune import compression as C
 from rltune.env import ACTION_LAYOUT, OBS_LAYOUT, DistillCompressEnv, decode_action
 from rltune.registration import ENV_IDS
 from rltune.scenario import parse_scenario
@@ -65,7 +65,7 @@ def test_zero_action_reproduces_the_recipe_exactly(env):
     expected = recipe(env.stages, plan["final_sparsity"], env.probe_result.recipe_bits)
     assert knobs == expected
     # the same schedule run directly on the engine, same seed: identical numbers
-    fs, ref = env._float_student(0, env.float_seed)
+    fs, ref = env.float_student(0, env.float_seed)
     model = C.prepare_(copy.deepcopy(fs))
     state = StudentState(model, ref, torch.Generator().manual_seed(env.torch_seed), None)
     direct = [run_stage(env.ctx, state, k).val_acc for k in expected]

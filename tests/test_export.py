@@ -9,7 +9,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from rltune import export as E
-from rltune.compress import (
+from rltune.compression import (
     float_bytes,
     iter_params,
     layers,

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from rltune.compress import layers, prepare_, prune_, set_bits_, share_weights_
+from rltune.compression import layers, prepare_, prune_, set_bits_, share_weights_
 from rltune.costmodel import CostModel, collect_samples, features
 from rltune.errors import RltuneError
 from rltune.metrics import (
@@ -255,7 +255,7 @@ def test_cost_model_fit_and_json_round_trip():
 
 
 def test_costs_equals_macs_and_energy_from_one_pass():
-    from rltune.compress import prepare_, prune_, set_bits_
+    from rltune.compression import prepare_, prune_, set_bits_
     from rltune.metrics import costs, count_macs, energy_per_inference
     from rltune.models import build_model
 

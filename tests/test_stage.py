@@ -48,7 +48,7 @@ def test_weight_sharing_stage(ctx):
     shared = Context.build(parse_scenario({**TINY, "training": {**TINY["training"], "weight_sharing": True}}))
     state = start(shared, seed=0)
     run_stage(shared, state, Knobs(4.0, 0.9, 0.5, 3))
-    from rltune import compress as C
+    from rltune import compression as C
     assert all(l.compressor.shared and l.compressor.codebook.numel() == 8 for l in C.layers(state.model))
 
 

@@ -3,7 +3,7 @@ weight sharing. Torch only (no gymnasium, no SB3).
 
 A model is made compressible with :func:`prepare_`, which registers a parametrization
 (``torch.nn.utils.parametrize``) on the ``weight`` and ``bias`` of every ``nn.Linear`` and
-``nn.Conv1d``. The parametrization computes the *effective* weight the model uses, both while
+``nn.Conv1d`` / ``nn.Conv2d``. The parametrization computes the *effective* weight the model uses, both while
 training (with a straight-through estimator) and at inference::
 
     w_eff = Q_b(w * mask)
@@ -49,7 +49,7 @@ from torch.nn.utils import parametrize
 
 from rltune.errors import RltuneError
 
-COMPRESSIBLE = (nn.Linear, nn.Conv1d)
+COMPRESSIBLE = (nn.Linear, nn.Conv1d, nn.Conv2d)
 VALID_BITS = (2, 3, 4, 5, 6, 7, 8, 32)
 BIAS_BITS = 8
 
@@ -209,8 +209,25 @@ class Layer:
         return self.module.weight
 
 
+def check_untied(model: nn.Module) -> None:
+    """Refuse tied weights: one weight tensor held by two compressible layers (a module used twice
+    is fine: it is one layer, compressed once)."""
+    seen: dict[int, str] = {}
+    for name, module in model.named_modules():
+        if not isinstance(module, COMPRESSIBLE):
+            continue
+        w = module.parametrizations["weight"].original if parametrize.is_parametrized(module, "weight") else module.weight
+        if id(w) in seen:
+            raise RltuneError(f"layers {seen[id(w)]!r} and {name!r} share one weight tensor (tied weights): "
+                              "rltune cannot compress tied weights; untie them or give the layers their own weights")
+        seen[id(w)] = name
+
+
 def prepare_(model: nn.Module) -> nn.Module:
-    """Register compression parametrizations on every Linear / Conv1d weight and bias (idempotent)."""
+    """Register compression parametrizations on every Linear / Conv1d / Conv2d weight and bias
+    (idempotent). Every other module (LayerNorm, BatchNorm, embeddings, custom parameters) stays
+    float32. Tied weights (one tensor in two layers) are refused with an :class:`RltuneError`."""
+    check_untied(model)
     found = False
     for module in model.modules():
         if isinstance(module, COMPRESSIBLE):
@@ -222,7 +239,7 @@ def prepare_(model: nn.Module) -> nn.Module:
             if module.bias is not None:
                 parametrize.register_parametrization(module, "bias", BiasCompressor(wc))
     if not found:
-        raise RltuneError("the model has no nn.Linear or nn.Conv1d layer to compress")
+        raise RltuneError("the model has no nn.Linear, nn.Conv1d or nn.Conv2d layer to compress")
     return model
 
 
@@ -405,6 +422,18 @@ def model_bits(model: nn.Module) -> float:
     ls = layers(model)
     total = sum(l.weight.numel() for l in ls)
     return sum(l.compressor.bits * l.weight.numel() for l in ls) / max(total, 1)
+
+
+def layer_summary(model: nn.Module) -> list[dict]:
+    """Per compressible layer: name, kind, weight count, bit-width, sparsity, weight sharing."""
+    out = []
+    with torch.no_grad():
+        for l in layers(model):
+            w = l.effective_weight
+            out.append({"name": l.name, "kind": type(l.module).__name__.replace("Parametrized", ""),
+                        "params": int(w.numel()), "bits": int(l.compressor.bits),
+                        "sparsity": float((w == 0).sum()) / max(w.numel(), 1), "shared": bool(l.compressor.shared)})
+    return out
 
 
 def float_bytes(model: nn.Module) -> int:

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from rltune import compress as C
+from rltune import compression as C
 from rltune.errors import RltuneError
 from rltune.models import build_model
 

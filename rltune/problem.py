@@ -1,0 +1,336 @@
+"""A compression problem: the user's trained teacher, a student module and data; or a scenario.
+
+``Problem`` is how a user brings a *new model* to rltune, and what a YAML scenario becomes once
+loaded (:meth:`Problem.from_scenario`): one code path serves both. Like a scikit-learn estimator's
+``check_X_y``, the constructor checks everything it can before any training and raises
+:class:`rltune.errors.RltuneError` with one line naming the argument.
+
+Example usage::
+
+    import rltune
+    p = rltune.Problem(teacher, student, train=(x, y), val=(x_val, y_val), test=(x_test, y_test),
+                       name="my-model", stages=8, epochs_per_stage=3)
+    r = rltune.compress(p, target="16x")
+    r.model, r.report["test_acc"], r.save("m.rlt")
+
+Arguments:
+
+- ``teacher``: the user's trained ``nn.Module``. rltune never trains it; it computes its logits once.
+- ``student``: any ``nn.Module`` with at least one ``nn.Linear``, ``nn.Conv1d`` or ``nn.Conv2d``
+  (those are compressed; every other parameter stays float32 and is counted in the bytes).
+  Untrained or trained: rltune first distils a float student from it for ``pretrain_epochs``
+  (``0`` skips that and starts from the student as given).
+- ``train``, ``val``, ``test``: ``(x, y)`` pairs of NumPy arrays or tensors; ``x`` one row per
+  sample of any shape the models take, ``y`` class numbers ``0..C-1``. ``test`` is optional (then
+  the report has no test figures). Rewards and every tuner's choices read ``val``; ``test`` is read
+  once, for the final report. The data is used as given (no standardisation).
+- ``transfer``: unlabeled inputs for distillation (optional). When absent, ``transfer_size``
+  inputs are made by mixup of train pairs plus a little noise (default ``10 × n_train``, clamped to
+  2,000..20,000).
+- Training budget: ``stages`` per episode, and per stage ``epochs_per_stage`` epochs or at least
+  ``steps_per_stage`` optimizer steps (rounded up to whole epochs); ``batch_size`` (default: from
+  the data size, :func:`auto_batch_size`, so a small set still gets many steps), ``lr``.
+  ``pretrain_epochs`` / ``pretrain_steps`` likewise for the float student.
+- ``knobs``: the tuners' ranges (``{"bits": [2, 8], "sparsity": [0, 0.98], ...}``, see
+  ``rltune.scenario``); ``pruning_scope``: ``"global"`` or ``"layer"``.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import inspect
+import math
+import re
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from rltune.compression import COMPRESSIBLE, check_untied
+from rltune.data import Dataset, cache_dir, mixup, load_dataset, stable_hash
+from rltune.errors import RltuneError
+from rltune.scenario import Scenario, parse_scenario
+
+NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]{0,99}")
+CACHE_VERSION = 2
+
+
+def check_name(name: Any, where: str = "name") -> str:
+    """A problem's name becomes a file name: letters, digits and ``._+-`` only, at most 100."""
+    if not isinstance(name, str) or not NAME_RE.fullmatch(name) or name in (".", ".."):
+        raise RltuneError(f"{where}: {name!r} is not a usable name (letters, digits, '.', '_', '+', '-'; "
+                          "at most 100 characters; no path separators)")
+    return name
+
+
+def auto_batch_size(n_rows: int) -> int:
+    """The default batch size for ``n_rows`` training rows (train and transfer): about 32 steps an
+    epoch for small sets, 256 for large ones: ``clamp(2**floor(log2(n / 32)), 16, 256)``."""
+    if n_rows < 64:
+        return 16
+    return int(min(256, max(16, 2 ** math.floor(math.log2(n_rows / 32)))))
+
+
+def epochs_for(steps: int | None, epochs: int, n_rows: int, batch_size: int) -> int:
+    """Whole epochs for a budget of ``steps`` optimizer steps (``epochs`` when steps is None)."""
+    if steps is None:
+        return int(epochs)
+    per_epoch = max(1, math.ceil(n_rows / batch_size))
+    return max(1, math.ceil(steps / per_epoch))
+
+
+def _as_tensor(value: Any, what: str) -> torch.Tensor:
+    if isinstance(value, torch.Tensor):
+        t = value.detach().cpu()
+    else:
+        try:
+            arr = np.asarray(value)
+        except Exception as e:  # ragged lists and the like
+            raise RltuneError(f"{what}: cannot be read as an array ({type(e).__name__})") from None
+        if arr.dtype == object or not (np.issubdtype(arr.dtype, np.number) or arr.dtype == bool):
+            raise RltuneError(f"{what}: expected numbers, got an array of {arr.dtype}")
+        t = torch.from_numpy(np.ascontiguousarray(arr))
+    return t
+
+
+def _inputs(value: Any, what: str) -> torch.Tensor:
+    x = _as_tensor(value, what)
+    if x.dim() < 2 or x.shape[0] == 0:
+        raise RltuneError(f"{what}: expected one row per sample (at least 2 dimensions, at least one row), "
+                          f"got shape {tuple(x.shape)}")
+    if x.is_complex():
+        raise RltuneError(f"{what}: complex inputs are not supported")
+    x = x.to(torch.float32)
+    if not torch.isfinite(x).all():
+        raise RltuneError(f"{what}: holds NaN or infinite values")
+    return x.contiguous()
+
+
+def _labels(value: Any, what: str) -> torch.Tensor:
+    y = _as_tensor(value, what)
+    if y.dim() == 2 and y.shape[1] == 1:
+        y = y[:, 0]
+    if y.dim() != 1:
+        raise RltuneError(f"{what}: expected a 1-D array of class numbers, got shape {tuple(y.shape)}")
+    if y.is_floating_point():
+        if not torch.isfinite(y).all() or not torch.equal(y, y.round()):
+            raise RltuneError(f"{what}: labels must be whole class numbers 0, 1, ... (got non-integers or NaN)")
+    elif y.dtype == torch.bool or y.is_complex():
+        raise RltuneError(f"{what}: labels must be class numbers 0, 1, ..., got {y.dtype}")
+    y = y.to(torch.int64)
+    if y.numel() and int(y.min()) < 0:
+        raise RltuneError(f"{what}: labels must be class numbers 0, 1, ..., got {int(y.min())}")
+    return y.contiguous()
+
+
+def _split(value: Any, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+    if not isinstance(value, (tuple, list)) or len(value) != 2:
+        raise RltuneError(f"{name}: expected an (x, y) pair, got {type(value).__name__}")
+    x, y = _inputs(value[0], f"{name} x"), _labels(value[1], f"{name} y")
+    if len(x) != len(y):
+        raise RltuneError(f"{name}: x has {len(x)} rows but y has {len(y)}")
+    return x, y
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {text[0][:300]}" if text else type(e).__name__
+
+
+@torch.no_grad()
+def _run(model: nn.Module, x: torch.Tensor, role: str) -> torch.Tensor:
+    was = model.training
+    try:
+        model.eval()
+        out = model(x)
+    except Exception as e:
+        raise RltuneError(f"the {role} cannot run on inputs of shape {tuple(x.shape)}: {_first_line(e)}") from None
+    finally:
+        model.train(was)
+    if not isinstance(out, torch.Tensor) or out.dim() != 2 or out.shape[0] != x.shape[0]:
+        shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+        raise RltuneError(f"the {role} must return logits of shape (batch, classes); on a batch of "
+                          f"{x.shape[0]} it returned {shape}")
+    if not out.is_floating_point():
+        raise RltuneError(f"the {role} must return float logits, got {out.dtype}")
+    return out
+
+
+def _module_hash(model: nn.Module) -> str:
+    """Content hash of a module: its class source (best effort), repr and every tensor."""
+    h = hashlib.sha256()
+    h.update(f"{type(model).__module__}.{type(model).__qualname__}\n{model!r}".encode())
+    try:
+        h.update(inspect.getsource(type(model)).encode())
+    except (OSError, TypeError):
+        pass
+    for k, v in model.state_dict().items():
+        h.update(k.encode())
+        h.update(str((tuple(v.shape), str(v.dtype))).encode())
+        h.update(v.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+class Problem:
+    """One compression problem: a teacher, a student to compress, data, and the training budget.
+
+    See the module docstring for the arguments. The constructor checks them (shapes, labels,
+    NaN, that both models run on the data and agree on the number of classes, that the student
+    has a layer to compress) and raises one-line :class:`RltuneError` s; it trains nothing.
+    """
+
+    def __init__(self, teacher: nn.Module, student: nn.Module, train, val, test=None, transfer=None, *,
+                 name: str = "problem", stages: int = 8, epochs_per_stage: int = 3,
+                 steps_per_stage: int | None = None, batch_size: int | None = None, lr: float = 5e-3,
+                 pretrain_epochs: int = 30, pretrain_steps: int | None = None,
+                 transfer_size: int | None = None, knobs: dict[str, Any] | None = None,
+                 pruning_scope: str = "global", seed: int = 0):
+        check_name(name)
+        for role, m in (("teacher", teacher), ("student", student)):
+            if not isinstance(m, nn.Module):
+                raise RltuneError(f"{role}: expected a torch.nn.Module, got {type(m).__name__}")
+        if teacher is student:
+            raise RltuneError("teacher and student are the same module: pass a separate student to compress")
+        if not any(isinstance(m, COMPRESSIBLE) for m in student.modules()):
+            raise RltuneError("student: has no nn.Linear, nn.Conv1d or nn.Conv2d layer to compress")
+        for pname, p in student.named_parameters():
+            if p.dtype != torch.float32:
+                raise RltuneError(f"student: parameter {pname!r} is {p.dtype}; rltune compresses float32 models "
+                                  "(call student.float() first)")
+        check_untied(student)
+        x_tr, y_tr = _split(train, "train")
+        x_va, y_va = _split(val, "val")
+        if test is not None:
+            x_te, y_te = _split(test, "test")
+        else:
+            x_te, y_te = x_tr[:0], y_tr[:0]
+        shape = tuple(x_tr.shape[1:])
+        for what, x in (("val", x_va), ("test", x_te)):
+            if x.numel() and tuple(x.shape[1:]) != shape:
+                raise RltuneError(f"{what} x: samples have shape {tuple(x.shape[1:])}, train's have {shape}")
+        if transfer is not None:
+            x_u = _inputs(transfer, "transfer")
+            if tuple(x_u.shape[1:]) != shape:
+                raise RltuneError(f"transfer: samples have shape {tuple(x_u.shape[1:])}, train's have {shape}")
+        else:
+            x_u = None
+        probe = x_tr[:8]
+        t_out = _run(teacher, probe, "teacher")
+        s_out = _run(student, probe, "student")
+        classes = int(t_out.shape[1])
+        if classes < 2:
+            raise RltuneError(f"the teacher returns {classes} logit per sample; a classifier needs at least 2")
+        if s_out.shape[1] != classes:
+            raise RltuneError(f"the student returns {s_out.shape[1]} logits per sample, the teacher {classes}")
+        top = max(int(y.max()) for y in (y_tr, y_va, y_te) if y.numel())
+        if top >= classes:
+            raise RltuneError(f"labels go up to {top} but the teacher has only {classes} outputs (classes 0..{classes - 1})")
+        if transfer_size is not None and (isinstance(transfer_size, bool) or not isinstance(transfer_size, int)
+                                          or not 0 <= transfer_size <= 1_000_000):
+            raise RltuneError(f"transfer_size: expected a whole number in 0..1000000, got {transfer_size!r}")
+        if x_u is None:
+            n = transfer_size if transfer_size is not None else int(min(20_000, max(2_000, 10 * len(y_tr))))
+            if n:
+                rng = np.random.default_rng(seed)
+                spread = x_tr.std(dim=0).numpy()
+                x_u = torch.from_numpy(mixup(x_tr.numpy(), n, rng, scale=spread))
+            else:
+                x_u = x_tr[:0]
+        self.name = name
+        self.teacher = teacher
+        self.student = student
+        self.data = Dataset(name, x_tr, y_tr, x_va, y_va, x_te, y_te, x_u.contiguous(), classes=classes)
+        raw = {
+            "name": name, "dataset": {"source": "iris"},
+            "student": {"pretrain_epochs": pretrain_epochs, "pretrain_steps": pretrain_steps},
+            "training": {"stages": stages, "epochs_per_stage": epochs_per_stage,
+                         "steps_per_stage": steps_per_stage, "batch_size": batch_size, "lr": lr,
+                         "pruning_scope": pruning_scope},
+            "knobs": dict(knobs or {}),
+        }
+        sc = parse_scenario(raw, f"Problem {name!r}")
+        sc.dataset = {"source": "user"}
+        sc.teacher = {"arch": "user"}
+        sc.student = {**sc.student, "arch": "user"}
+        self.scenario = sc
+        self.student_spec: dict[str, Any] | None = None  # a user's module: the artifact stores layer shapes
+        self.teacher_info: dict[str, Any] = {}
+        self.teacher_cache_hit = False
+        self._key: str | None = None
+
+    # -- what the rest of rltune reads ---------------------------------------------------------
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        return self.data.input_shape
+
+    @property
+    def n_classes(self) -> int:
+        return self.data.n_classes
+
+    def new_student(self, seed: int) -> nn.Module:
+        """A fresh copy of the student to distil (a scenario's is initialised with ``seed``)."""
+        if self.student_spec is not None:
+            from rltune.models import build_model
+
+            torch.manual_seed(seed)
+            return build_model(self.student_spec, self.input_shape, self.n_classes)
+        return copy.deepcopy(self.student)
+
+    def cache_key(self) -> str:
+        """What defines the float students distilled for this problem (for the disk cache)."""
+        if self._key is None:
+            if self.student_spec is not None:
+                s = self.scenario
+                self._key = stable_hash({"v": CACHE_VERSION, "dataset": s.dataset, "teacher": s.teacher,
+                                         "student": self.student_spec, "data": self.data.fingerprint})
+            else:
+                self._key = stable_hash({"v": CACHE_VERSION, "data": self.data.content_hash(),
+                                         "teacher": _module_hash(self.teacher), "student": _module_hash(self.student)})
+        return self._key
+
+    def __repr__(self) -> str:
+        d = self.data
+        return (f"Problem({self.name!r}, input {self.input_shape}, {self.n_classes} classes, "
+                f"{len(d.y_train)} train / {len(d.y_val)} val / {len(d.y_test)} test / {len(d.x_transfer)} transfer)")
+
+    # -- a scenario through the same path -----------------------------------------------------
+
+    @classmethod
+    def from_scenario(cls, scenario: Scenario | str | Path) -> "Problem":
+        """The problem a scenario describes: its dataset loaded, its teacher trained once (cached on
+        disk under a hash of everything that defines it), its student built from the spec."""
+        from rltune.context import load_or_train_teacher
+        from rltune.scenario import load_scenario
+
+        if not isinstance(scenario, Scenario):
+            from rltune.shipped import resolve_scenario
+
+            scenario = load_scenario(resolve_scenario(str(scenario)))
+        check_name(scenario.name, f"{scenario.path or '<scenario>'}: name")
+        data = load_dataset(scenario.dataset)
+        teacher, info, hit = load_or_train_teacher(scenario, data)
+        self = cls.__new__(cls)
+        self.name = scenario.name
+        self.teacher = teacher
+        self.data = data
+        self.scenario = scenario
+        self.student_spec = dict(scenario.student)
+        self.student = None
+        self.teacher_info = info
+        self.teacher_cache_hit = hit
+        self._key = None
+        self.student = self.new_student(0)
+        return self
+
+
+def teacher_key(scenario: Scenario, data: Dataset) -> str:
+    # the transfer set does not change the teacher (trained on labeled train only)
+    labeled = {k: v for k, v in scenario.dataset.items() if k != "transfer"}
+    return stable_hash({"v": 1, "dataset": labeled, "teacher": scenario.teacher, "data": data.fingerprint})
+
+
+__all__ = ["Problem", "auto_batch_size", "epochs_for", "check_name", "cache_dir"]

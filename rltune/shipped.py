@@ -1,0 +1,87 @@
+"""Shipped scenarios and agents, found by name from any folder.
+
+The repository's top-level ``envs/`` (scenario YAML), ``agents/`` (trained agents and
+``ppo.yml``) are the source of what ships. In a source checkout (an editable install) they are
+read in place; a wheel carries copies inside the package (``rltune/shipped_envs``,
+``rltune/shipped_agents``, mapped by ``pyproject.toml``), so ``pip install .`` then
+``rltune replay ppo-v0 --scenario wine-mlp`` works from any folder.
+
+A name is looked up as a path first (relative to the working folder), then in ``./envs`` or
+``./agents`` (a user's own project), then among the shipped ones.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from rltune.errors import RltuneError
+
+_PKG = Path(__file__).resolve().parent
+_REPO = _PKG.parent
+
+
+def shipped_dir(kind: str) -> Path:
+    """The folder of shipped ``envs`` or ``agents``: in the wheel, else the source checkout's."""
+    if kind not in ("envs", "agents"):
+        raise ValueError(kind)
+    inside = _PKG / f"shipped_{kind}"
+    if inside.is_dir() and any(inside.iterdir()):
+        return inside
+    return _REPO / kind
+
+
+def shipped_scenarios() -> list[str]:
+    """Names of the shipped scenarios."""
+    return sorted(p.stem for p in shipped_dir("envs").glob("*.yaml"))
+
+
+def shipped_agents() -> list[str]:
+    """Names of the shipped agents (folders with an ``agent.json``)."""
+    return sorted(p.name for p in shipped_dir("agents").iterdir() if (p / "agent.json").is_file()) \
+        if shipped_dir("agents").is_dir() else []
+
+
+def resolve_scenario(name: str) -> Path:
+    """A scenario path, or the name of a shipped one (``digits-mlp`` -> ``.../envs/digits-mlp.yaml``)."""
+    if not isinstance(name, (str, Path)):
+        raise RltuneError(f"expected a scenario name or YAML path, got {type(name).__name__} "
+                          "(a model and data go in through rltune.Problem)")
+    name = str(name)
+    if "\0" in name or len(name) > 4096:
+        raise RltuneError(f"{name[:80]!r}: not a usable scenario name or path")
+    p = Path(name)
+    try:
+        if p.is_file():
+            return p
+    except OSError:
+        pass
+    file = name if name.endswith((".yaml", ".yml")) else f"{name}.yaml"
+    if "/" not in file and "\\" not in file:
+        for base in (Path("envs"), shipped_dir("envs")):
+            cand = base / file
+            if cand.is_file():
+                return cand
+    raise RltuneError(f"{name}: no such scenario file, nor a shipped scenario of that name "
+                      f"(shipped: {', '.join(shipped_scenarios())})")
+
+
+def resolve_agent(name: str | Path) -> Path:
+    """An agent folder, or the name of a shipped agent (``ppo-v0``)."""
+    name = str(name)
+    if "\0" in name or len(name) > 4096:
+        raise RltuneError(f"{name[:80]!r}: not a usable agent name or path")
+    p = Path(name)
+    if p.is_dir():
+        return p
+    if "/" not in name and "\\" not in name:
+        for base in (Path("agents"), shipped_dir("agents")):
+            cand = base / name
+            if (cand / "agent.json").is_file():
+                return cand
+    raise RltuneError(f"{name}: no such agent folder, nor a shipped agent of that name "
+                      f"(shipped: {', '.join(shipped_agents())})")
+
+
+def hyperparams_file() -> Path:
+    """The shipped ``ppo.yml``."""
+    return shipped_dir("agents") / "ppo.yml"
