@@ -75,7 +75,7 @@ class Result:
         return int(info["onnx_bytes"])
 
 
-def _problem(p: Problem | Scenario | str | os.PathLike) -> Problem:
+def as_problem(p: Problem | Scenario | str | os.PathLike) -> Problem:
     if isinstance(p, Problem):
         return p
     if isinstance(p, nn.Module):
@@ -86,13 +86,13 @@ def _problem(p: Problem | Scenario | str | os.PathLike) -> Problem:
     raise RltuneError(f"expected an rltune.Problem, a scenario or a scenario name, got {type(p).__name__}")
 
 
-def _clean(v: Any) -> Any:
+def json_safe(v: Any) -> Any:
     if isinstance(v, float) and not math.isfinite(v):
         return None
     if isinstance(v, dict):
-        return {k: _clean(x) for k, x in v.items()}
+        return {k: json_safe(x) for k, x in v.items()}
     if isinstance(v, list):
-        return [_clean(x) for x in v]
+        return [json_safe(x) for x in v]
     return v
 
 
@@ -120,7 +120,7 @@ def compress(problem: Problem | Scenario | str, target: str | float = "16x", tun
 
         agent = resolve_agent(agent)
         load_policy(agent)  # a bad agent fails here, before any training
-    p = _problem(problem)
+    p = as_problem(problem)
     stages = p.scenario.training["stages"]
     if budget_stages is None:
         n = 1 if tuner in ONE_EPISODE_TUNERS else (episodes or DEFAULT_SEARCH_EPISODES)
@@ -135,12 +135,11 @@ def compress(problem: Problem | Scenario | str, target: str | float = "16x", tun
 
     ctx = env.context(0)
     report = {"name": p.name, "tuner": tuner, "target": str(budget), "seed": seed,
-              **_clean(r.test), "val_acc": r.val_acc, "episodes": r.episodes, "stages_used": r.stages_used,
-              "budget_limit": env.meter.limit if env.meter.budget == budget else None,
-              "config": _clean(r.config), "seconds": r.seconds}
-    if report.get("budget_limit"):
-        cost = report["energy_pj"] if budget.kind == "energy" else report["packed_bytes"]
-        report["budget_used"] = cost / report["budget_limit"]
+              **json_safe(r.test), "val_acc": r.val_acc, "episodes": r.episodes, "stages_used": r.stages_used,
+              "budget_limit": env.meter.limit, "recipe_bits": env.probe_result.recipe_bits,
+              "config": json_safe(r.config), "seconds": r.seconds}
+    cost = report["energy_pj"] if budget.kind == "energy" else report["packed_bytes"]
+    report["budget_used"] = cost / env.meter.limit
     if not len(ctx.data.y_test):
         for k in ("test_acc", "test_agreement", "float_test_acc", "teacher_test_acc", "test_score"):
             report[k] = None

@@ -1,94 +1,192 @@
-"""The ``rltune`` command line.
+"""rltune: compress a model by distillation, pruning and quantization, tuned by reinforcement learning.
 
-Every user error (bad scenario, bad knob, unreadable file) prints one line ``rltune: error: ...``
-and exits with status 2; no traceback.
+Verbs: ``compress`` (a scenario's student to a target with any tuner, or the fixed recipe at a
+sparsity and bit-width), ``replay`` (a learned policy, one episode, no search), ``train`` (a PPO
+agent), ``evaluate`` (every tuner on equal stage budgets), ``export`` (an artifact to ONNX),
+``validate`` (scenario files). Progress goes to stderr (``--quiet`` silences it). Every user error
+prints one line ``rltune: error: ...`` and exits with status 2; no traceback. A user's own
+``nn.Module`` goes in through the Python API (``rltune.Problem``, see the README).
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
+import logging
+import math
 import sys
 from pathlib import Path
 
+from rltune import __version__
 from rltune.errors import RltuneError
 
-REPO_ENVS = Path(__file__).resolve().parents[1] / "envs"
+TUNER_CHOICES = ("recipe", "recipe-plus1", "fixed-8bit", "adaptive-tau", "random", "optuna-const",
+                 "optuna-tpe", "ppo-replay", "ppo-finetune")  # rltune.tuners.TUNERS (tested equal)
+EVALUATE_DEFAULT_TUNERS = ["ppo-replay", "recipe", "fixed-8bit", "adaptive-tau", "random", "optuna-const", "optuna-tpe"]
 
 
-def resolve_scenario(name: str) -> Path:
-    """A scenario path, or the name of a shipped one (``digits-mlp`` -> ``envs/digits-mlp.yaml``)."""
-    p = Path(name)
-    if p.exists():
-        return p
-    for base in (Path("envs"), REPO_ENVS):
-        cand = base / (name if name.endswith((".yaml", ".yml")) else f"{name}.yaml")
-        if cand.exists():
-            return cand
-    raise RltuneError(f"{name}: no such scenario file (nor a shipped scenario of that name in envs/)")
+# -- argument types: checked before any training, quoting the value typed ----------------------
+
+def _bits(text: str) -> int:
+    try:
+        b = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a bit-width 2..8 or 32, got {text!r}") from None
+    if b not in (2, 3, 4, 5, 6, 7, 8, 32):
+        raise argparse.ArgumentTypeError(f"expected a bit-width 2..8 or 32, got {text!r}")
+    return b
 
 
-def _fmt_bytes(n: float) -> str:
-    return f"{n / 1024:.1f} KB" if n >= 10240 else f"{int(n)} B"
+def _sparsity(text: str) -> float:
+    try:
+        s = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a fraction in [0, 1), got {text!r}") from None
+    if not (math.isfinite(s) and 0.0 <= s < 1.0):
+        raise argparse.ArgumentTypeError(f"expected a fraction in [0, 1), got {text!r}")
+    return s
 
 
-def before_after_table(rows: list[dict]) -> str:
-    """Markdown table of teacher / float student / compressed student."""
-    head = "| model | test acc | bytes | ratio | latency b1 | energy / inference |\n|---|---|---|---|---|---|\n"
-    lines = []
-    for r in rows:
-        lat = f"{r['latency_b1_s'] * 1e6:.0f} µs" if r.get("latency_b1_s") else "-"
-        energy = f"{r['energy_pj'] / 1e3:.1f} nJ" if r.get("energy_pj") else "-"
-        ratio = f"{r['ratio']:.1f}×" if r.get("ratio") else "-"
-        lines.append(f"| {r['model']} | {100 * r['test_acc']:.2f} % | {_fmt_bytes(r['bytes'])} | {ratio} | {lat} | {energy} |")
-    return head + "\n".join(lines) + "\n"
+def _budget(text: str) -> str:
+    from rltune.budget import Budget
 
+    try:
+        b = Budget.parse(text)
+    except RltuneError as e:
+        raise argparse.ArgumentTypeError(f"{e} (got {text!r})") from None
+    if not math.isfinite(b.value):
+        raise argparse.ArgumentTypeError(f"expected a finite budget, got {text!r}")
+    return text
+
+
+def _whole(lo: int, hi: int = 2 ** 31 - 1):
+    def parse(text: str) -> int:
+        try:
+            v = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+        if not lo <= v <= hi:
+            raise argparse.ArgumentTypeError(f"expected a whole number in {lo}..{hi}, got {text!r}")
+        return v
+
+    parse.__name__ = "whole number"
+    return parse
+
+
+# -- progress on stderr ------------------------------------------------------------------------
+
+def _progress(quiet: bool) -> None:
+    log = logging.getLogger("rltune")
+    log.handlers[:] = []
+    if not quiet:
+        h = logging.StreamHandler(sys.stderr)
+        h.setFormatter(logging.Formatter("rltune: %(message)s"))
+        log.addHandler(h)
+    log.setLevel(logging.WARNING if quiet else logging.INFO)
+    log.propagate = False
+    import warnings
+
+    from rltune.errors import RltuneWarning
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        if issubclass(category, RltuneWarning):
+            print(f"rltune: warning: {message}", file=sys.stderr)
+        else:
+            _showwarning(message, category, filename, lineno, file, line)
+
+    _showwarning = warnings.showwarning
+    warnings.showwarning = show
+
+
+def _print_result(report: dict, extra: str = "") -> None:
+    print(report["table"])
+    f = report["final"]
+    print(f"{report['method']} at {report.get('budget') or '-'}: {f['bits']:.0f} bits, {f['sparsity']:.1%} sparse"
+          + (f" (the recipe's probe picked {f['recipe_bits']} bits)" if f.get("recipe_bits") else "") + extra)
+    print(f"artifact: {report['artifact']} ({report['compressed']['bytes']} bytes); report: {report['report_json']}"
+          + (f"; onnx: {report['onnx']}" if report.get("onnx") else ""))
+
+
+# -- verbs -------------------------------------------------------------------------------------
 
 def cmd_compress(args: argparse.Namespace) -> int:
-    from rltune.pipeline import compress_with_recipe
+    from rltune.api import as_problem, compress
+    from rltune.pipeline import compress_fixed, write_outputs
 
-    scenario_path = resolve_scenario(args.scenario)
-    report = compress_with_recipe(scenario_path, sparsity=args.sparsity, bits=args.bits,
-                                  seed=args.seed, out_dir=Path(args.out))
-    print(report["table"])
-    print(f"artifact: {report['artifact']} ({report['compressed']['bytes']} bytes); "
-          f"report: {report['report_json']}")
+    if args.budget is None and args.tuner != "recipe":
+        raise RltuneError(f"--tuner {args.tuner} needs --budget (a target to meet)")
+    if args.budget is not None and (args.sparsity is not None or args.bits is not None):
+        raise RltuneError("give either --budget (a target the tuner meets) or --sparsity/--bits (the fixed recipe), not both")
+    agent = _agent_arg(args.agent) if args.tuner.startswith("ppo") else None
+    problem = as_problem(args.scenario)
+    if args.budget is None:
+        sp = 0.8 if args.sparsity is None else args.sparsity
+        bits = 4 if args.bits is None else args.bits
+        result = compress_fixed(problem, sp, bits, args.seed)
+        how = {"method": "recipe (fixed)", "seed": args.seed, "recipe": {"sparsity": sp, "bits": bits}}
+    else:
+        result = compress(problem, args.budget, tuner=args.tuner, seed=args.seed, episodes=args.episodes, agent=agent)
+        how = {"method": args.tuner, "budget": args.budget, "seed": args.seed, "agent": str(agent) if agent else None}
+    report = write_outputs(result, args.out, how, onnx=args.onnx)
+    _print_result(report)
     return 0
 
 
-def cmd_replay(args: argparse.Namespace) -> int:
-    from rltune.pipeline import replay
+def _agent_arg(name: str | None):
+    from rltune.agentfile import load_policy
+    from rltune.shipped import resolve_agent
 
-    report = replay(args.agent, resolve_scenario(args.scenario), args.budget, seed=args.seed,
-                    out_dir=Path(args.out), recipe_only=args.recipe)
-    print(report["table"])
-    plan = report["plan"]
-    print(f"{report['method']} at {args.budget}: final {plan['final_bits']} bits, "
-          f"{plan['final_sparsity']:.1%} sparse (the recipe's probe picked {report['recipe_bits']} bits); "
-          f"trained on this scenario: {'yes' if report['in_agent_training_set'] else 'no'}")
-    print(f"artifact: {report['artifact']}; report: {report['report_json']}")
+    path = resolve_agent(name or "ppo-v0")
+    load_policy(path)
+    return path
+
+
+def cmd_replay(args: argparse.Namespace) -> int:
+    from rltune.api import as_problem, compress
+    from rltune.pipeline import write_outputs
+
+    agent = None if args.recipe else _agent_arg(args.agent)
+    problem = as_problem(args.scenario)
+    if args.recipe:
+        result = compress(problem, args.budget, tuner="recipe", seed=args.seed)
+    else:
+        result = compress(problem, args.budget, tuner="ppo-replay", seed=args.seed, agent=agent)
+    trained_on = []
+    if agent is not None:
+        from rltune.agentfile import load_policy
+
+        trained_on = [Path(s).stem for s in load_policy(agent).meta.get("training", {}).get("scenarios", [])]
+    how = {"method": "recipe" if args.recipe else "ppo-replay", "agent": None if agent is None else str(agent),
+           "budget": args.budget, "seed": args.seed, "in_agent_training_set": problem.name in trained_on}
+    report = write_outputs(result, args.out, how, onnx=args.onnx)
+    _print_result(report, "" if agent is None else
+                  f"; trained on this scenario: {'yes' if how['in_agent_training_set'] else 'no'}")
     return 0
 
 
 def cmd_train(args: argparse.Namespace) -> int:
     import time
 
+    import yaml
+
+    from rltune.shipped import hyperparams_file
     from rltune.train import check_config, gate, load_hyperparams, train
 
     if args.config:
-        import yaml
-
         try:
             cfg = check_config(yaml.safe_load(Path(args.config).read_text()), args.config)
         except (OSError, yaml.YAMLError):
             raise RltuneError(f"{args.config}: cannot read a YAML config") from None
     else:
-        cfg = load_hyperparams(args.hyperparams, args.set)
+        cfg = load_hyperparams(args.hyperparams or hyperparams_file(), args.set)
     for key in ("total_timesteps", "n_envs", "seed"):
         if getattr(args, key) is not None:
             cfg[key] = getattr(args, key)
     run_dir = Path(args.run_dir) if args.run_dir else Path("runs/train") / f"{args.set}-{time.strftime('%Y%m%d-%H%M%S')}"
-    run = train(cfg, run_dir, resume=args.resume, progress_bar=not args.no_progress)
+    logging.getLogger("rltune").info("training run folder %s: building the environments (teachers, float "
+                                     "students, probes; cached after the first run)", run_dir)
+    run = train(cfg, run_dir, resume=args.resume, progress_bar=not (args.no_progress or args.quiet))
     print(f"agent: {run / 'agent'}")
     if cfg.get("val_scenarios"):
         g = gate(run / "agent", cfg["val_scenarios"], (cfg.get("env") or {}).get("targets", ["10x"]),
@@ -112,20 +210,75 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from rltune.harness import evaluate
+    from rltune.shipped import resolve_scenario
 
     targets: dict[str, list[str]] | list[str] = args.targets
     if args.scenario_targets:  # NAME=8x,16x pairs
         targets = {}
         for item in args.scenario_targets:
-            name, _, ts = item.partition("=")
-            targets[name] = ts.split(",")
+            name, sep, ts = item.partition("=")
+            if not sep or not ts:
+                raise RltuneError(f"--scenario-targets: expected NAME=T1,T2, got {item!r}")
+            targets[name] = [_budget_or_error(t) for t in ts.split(",")]
         args.scenarios = list(targets)
-    out = evaluate(args.scenarios, targets, args.tuners, args.budget, args.seeds, args.out, agent=args.agent,
-                   workers=args.workers, backend=args.backend, address=args.address, progress=not args.no_progress,
-                   trial_workers=args.trial_workers, storage=args.storage)
+    for s in args.scenarios:
+        resolve_scenario(s)
+    agent = str(_agent_arg(args.agent)) if any(t.startswith("ppo") for t in args.tuners) else None
+    out = evaluate(args.scenarios, targets, args.tuners, args.budget, args.seeds, args.out, agent=agent,
+                   workers=args.workers, backend=args.backend, address=args.address,
+                   progress=not (args.no_progress or args.quiet), trial_workers=args.trial_workers,
+                   storage=args.storage)
     print((out / "benchmark.md").read_text())
     print(f"results: {out / 'results.jsonl'}; summary: {out / 'summary.json'}")
     return 0
+
+
+def _budget_or_error(text: str) -> str:
+    try:
+        return _budget(text)
+    except argparse.ArgumentTypeError as e:
+        raise RltuneError(f"--scenario-targets: {e}") from None
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    import torch
+
+    from rltune.export import load_artifact
+    from rltune.onnx_export import export_onnx
+
+    skeleton = None
+    if args.skeleton:
+        mod, _, attr = args.skeleton.partition(":")
+        if not mod or not attr:
+            raise RltuneError(f"--skeleton: expected MODULE:CALLABLE (your own code, e.g. mymodels:Student), got {args.skeleton!r}")
+        sys.path.insert(0, str(Path.cwd()))
+        try:
+            factory = getattr(importlib.import_module(mod), attr)
+            skeleton = factory()
+        except Exception as e:  # the user's own code failed: say so in one line
+            raise RltuneError(f"--skeleton {args.skeleton}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
+        if not isinstance(skeleton, torch.nn.Module):
+            raise RltuneError(f"--skeleton {args.skeleton}: returned a {type(skeleton).__name__}, not an nn.Module")
+    codes: list = []
+    model = load_artifact(args.artifact, skeleton=skeleton, codes=codes)
+    shape = tuple(int(d) for d in args.input_shape.split(",")) if args.input_shape else _input_shape(model)
+    info = export_onnx(model, args.onnx, torch.zeros(1, *shape), codes=codes)
+    print(f"onnx: {args.onnx} ({info['onnx_bytes']} bytes; {info['quantized_layers']} layers as int8, "
+          f"{info['float_layers']} float)")
+    return 0
+
+
+def _input_shape(model) -> tuple[int, ...]:
+    from torch import nn
+
+    if hasattr(model, "in_shape"):
+        return tuple(model.in_shape)
+    for m in model.modules():
+        if isinstance(m, nn.Linear):
+            return (m.in_features,)
+        if isinstance(m, (nn.Conv1d, nn.Conv2d)):
+            break
+    raise RltuneError("cannot tell this model's input shape: pass --input-shape (e.g. 1,28,28)")
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
@@ -138,58 +291,95 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="rltune", description=__doc__.splitlines()[0])
-    sub = p.add_subparsers(dest="command", required=True)
+    fmt = argparse.ArgumentDefaultsHelpFormatter
+    p = argparse.ArgumentParser(prog="rltune", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--version", action="version", version=f"rltune {__version__}")
+    p.add_argument("--quiet", "-q", action="store_true", help="no progress on stderr")
+    sub = p.add_subparsers(dest="command", required=True, metavar="VERB")
+    quiet = argparse.ArgumentParser(add_help=False)
+    quiet.add_argument("--quiet", "-q", action="store_true", default=argparse.SUPPRESS, help="no progress on stderr")
 
-    c = sub.add_parser("compress", help="compress a scenario's student with the fixed gradual recipe")
+    c = sub.add_parser("compress", parents=[quiet], formatter_class=fmt,
+                       help="compress a scenario's student: to a target with a tuner, or the fixed recipe",
+                       description="Compress a scenario's float student. With --budget a tuner meets the target "
+                                   "(one episode for the recipes and ppo-replay, --episodes for searchers); "
+                                   "without it, the gradual recipe at --sparsity and --bits. Writes NAME.rlt, "
+                                   "NAME.json and NAME.md to --out.")
     c.add_argument("--scenario", default="digits-mlp", help="scenario YAML path or shipped name")
-    c.add_argument("--sparsity", type=float, default=0.8, help="final sparsity of the cubic ramp")
-    c.add_argument("--bits", type=int, default=4, help="final bit-width (2..8, or 32 for float)")
-    c.add_argument("--seed", type=int, default=0)
+    c.add_argument("--budget", type=_budget, help="target: a ratio (16x), bytes (12KB) or energy (5nJ)")
+    c.add_argument("--tuner", default="recipe", choices=TUNER_CHOICES, help="how to meet --budget")
+    c.add_argument("--episodes", type=_whole(1, 100_000), help="episodes for a searching tuner (default 16)")
+    c.add_argument("--agent", help="agent for the ppo-* tuners (shipped name or folder; default ppo-v0)")
+    c.add_argument("--sparsity", type=_sparsity, help="fixed recipe: final sparsity of the cubic ramp (default 0.8)")
+    c.add_argument("--bits", type=_bits, help="fixed recipe: final bit-width, 2..8 or 32 for float (default 4)")
+    c.add_argument("--seed", type=_whole(0), default=0)
+    c.add_argument("--onnx", metavar="FILE", help="also export the student as ONNX (int8 weights)")
     c.add_argument("--out", default="runs/compress", help="folder for the artifact and the report")
     c.set_defaults(func=cmd_compress)
 
-    t = sub.add_parser("train", help="train a PPO agent on scenarios (agents/ppo.yml)")
+    t = sub.add_parser("train", parents=[quiet], formatter_class=fmt, help="train a PPO agent on scenarios (agents/ppo.yml)",
+                       description="Train a PPO agent on the scenarios of a hyperparameter entry, in a run folder "
+                                   "(config, command, Monitor CSVs, TensorBoard, checkpoints, agent, gate).")
     t.add_argument("--set", default="default", help="entry of the hyperparameter file")
-    t.add_argument("--hyperparams", default=str(REPO_ENVS.parent / "agents" / "ppo.yml"))
+    t.add_argument("--hyperparams", help="hyperparameter file (default: the shipped agents/ppo.yml)")
     t.add_argument("--config", help="a run folder's config.yaml (reproduces that run)")
     t.add_argument("--run-dir", help="the run folder (default runs/train/SET-TIMESTAMP)")
     t.add_argument("--resume", action="store_true", help="continue from the run folder's last checkpoint")
-    t.add_argument("--total-timesteps", type=int)
-    t.add_argument("--n-envs", type=int)
-    t.add_argument("--seed", type=int)
+    t.add_argument("--total-timesteps", type=_whole(1))
+    t.add_argument("--n-envs", type=_whole(1, 256))
+    t.add_argument("--seed", type=_whole(0))
     t.add_argument("--ship", metavar="NAME", help="copy the agent to agents/NAME if it passes the gate")
-    t.add_argument("--no-progress", action="store_true")
+    t.add_argument("--no-progress", action="store_true", help="no progress bar")
     t.set_defaults(func=cmd_train)
 
-    r = sub.add_parser("replay", help="compress a scenario with a learned policy: one episode, no search")
-    r.add_argument("agent", help="an agent folder (policy.safetensors + agent.json)")
+    r = sub.add_parser("replay", parents=[quiet], formatter_class=fmt,
+                       help="compress a scenario with a learned policy: one episode, no search",
+                       description="A learned policy compresses a scenario's student to a target in one "
+                                   "deterministic episode (no search). --recipe plays the zero action instead "
+                                   "(needs no agent).")
+    r.add_argument("agent", nargs="?", default=None, help="agent: a shipped name (ppo-v0) or a folder; default ppo-v0")
     r.add_argument("--scenario", required=True, help="scenario YAML path or shipped name")
-    r.add_argument("--budget", default="10x", help="a ratio (20x), bytes (12KB) or energy (5nJ)")
-    r.add_argument("--seed", type=int, default=0)
+    r.add_argument("--budget", type=_budget, default="10x", help="a ratio (20x), bytes (12KB) or energy (5nJ)")
+    r.add_argument("--seed", type=_whole(0), default=0)
     r.add_argument("--recipe", action="store_true", help="play the zero action (the recipe) instead")
-    r.add_argument("--out", default="runs/replay")
+    r.add_argument("--onnx", metavar="FILE", help="also export the student as ONNX (int8 weights)")
+    r.add_argument("--out", default="runs/replay", help="folder for the artifact and the report")
     r.set_defaults(func=cmd_replay)
 
-    e = sub.add_parser("evaluate", help="every tuner on every scenario, target and seed, on equal stage budgets")
+    e = sub.add_parser("evaluate", parents=[quiet], formatter_class=fmt,
+                       help="every tuner on every scenario, target and seed, on equal stage budgets",
+                       description="Run tuners × scenarios × targets × seeds on equal budgets of stages of real "
+                                   "training; resumable (results.jsonl); writes summary.json, benchmark.md, "
+                                   "table.md and plots.")
     e.add_argument("--scenarios", nargs="+", default=["wine-mlp", "breast-cancer-mlp"])
-    e.add_argument("--targets", nargs="+", default=["8x", "16x"], help="targets for every scenario")
+    e.add_argument("--targets", nargs="+", type=_budget, default=["8x", "16x"], help="targets for every scenario")
     e.add_argument("--scenario-targets", nargs="+", metavar="NAME=T1,T2", help="targets per scenario")
-    e.add_argument("--tuners", nargs="+", default=["ppo-replay", "recipe", "fixed-8bit", "adaptive-tau", "random", "optuna-const", "optuna-tpe"])
-    e.add_argument("--budget", nargs="+", type=int, default=[256], help="stage budgets (several: score-vs-budget curves)")
-    e.add_argument("--seeds", type=int, default=5)
-    e.add_argument("--agent", default=str(REPO_ENVS.parent / "agents" / "ppo-v0"))
-    e.add_argument("--workers", type=int, default=2, help="parallel processes")
+    e.add_argument("--tuners", nargs="+", choices=TUNER_CHOICES, default=EVALUATE_DEFAULT_TUNERS, metavar="TUNER",
+                   help=f"tuners, of: {', '.join(TUNER_CHOICES)}")
+    e.add_argument("--budget", nargs="+", type=_whole(1), default=[256], help="stage budgets (several: score-vs-budget curves)")
+    e.add_argument("--seeds", type=_whole(1, 10_000), default=5)
+    e.add_argument("--agent", default="ppo-v0", help="agent for the ppo-* tuners (shipped name or folder)")
+    e.add_argument("--workers", type=_whole(1, 1024), default=2, help="parallel processes")
     e.add_argument("--backend", choices=["process", "ray"], default="process")
     e.add_argument("--address", help="an existing Ray cluster to join (default: start Ray locally)")
-    e.add_argument("--trial-workers", type=int, default=1,
+    e.add_argument("--trial-workers", type=_whole(1, 1024), default=1,
                    help="split each Optuna cell's trials over this many workers sharing one study")
     e.add_argument("--storage", help="Optuna storage URL shared by the workers (default: SQLite in --out)")
     e.add_argument("--out", default="runs/evaluate")
-    e.add_argument("--no-progress", action="store_true")
+    e.add_argument("--no-progress", action="store_true", help="no progress bar")
     e.set_defaults(func=cmd_evaluate)
 
-    v = sub.add_parser("validate", help="check scenario files")
+    x = sub.add_parser("export", parents=[quiet], formatter_class=fmt, help="export a packed artifact to ONNX",
+                       description="Export a packed artifact (.rlt) to ONNX with int8 weights. A built-in "
+                                   "architecture needs nothing else; a user's own module needs --skeleton, your "
+                                   "own code that returns an un-trained instance (it is imported and run).")
+    x.add_argument("artifact", help="the .rlt file")
+    x.add_argument("--onnx", required=True, metavar="FILE", help="the ONNX file to write")
+    x.add_argument("--skeleton", metavar="MODULE:CALLABLE", help="your code returning the student module (custom models)")
+    x.add_argument("--input-shape", metavar="D1,D2,...", help="one input's shape, e.g. 1,28,28 (when it cannot be read off the model)")
+    x.set_defaults(func=cmd_export)
+
+    v = sub.add_parser("validate", parents=[quiet], help="check scenario files", description="Check scenario YAML files.")
     v.add_argument("files", nargs="+")
     v.set_defaults(func=cmd_validate)
     return p
@@ -197,6 +387,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    _progress(getattr(args, "quiet", False))
     try:
         return args.func(args)
     except RltuneError as e:

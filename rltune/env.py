@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import logging
 import math
 import time
 from dataclasses import dataclass
@@ -24,6 +25,7 @@ from rltune.scenario import Scenario, load_scenario
 from rltune.stage import Knobs, Reference, StudentState, recipe, reference, run_stage, score_of
 
 BITS = (2, 3, 4, 5, 6, 7, 8)
+log = logging.getLogger("rltune")
 TAU0, ALPHA0, EXPONENT0 = 4.0, 0.9, 3.0
 
 ACTION_LAYOUT = ["final_bits", "ramp_shape", "temperature", "alpha", "bits_drop"]
@@ -171,7 +173,7 @@ class DistillCompressEnv(gym.Env):
     * v0: initial version.
     """
 
-    metadata = {"render_modes": ["ansi"]}
+    metadata = {"render_modes": ["ansi"], "render_fps": 1}
 
     def __init__(
         self,
@@ -282,6 +284,8 @@ class DistillCompressEnv(gym.Env):
         idx = torch.randperm(n, generator=torch.Generator().manual_seed(1234))[: self.probe_samples]
         subset = TrainSet(ctx.train_set.x[idx], ctx.train_set.y[idx], ctx.train_set.t_logits[idx])
         required, acc = {}, {}
+        log.info("%s @ %s: probing the bit-widths %d..%d (%d epochs on %d samples each)", sc.name, budget,
+                 lo_b, hi_b, self.probe_epochs, min(n, self.probe_samples))
         for b in BITS:
             required[b] = acc[b] = None
             if not lo_b <= b <= hi_b:
@@ -419,6 +423,8 @@ class DistillCompressEnv(gym.Env):
                 m.seconds_outside_training = trained.seconds_outside_training + extra
                 self.state.history[-1] = m
         self.last_metrics = m
+        log.info("%s @ %s: stage %d/%d: val %.2f %%, %.1f %% sparse, %.1f bits, %.1fx", sc.name, self.budget,
+                 self.k, self.stages, 100 * m.val_acc, 100 * m.sparsity, m.bits, m.ratio)
         ref = self.state.ref
         if self.mode == "budget":
             base = ref.val_acc

@@ -916,7 +916,8 @@ def _bias(dec: _Decoded) -> torch.Tensor:
     return torch.from_numpy(codes.astype(np.int32)).float() * exponent_scale(torch.tensor([e], dtype=torch.int8))
 
 
-def _parse(data: bytes, skeleton: nn.Module | None, where: str, version: int = VERSION) -> nn.Module:
+def _parse(data: bytes, skeleton: nn.Module | None, where: str, version: int = VERSION,
+           codes: list | None = None) -> nn.Module:
     rd = _BitReader(data)
     arch_id = rd.uv()
     if arch_id == 0:
@@ -992,19 +993,29 @@ def _parse(data: bytes, skeleton: nn.Module | None, where: str, version: int = V
                 raise RltuneError(f"{where}: tensor {name!r} is stored as {dtype} {list(shape)}, "
                                   f"the model has {t.dtype} {list(t.shape)}")
             t.copy_(torch.frombuffer(bytearray(raw.tobytes()), dtype=torch.uint8).view(dtype).reshape(shape))
-        for (_, m), s, dec in zip(plain, stored, decoded):
+        for (lname, m), s, dec in zip(plain, stored, decoded):
             m.weight.copy_(_weight(dec, s[1]))
+            if codes is not None and dec.kind == KIND_QUANT:
+                q = np.zeros(math.prod(s[1]), np.int64)
+                if dec.nz is None:
+                    q[:] = dec.values
+                else:
+                    q[dec.nz] = dec.values
+                scale = exponent_scale(torch.from_numpy(dec.exps.astype(np.int8))).numpy()
+                codes.append((lname, q.reshape(s[1]).astype(np.int8), scale))
             if dec.bias is not None:
                 m.bias.copy_(_bias(dec))
     return target.eval()
 
 
 def load_artifact(path_or_bytes: str | os.PathLike | bytes | bytearray | memoryview,
-                  skeleton: nn.Module | None = None) -> nn.Module:
+                  skeleton: nn.Module | None = None, codes: list | None = None) -> nn.Module:
     """Rebuild the plain (un-parametrized) model of an artifact, in eval mode.
 
     Built-in architectures are rebuilt from the file; a custom one (exported with spec=None)
     needs ``skeleton``, an un-prepared module of the same architecture, which is copied.
+    ``codes``, a list, receives ``(layer name, int8 codes, float32 scale per output channel)`` of
+    every quantized layer (weight = codes × scale), for :func:`rltune.onnx_export.export_onnx`.
     """
     if isinstance(path_or_bytes, (bytes, bytearray, memoryview)):
         data, where = bytes(path_or_bytes), "artifact"
@@ -1025,7 +1036,7 @@ def load_artifact(path_or_bytes: str | os.PathLike | bytes | bytearray | memoryv
     if zlib.crc32(data[:-4]) != int.from_bytes(data[-4:], "big"):
         raise RltuneError(f"{where} is corrupt or truncated (checksum mismatch)")
     try:
-        return _parse(data[len(MAGIC) + 1:-4], skeleton, where, version)
+        return _parse(data[len(MAGIC) + 1:-4], skeleton, where, version, codes)
     except RltuneError:
         raise
     except _Corrupt as exc:

@@ -241,8 +241,13 @@ def _quantize_graph(proto, specs) -> int:
     return len(found)
 
 
-def export_onnx(model: nn.Module, path, example_input: torch.Tensor, opset: int = 17) -> dict:
+def export_onnx(model: nn.Module, path, example_input: torch.Tensor, opset: int = 17,
+                codes: list | None = None) -> dict:
     """Write ``model`` (a prepared rltune student or a plain module) to ``path`` as ONNX.
+
+    ``codes`` gives the quantization of a plain module instead (a reloaded artifact):
+    ``(layer name, int8 codes, float32 scale per output channel)`` per quantized layer, as
+    ``rltune.load_artifact(..., codes=[])`` fills it.
 
     Quantized non-shared layers are stored as int8 codes + per-channel scale (see the module
     docstring); onnxruntime then predicts what ``plain_copy(model)`` predicts. The file is written
@@ -258,6 +263,10 @@ def export_onnx(model: nn.Module, path, example_input: torch.Tensor, opset: int 
     try:
         plain = plain_copy(model)
         specs = _quant_specs(model)
+        if codes:
+            specs = [(n, q.astype(np.int8), sc.astype(np.float32),
+                      q.astype(np.float32) * sc.astype(np.float32).reshape(-1, *([1] * (q.ndim - 1))))
+                     for n, q, sc in codes]
         n_layers = sum(isinstance(m, COMPRESSIBLE) for m in plain.modules())
         with torch.no_grad():
             plain(x)

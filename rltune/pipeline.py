@@ -1,92 +1,98 @@
-"""End-to-end jobs built from the engine: compress a scenario with the recipe or replay a learned
-policy on it, export the artifact and write the before/after report (JSON + Markdown). Used by the
-command line and the experiment scripts."""
+"""What the command line writes for a compressed student: the packed artifact (checked to reload and
+predict the same), optionally ONNX, and the before/after report (JSON + Markdown). Built on the
+public API (:mod:`rltune.api`); the fixed recipe at a given sparsity and bit-width lives here too."""
 
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
-from torch import nn
+import torch
 
+from rltune.api import Result, json_safe, as_problem
+from rltune.compression import float_bytes
 from rltune.context import Context
-from rltune.distill import predict
-from rltune.export import load_artifact, save_artifact
-from rltune.metrics import accuracy, float_energy, measure_latency
+from rltune.errors import RltuneError
+from rltune.export import load_artifact
+from rltune.metrics import float_energy, measure_latency, plain_copy
 from rltune.models import count_params
-from rltune.scenario import load_scenario
-from rltune.stage import StudentState, final_report, recipe, run_schedule
+from rltune.problem import Problem
+from rltune.stage import final_report, recipe, run_schedule
 
 
-def write_report(ctx: Context, float_student: nn.Module, state: StudentState, out_dir: str | Path,
-                 how: dict[str, Any]) -> dict[str, Any]:
-    """Export the compressed student, check the artifact predicts the same, and write the
-    before/after table (teacher, float student, compressed student; test split)."""
-    from rltune.cli import before_after_table
+def _fmt_bytes(n: float) -> str:
+    return f"{n / 1024:.1f} KB" if n >= 10240 else f"{int(n)} B"
 
-    scenario = ctx.scenario
-    rep = final_report(ctx, state)
+
+def before_after_table(rows: list[dict]) -> str:
+    """Markdown table of teacher / float student / compressed student."""
+    head = "| model | test acc | bytes | ratio | latency b1 | energy / inference |\n|---|---|---|---|---|---|\n"
+    lines = []
+    for r in rows:
+        lat = f"{r['latency_b1_s'] * 1e6:.0f} µs" if r.get("latency_b1_s") else "-"
+        energy = f"{r['energy_pj'] / 1e3:.1f} nJ" if r.get("energy_pj") else "-"
+        ratio = f"{r['ratio']:.1f}×" if r.get("ratio") else "-"
+        acc = "-" if r.get("test_acc") is None else f"{100 * r['test_acc']:.2f} %"
+        lines.append(f"| {r['model']} | {acc} | {_fmt_bytes(r['bytes'])} | {ratio} | {lat} | {energy} |")
+    return head + "\n".join(lines) + "\n"
+
+
+def compress_fixed(problem: Problem | str, sparsity: float = 0.8, bits: int = 4, seed: int = 0) -> Result:
+    """The gradual recipe at a fixed final sparsity and bit-width (no target, no search)."""
+    p = as_problem(problem)
+    ctx = Context.build(p)
+    fs = ctx.float_student(seed)
+    state = run_schedule(ctx, recipe(ctx.scenario.training["stages"], sparsity, bits), seed=seed, float_student=fs)
+    rep = json_safe(final_report(ctx, state, latency=False))
+    report = {"name": p.name, "tuner": "recipe (fixed)", "sparsity_target": sparsity, "bits_target": bits,
+              "seed": seed, **rep}
+    return Result(plain_copy(state.model), report, p, state.model, ctx.student_spec, ctx.input_shape, ctx.n_classes)
+
+
+def write_outputs(result: Result, out_dir: str | Path, how: dict[str, Any], onnx: str | None = None) -> dict[str, Any]:
+    """Save the artifact (checking it reloads and predicts the same), ONNX if asked, and the
+    before/after report ``NAME.json`` / ``NAME.md`` in ``out_dir``."""
+    p = result.problem
+    name = p.name
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    artifact = out / f"{scenario.name}.rlt"
-    nbytes = save_artifact(state.model, artifact, scenario.student, ctx.n_features, ctx.n_classes)
-    reloaded = load_artifact(artifact)
-    x = ctx.data.x_test
-    same = bool((reloaded(x).argmax(1) == predict(state.model, x).argmax(1)).all())
-    n = ctx.n_features
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise RltuneError(f"cannot create the output folder {out}: {e.strerror or e}") from None
+    if not out.is_dir():
+        raise RltuneError(f"{out} is not a folder")
+    artifact = out / f"{name}.rlt"
+    nbytes = result.save(artifact)
+    skeleton = None if result.spec is not None else p.new_student(0)
+    reloaded = load_artifact(artifact, skeleton=skeleton)
+    x = p.data.x_test if len(p.data.x_test) else p.data.x_val
+    with torch.no_grad():
+        same = bool((reloaded(x).argmax(1) == result.model(x).argmax(1)).all())
+    if onnx:
+        result.export_onnx(onnx)
+    shape = p.data.input_shape
+    dense = p.new_student(0)
+    rep = result.report
     rows = [
-        {"model": f"teacher ({scenario.teacher['arch']}, {count_params(ctx.teacher)} params)",
-         "test_acc": ctx.teacher_info["test_acc"], "bytes": 4 * count_params(ctx.teacher),
-         "latency_b1_s": measure_latency(ctx.teacher, n)["latency_b1_s"],
-         "energy_pj": float_energy(ctx.teacher, n)["energy_pj"]},
-        {"model": f"float student ({count_params(float_student)} params)",
-         "test_acc": accuracy(predict(float_student, x), ctx.data.y_test), "bytes": 4 * count_params(float_student),
-         "ratio": 1.0, "latency_b1_s": measure_latency(float_student, n)["latency_b1_s"],
-         "energy_pj": float_energy(float_student, n)["energy_pj"]},
-        {"model": f"compressed ({rep['sparsity']:.0%} sparse, {rep['bits']:.0f} bits)",
-         "test_acc": rep["test_acc"], "bytes": nbytes, "ratio": rep["float_bytes"] / nbytes,
-         "latency_b1_s": rep["latency_b1_s"], "energy_pj": rep["energy_pj"]},
+        {"model": f"teacher ({type(p.teacher).__name__}, {count_params(p.teacher)} params)",
+         "test_acc": rep.get("teacher_test_acc"), "bytes": 4 * count_params(p.teacher),
+         "latency_b1_s": measure_latency(p.teacher, shape)["latency_b1_s"],
+         "energy_pj": float_energy(p.teacher, shape)["energy_pj"]},
+        {"model": f"float student ({count_params(dense)} params)", "test_acc": rep.get("float_test_acc"),
+         "bytes": float_bytes(dense), "ratio": 1.0, "latency_b1_s": measure_latency(dense, shape)["latency_b1_s"],
+         "energy_pj": float_energy(dense, shape)["energy_pj"]},
+        {"model": f"compressed ({rep['sparsity']:.0%} sparse, {rep['bits']:.0f} bits)", "test_acc": rep.get("test_acc"),
+         "bytes": nbytes, "ratio": rep["float_bytes"] / nbytes,
+         "latency_b1_s": measure_latency(result.compressed, shape)["latency_b1_s"], "energy_pj": rep["energy_pj"]},
     ]
     table = before_after_table(rows)
-    report = {"scenario": scenario.name, **how, "teacher": rows[0], "float_student": rows[1],
-              "compressed": rows[2], "final": rep, "artifact": str(artifact),
-              "artifact_predicts_same": same,
-              "stages": [m.to_dict() for m in state.history]}
-    (out / f"{scenario.name}.json").write_text(json.dumps(report, indent=1))
-    (out / f"{scenario.name}.md").write_text(f"# {scenario.name}: before and after ({how.get('method')})\n\n{table}")
-    return {**report, "table": table, "report_json": str(out / f"{scenario.name}.json")}
-
-
-def compress_with_recipe(scenario_path: str | Path, sparsity: float = 0.8, bits: int = 4, seed: int = 0,
-                         out_dir: str | Path = "runs/compress") -> dict[str, Any]:
-    """Compress a scenario's float student with the gradual recipe; export it; report before/after."""
-    scenario = load_scenario(scenario_path)
-    ctx = Context.build(scenario)
-    fs = ctx.float_student(seed)
-    state = run_schedule(ctx, recipe(scenario.training["stages"], sparsity, bits), seed=seed, float_student=fs)
-    return write_report(ctx, fs, state, out_dir, {"method": "recipe", "seed": seed,
-                                                  "recipe": {"sparsity": sparsity, "bits": bits}})
-
-
-def replay(agent_path: str | Path, scenario_path: str | Path, budget: str, seed: int = 0,
-           out_dir: str | Path = "runs/replay", recipe_only: bool = False) -> dict[str, Any]:
-    """Run a learned policy deterministically for one episode at ``budget``: no search, no new
-    training of the policy. ``recipe_only`` plays the zero action instead (the recipe)."""
-    from rltune.agentfile import load_policy
-    from rltune.env import DistillCompressEnv
-    from rltune.train import run_episode
-
-    agent = None if recipe_only else load_policy(agent_path)
-    env = DistillCompressEnv(scenarios=[load_scenario(scenario_path)], targets=[budget])
-    info = run_episode(env, agent, seed=seed, options={"float_seed": 0})
-    if "diverged" in info:
-        from rltune.errors import RltuneError
-
-        raise RltuneError(f"the episode ended early: {info['diverged']}")
-    fs, _ = env.float_student(0, 0)
-    trained_on = agent.meta.get("training", {}).get("scenarios", []) if agent else []
-    how = {"method": "recipe" if recipe_only else "ppo-replay", "agent": None if recipe_only else str(agent_path),
-           "budget": budget, "seed": seed, "in_agent_training_set": env.ctx.scenario.name in trained_on,
-           "plan": env.plan, "recipe_bits": env.probe_result.recipe_bits}
-    return write_report(env.ctx, fs, env.state, out_dir, how)
+    report = {"scenario": name, **how, "teacher": rows[0], "float_student": rows[1], "compressed": rows[2],
+              "final": rep, "artifact": str(artifact), "artifact_predicts_same": same,
+              "onnx": str(onnx) if onnx else None}
+    tmp = out / f".{name}.json.{os.getpid()}.tmp"
+    tmp.write_text(json.dumps(json_safe(report), indent=1))
+    os.replace(tmp, out / f"{name}.json")
+    (out / f"{name}.md").write_text(f"# {name}: before and after ({how.get('method')})\n\n{table}")
+    return {**report, "table": table, "report_json": str(out / f"{name}.json")}

@@ -5,7 +5,6 @@ import yaml
 
 from rltune.cli import main
 from rltune.errors import RltuneError
-from rltune.pipeline import replay
 from rltune.train import check_config, gate, load_hyperparams, train
 
 TINY = {"name": "tiny-wine", "dataset": {"source": "wine", "transfer": 200},
@@ -52,7 +51,9 @@ def test_resume_continues_from_the_last_checkpoint(trained):
 
 def test_replay_on_a_scenario_outside_the_training_list(trained, tmp_path):
     d, run, _ = trained
-    rep = replay(run / "agent", d / "tiny-bc.yaml", "5x", out_dir=tmp_path)
+    assert main(["replay", str(run / "agent"), "--scenario", str(d / "tiny-bc.yaml"), "--budget", "5x",
+                 "--out", str(tmp_path), "--quiet"]) == 0
+    rep = json.loads((tmp_path / "tiny-bc.json").read_text())
     assert rep["in_agent_training_set"] is False
     assert rep["artifact_predicts_same"]
     assert rep["compressed"]["ratio"] >= 5.0
