@@ -312,7 +312,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--agent", help="agent for the ppo-* tuners (shipped name or folder; default ppo-v0)")
     c.add_argument("--sparsity", type=_sparsity, help="fixed recipe: final sparsity of the cubic ramp (default 0.8)")
     c.add_argument("--bits", type=_bits, help="fixed recipe: final bit-width, 2..8 or 32 for float (default 4)")
-    c.add_argument("--seed", type=_whole(0), default=0)
+    c.add_argument("--seed", type=_whole(0), default=0, help="training seed (and float student)")
     c.add_argument("--onnx", metavar="FILE", help="also export the student as ONNX (int8 weights)")
     c.add_argument("--out", default="runs/compress", help="folder for the artifact and the report")
     c.set_defaults(func=cmd_compress)
@@ -325,9 +325,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--config", help="a run folder's config.yaml (reproduces that run)")
     t.add_argument("--run-dir", help="the run folder (default runs/train/SET-TIMESTAMP)")
     t.add_argument("--resume", action="store_true", help="continue from the run folder's last checkpoint")
-    t.add_argument("--total-timesteps", type=_whole(1))
-    t.add_argument("--n-envs", type=_whole(1, 256))
-    t.add_argument("--seed", type=_whole(0))
+    t.add_argument("--total-timesteps", type=_whole(1), help="override the entry's total_timesteps")
+    t.add_argument("--n-envs", type=_whole(1, 256), help="override the entry's n_envs (parallel environments)")
+    t.add_argument("--seed", type=_whole(0), help="override the entry's seed")
     t.add_argument("--ship", metavar="NAME", help="copy the agent to agents/NAME if it passes the gate")
     t.add_argument("--no-progress", action="store_true", help="no progress bar")
     t.set_defaults(func=cmd_train)
@@ -340,7 +340,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("agent", nargs="?", default=None, help="agent: a shipped name (ppo-v0) or a folder; default ppo-v0")
     r.add_argument("--scenario", required=True, help="scenario YAML path or shipped name")
     r.add_argument("--budget", type=_budget, default="10x", help="a ratio (20x), bytes (12KB) or energy (5nJ)")
-    r.add_argument("--seed", type=_whole(0), default=0)
+    r.add_argument("--seed", type=_whole(0), default=0, help="training seed (and float student)")
     r.add_argument("--recipe", action="store_true", help="play the zero action (the recipe) instead")
     r.add_argument("--onnx", metavar="FILE", help="also export the student as ONNX (int8 weights)")
     r.add_argument("--out", default="runs/replay", help="folder for the artifact and the report")
@@ -351,13 +351,13 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Run tuners × scenarios × targets × seeds on equal budgets of stages of real "
                                    "training; resumable (results.jsonl); writes summary.json, benchmark.md, "
                                    "table.md and plots.")
-    e.add_argument("--scenarios", nargs="+", default=["wine-mlp", "breast-cancer-mlp"])
+    e.add_argument("--scenarios", nargs="+", default=["wine-mlp", "breast-cancer-mlp"], help="shipped names or YAML paths")
     e.add_argument("--targets", nargs="+", type=_budget, default=["8x", "16x"], help="targets for every scenario")
     e.add_argument("--scenario-targets", nargs="+", metavar="NAME=T1,T2", help="targets per scenario")
     e.add_argument("--tuners", nargs="+", choices=TUNER_CHOICES, default=EVALUATE_DEFAULT_TUNERS, metavar="TUNER",
                    help=f"tuners, of: {', '.join(TUNER_CHOICES)}")
     e.add_argument("--budget", nargs="+", type=_whole(1), default=[256], help="stage budgets (several: score-vs-budget curves)")
-    e.add_argument("--seeds", type=_whole(1, 10_000), default=5)
+    e.add_argument("--seeds", type=_whole(1, 10_000), default=5, help="seeds per cell (0..N-1)")
     e.add_argument("--agent", default="ppo-v0", help="agent for the ppo-* tuners (shipped name or folder)")
     e.add_argument("--workers", type=_whole(1, 1024), default=2, help="parallel processes")
     e.add_argument("--backend", choices=["process", "ray"], default="process")
@@ -365,7 +365,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--trial-workers", type=_whole(1, 1024), default=1,
                    help="split each Optuna cell's trials over this many workers sharing one study")
     e.add_argument("--storage", help="Optuna storage URL shared by the workers (default: SQLite in --out)")
-    e.add_argument("--out", default="runs/evaluate")
+    e.add_argument("--out", default="runs/evaluate", help="results folder (rerunning resumes)")
     e.add_argument("--no-progress", action="store_true", help="no progress bar")
     e.set_defaults(func=cmd_evaluate)
 
@@ -380,7 +380,7 @@ def build_parser() -> argparse.ArgumentParser:
     x.set_defaults(func=cmd_export)
 
     v = sub.add_parser("validate", parents=[quiet], help="check scenario files", description="Check scenario YAML files.")
-    v.add_argument("files", nargs="+")
+    v.add_argument("files", nargs="+", help="scenario YAML files")
     v.set_defaults(func=cmd_validate)
     return p
 
