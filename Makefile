@@ -20,7 +20,7 @@ $(BIN)/rltune: pyproject.toml
 install: $(BIN)/rltune
 
 demo: install
-	$(BIN)/rltune replay agents/ppo-v0 --scenario synthetic-10class --budget 16x
+	$(BIN)/rltune replay ppo-v0 --scenario synthetic-10class --budget 16x
 
 test: install
 	$(BIN)/python -m pytest tests

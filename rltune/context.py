@@ -64,7 +64,8 @@ def train_teacher(scenario: Scenario, data: Dataset) -> tuple[nn.Module, dict[st
         acc = accuracy(predict(model, data.x_val), data.y_val)
         if acc > best:
             best, best_state = acc, copy.deepcopy(model.state_dict())
-        log.info("%s: teacher epoch %d/%d, val %.2f %%", scenario.name, done, spec["epochs"], 100 * acc)
+        if done == spec["epochs"] or (done // chunk) % 5 == 0:
+            log.info("%s: teacher epoch %d/%d, val %.2f %%", scenario.name, done, spec["epochs"], 100 * acc)
     model.load_state_dict(best_state)
     return model.eval(), {"val_acc": best, "epochs": spec["epochs"]}
 

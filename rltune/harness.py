@@ -197,7 +197,7 @@ def evaluate(
         from tqdm import tqdm
 
         bar = tqdm(total=len(cells), initial=len(cells) - len(todo), desc="cells", file=sys.stderr)
-    best: dict[str, float] = {}
+    best: dict[str, tuple[float, str]] = {}
     parts_of: dict[str, list[Cell]] = {}
     whole_of: dict[str, Cell] = {}
     for c in cells:
@@ -221,10 +221,12 @@ def evaluate(
             part_rows[row["key"]] = row
             merge_if_complete(whole_of[row["key"]])
         k = f"{row['scenario']}@{row['target']}"
-        best[k] = max(best.get(k, -1.0), row["test"]["test_acc"])
+        acc = row["test"]["test_acc"]
+        if k not in best or (acc is not None and math.isfinite(acc) and acc > best[k][0]):
+            best[k] = (acc, row["tuner"])  # the tuner holding the best score so far, not the last one
         if bar:
             bar.update(1)
-            bar.set_postfix_str(f"best {k}: {100 * best[k]:.1f}% ({row['tuner']})")
+            bar.set_postfix_str(f"best {k}: {100 * best[k][0]:.1f}% ({best[k][1]}); last: {row['tuner']}")
 
     if backend == "ray":
         _run_ray(todo, agent, storage, address, finished)
