@@ -101,7 +101,8 @@ HYPERPARAMETERS: dict[str, tuple[str, bool]] = {
     "stats_window_size": ("int+", False),
 }
 
-_MAX_JSON_BYTES = 64 << 20
+_MAX_JSON_BYTES = 4 << 20
+_MAX_WEIGHTS_BYTES = 512 << 20  # checked with stat() before the file is read
 _MAX_WIDTH = 1 << 20
 _MAX_LAYERS = 64
 _MAX_DIMS = 8
@@ -283,9 +284,11 @@ def _check_layout(value: Any, size: int, err: Any, field: str) -> list[str]:
         err(f"field '{field}' must be a list of non-empty names, got {_short(value)}")
     if len(value) != size:
         err(f"field '{field}' has {len(value)} names but the space has {size} elements")
-    if len(set(value)) != len(value):
-        dup = next(n for n in value if value.count(n) > 1)
-        err(f"field '{field}' repeats the name {dup!r}")
+    seen: set[str] = set()
+    for n in value:  # linear, not quadratic: a crafted file may hold millions of names
+        if n in seen:
+            err(f"field '{field}' repeats the name {_short(n)}")
+        seen.add(n)
     return list(value)
 
 
@@ -446,7 +449,7 @@ def _read_agent(path: str | os.PathLike) -> tuple[_Spec, dict[str, torch.Tensor]
         raise RltuneError(f"{meta_path}: not valid JSON (nested too deeply)") from None
     spec = _validate_meta(meta, str(meta_path))
 
-    data = _read_bytes(weights_path)
+    data = _read_bytes(weights_path, _MAX_WEIGHTS_BYTES)
     digest = hashlib.sha256(data).hexdigest()
     if digest != meta["weights_sha256"]:
         raise RltuneError(f"{weights_path}: sha256 {digest[:12]}... does not match weights_sha256 "
@@ -513,6 +516,7 @@ class LoadedAgent:
     meta: dict[str, Any]
     observation_space: gym.spaces.Box
     action_space: gym.spaces.Box
+    path: str = "agent"
 
     def predict(self, obs: Any, deterministic: bool = True) -> np.ndarray:
         """Action(s) for one observation (shape = observation shape) or a batch (leading batch axis)."""
@@ -523,6 +527,19 @@ class LoadedAgent:
                               f"or a batch of them")
         action, _ = self.policy.predict(obs, deterministic=deterministic)
         return action
+
+
+def check_layouts(agent: "LoadedAgent", observation_layout: list[str], action_layout: list[str],
+                  where: str = "the environment") -> None:
+    """Refuse an agent whose observation or action layout is not exactly ``where``'s: a policy
+    trained on other features (or in another order) would act on the wrong numbers."""
+    mine_o, mine_a = agent.meta.get("observation_layout"), agent.meta.get("action_layout")
+    for what, mine, theirs in (("observation", mine_o, observation_layout), ("action", mine_a, action_layout)):
+        if list(mine or []) != list(theirs):
+            diff = next((i for i, (a, b) in enumerate(zip(mine or [], theirs)) if a != b), min(len(mine or []), len(theirs)))
+            raise RltuneError(f"{agent.path}: its {what} layout ({len(mine or [])} names) does not "
+                              f"match {where}'s ({len(theirs)} names; first difference at index {diff}): it was "
+                              "trained for another environment version")
 
 
 def ppo_hyperparameters(model: Any) -> dict[str, Any]:
@@ -655,7 +672,7 @@ def load_policy(path: str | os.PathLike) -> LoadedAgent:
     _load_weights(policy, tensors, weights_path)
     policy.set_training_mode(False)
     return LoadedAgent(policy=policy, meta=spec.meta, observation_space=spec.observation_space,
-                       action_space=spec.action_space)
+                       action_space=spec.action_space, path=str(weights_path.parent))
 
 
 class _SpacesOnlyEnv(gym.Env):

@@ -118,8 +118,11 @@ def compress(problem: Problem | Scenario | str, target: str | float = "16x", tun
         from rltune.agentfile import load_policy
         from rltune.shipped import resolve_agent
 
+        from rltune.agentfile import check_layouts
+        from rltune.env import ACTION_LAYOUT, OBS_LAYOUT
+
         agent = resolve_agent(agent)
-        load_policy(agent)  # a bad agent fails here, before any training
+        check_layouts(load_policy(agent), OBS_LAYOUT, ACTION_LAYOUT)  # a bad agent fails here, before any training
     p = as_problem(problem)
     stages = p.scenario.training["stages"]
     if budget_stages is None:
@@ -131,6 +134,8 @@ def compress(problem: Problem | Scenario | str, target: str | float = "16x", tun
         raise RltuneError(f"budget_stages must be at least one episode ({stages} stages), got {budget_stages!r}")
     env = DistillCompressEnv(problems=[p], targets=[str(budget)])
     r = run_tuner(tuner, env, 0, str(budget), seed, budget_stages, agent=agent)
+    if r.config.get("diverged"):  # the best episode diverged: every episode did
+        raise RltuneError(f"{p.name}: {tuner} at {budget}: no episode finished: {r.config['diverged']}")
     from rltune.metrics import plain_copy
 
     ctx = env.context(0)

@@ -137,8 +137,11 @@ def _agent_arg(name: str | None):
     from rltune.agentfile import load_policy
     from rltune.shipped import resolve_agent
 
+    from rltune.agentfile import check_layouts
+    from rltune.env import ACTION_LAYOUT, OBS_LAYOUT
+
     path = resolve_agent(name or "ppo-v0")
-    load_policy(path)
+    check_layouts(load_policy(path), OBS_LAYOUT, ACTION_LAYOUT)
     return path
 
 
@@ -168,16 +171,17 @@ def cmd_replay(args: argparse.Namespace) -> int:
 def cmd_train(args: argparse.Namespace) -> int:
     import time
 
-    import yaml
-
     from rltune.shipped import hyperparams_file
     from rltune.train import check_config, gate, load_hyperparams, train
 
     if args.config:
+        from rltune.scenario import safe_yaml
+
         try:
-            cfg = check_config(yaml.safe_load(Path(args.config).read_text()), args.config)
-        except (OSError, yaml.YAMLError):
+            text = Path(args.config).read_text()
+        except (OSError, UnicodeDecodeError):
             raise RltuneError(f"{args.config}: cannot read a YAML config") from None
+        cfg = check_config(safe_yaml(text, args.config), args.config)
     else:
         cfg = load_hyperparams(args.hyperparams or hyperparams_file(), args.set)
     for key in ("total_timesteps", "n_envs", "seed"):

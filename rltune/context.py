@@ -210,13 +210,19 @@ class Context:
         model.eval()
         acc = accuracy(predict(model, self.data.x_val), self.data.y_val)
         gap = self.teacher_info["val_acc"] - acc
+        y = self.data.y_val
+        chance = float(torch.bincount(y).max()) / len(y) if len(y) else 0.0
+        teacher = self.teacher_info["val_acc"]
+        near_chance = teacher - chance > 0.2 and acc < chance + 0.25 * (teacher - chance)
         log.info("%s: float student val %.2f %% (teacher %.2f %%)", s.name, 100 * acc, 100 * self.teacher_info["val_acc"])
         if gap > 0.05 and seed not in self._warned:
             self._warned.add(seed)
+            advice = (f"near chance ({100 * chance:.1f} %): too few optimizer steps (pretrain_epochs, pretrain_steps) "
+                      f"or a learning rate too high ({self.pretrain_lr:g})" if near_chance and s.student["pretrain_epochs"]
+                      else "a larger student, more pretrain_epochs/pretrain_steps or a transfer set may help")
             warnings.warn(RltuneWarning(
                 f"{s.name}: the float student trails the teacher by {100 * gap:.1f} pt on val "
-                f"({100 * acc:.1f} % vs {100 * self.teacher_info['val_acc']:.1f} %); a larger student, more "
-                f"pretrain_epochs/pretrain_steps or a transfer set may help"), stacklevel=2)
+                f"({100 * acc:.1f} % vs {100 * self.teacher_info['val_acc']:.1f} %); {advice}"), stacklevel=2)
         return model
 
     @property

@@ -41,7 +41,6 @@ import copy
 import hashlib
 import inspect
 import math
-import re
 from pathlib import Path
 from typing import Any
 
@@ -52,9 +51,8 @@ from torch import nn
 from rltune.compression import COMPRESSIBLE, check_untied
 from rltune.data import Dataset, cache_dir, mixup, load_dataset, stable_hash
 from rltune.errors import RltuneError
-from rltune.scenario import Scenario, parse_scenario
+from rltune.scenario import NAME_RE, Scenario, parse_scenario
 
-NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]{0,99}")
 CACHE_VERSION = 2
 
 

@@ -58,15 +58,21 @@ from __future__ import annotations
 
 import copy
 import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from rltune.data import SOURCES
+
+NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]{0,99}")
 from rltune.errors import RltuneError
-from rltune.models import ARCHS
+
+# the same names as rltune.data.SOURCES and rltune.models.ARCHS (tested); kept here so that checking
+# a scenario file does not import torch
+SOURCES = ("digits", "breast_cancer", "wine", "iris", "mnist", "file", "mnist1d", "synthetic")
+ARCHS = ("linear", "mlp", "cnn1d", "cnn2d")
 
 DEFAULTS: dict[str, Any] = {
     "dataset": {
@@ -121,6 +127,21 @@ class Scenario:
         return parse_scenario(raw, self.path or "<scenario>")
 
 
+MAX_FILE_BYTES = 1 << 20     # a scenario file is a few hundred bytes; refuse megabytes unread
+MAX_ROWS = 1_000_000         # samples of a generated split or transfer set
+MAX_WIDTH = 16_384           # a hidden layer's width or a convolution's channels
+MAX_LAYERS = 16
+MAX_EPOCHS = 100_000         # teacher epochs; a stage and the float student get fewer
+MAX_SEED = 2 ** 32 - 1
+MAX_FEATURES = 10_000        # synthetic inputs
+
+
+def _short(v: Any, n: int = 60) -> str:
+    """A value's repr cut to ``n`` characters, so a crafted value cannot flood a message."""
+    r = repr(v)
+    return r if len(r) <= n else r[: n - 3] + "..."
+
+
 class _Checker:
     def __init__(self, where: str):
         self.where = where
@@ -134,11 +155,11 @@ class _Checker:
         if v is None and nullable:
             return None
         if isinstance(v, bool) or not isinstance(v, (int, float)):
-            self.fail(name, f"expected a number, got {v!r}")
+            self.fail(name, f"expected a number, got {_short(v)}")
         if not math.isfinite(v):
-            self.fail(name, f"expected a finite number, got {v!r}")
-        if integer and int(v) != v:
-            self.fail(name, f"expected a whole number, got {v!r}")
+            self.fail(name, f"expected a finite number, got {_short(v)}")
+        if integer and (abs(v) > 2 ** 62 or int(v) != v):
+            self.fail(name, f"expected a whole number, got {_short(v)}")
         if lo is not None and v < lo:
             self.fail(name, f"must be >= {lo}, got {v}")
         if hi is not None and v > hi:
@@ -148,15 +169,17 @@ class _Checker:
 
     def widths(self, sec: dict, key: str, prefix: str):
         v = sec[key]
-        if not isinstance(v, list) or any(isinstance(h, bool) or not isinstance(h, int) or h < 1 for h in v):
-            self.fail(f"{prefix}.{key}", f"expected a list of positive whole numbers, got {v!r}")
+        if (not isinstance(v, list) or len(v) > MAX_LAYERS
+                or any(isinstance(h, bool) or not isinstance(h, int) or not 1 <= h <= MAX_WIDTH for h in v)):
+            self.fail(f"{prefix}.{key}", f"expected a list of at most {MAX_LAYERS} whole numbers in 1..{MAX_WIDTH}, "
+                                         f"got {_short(v)}")
 
     def range_(self, sec: dict, key: str, prefix: str, lo: float, hi: float, integer=False):
         v = sec[key]
         name = f"{prefix}.{key}"
         if (not isinstance(v, list) or len(v) != 2
                 or any(isinstance(x, bool) or not isinstance(x, (int, float)) or not math.isfinite(x) for x in v)):
-            self.fail(name, f"expected [min, max], got {v!r}")
+            self.fail(name, f"expected [min, max], got {_short(v)}")
         a, b = v
         if a > b:
             self.fail(name, f"min {a} is greater than max {b}")
@@ -179,13 +202,16 @@ def parse_scenario(raw: Any, where: str = "<scenario>") -> Scenario:
     name = raw.get("name")
     if not isinstance(name, str) or not name:
         c.fail("name", "missing or not a string")
+    if not NAME_RE.fullmatch(name) or name in (".", ".."):
+        c.fail("name", f"{_short(name)} is not a usable name: it names output files, so letters, digits, "
+                       "'.', '_', '+', '-' only, at most 100 characters")
     if not isinstance(raw.get("dataset"), dict) or "source" not in raw["dataset"]:
         c.fail("dataset.source", "missing")
     secs: dict[str, dict] = {}
     for sec_name, defaults in DEFAULTS.items():
         given = raw.get(sec_name, {}) or {}
         if not isinstance(given, dict):
-            c.fail(sec_name, f"expected a mapping, got {given!r}")
+            c.fail(sec_name, f"expected a mapping, got {_short(given)}")
         extra = set(given) - set(defaults) - ({"source"} if sec_name == "dataset" else set())
         if extra:
             c.fail(f"{sec_name}.{sorted(extra)[0]}", f"unknown field (expected one of {', '.join(sorted(defaults))})")
@@ -193,14 +219,14 @@ def parse_scenario(raw: Any, where: str = "<scenario>") -> Scenario:
 
     d = secs["dataset"]
     if d["source"] not in SOURCES:
-        c.fail("dataset.source", f"unknown dataset {d['source']!r} (expected one of {', '.join(SOURCES)})")
-    c.number(d, "seed", "dataset", lo=0, integer=True)
-    c.number(d, "transfer", "dataset", lo=0, integer=True)
+        c.fail("dataset.source", f"unknown dataset {_short(d['source'])} (expected one of {', '.join(SOURCES)})")
+    c.number(d, "seed", "dataset", lo=0, hi=MAX_SEED, integer=True)
+    c.number(d, "transfer", "dataset", lo=0, hi=MAX_ROWS, integer=True)
     if d["source"] in ("mnist1d", "synthetic"):
         for k in ("n_train", "n_val", "n_test"):
             if d[k] is None:
                 c.fail(f"dataset.{k}", f"required for the {d['source']} generator")
-            c.number(d, k, "dataset", lo=10, integer=True)
+            c.number(d, k, "dataset", lo=10, hi=MAX_ROWS, integer=True)
         if d["source"] == "synthetic":
             if not isinstance(d["params"], dict):
                 c.fail("dataset.params", "expected a mapping of make_classification arguments")
@@ -208,28 +234,29 @@ def parse_scenario(raw: Any, where: str = "<scenario>") -> Scenario:
                   "n_clusters_per_class", "class_sep", "flip_y", "weights", "hypercube", "shift", "scale"}
             for k in d["params"]:
                 if k not in ok:
-                    c.fail(f"dataset.params.{k}", f"not a make_classification argument rltune accepts ({', '.join(sorted(ok))})")
+                    c.fail(f"dataset.params.{_short(k, 40)}", f"not a make_classification argument rltune accepts ({', '.join(sorted(ok))})")
+            _check_classification(c, d)
     else:
         c.number(d, "val_fraction", "dataset", lo=0.0 if d["source"] == "file" else 0.05, hi=0.45)
         c.number(d, "test_fraction", "dataset", lo=0.0 if d["source"] == "file" else 0.05, hi=0.45)
     if d["source"] == "file":
         if not isinstance(d["path"], str) or not d["path"] or "\0" in d["path"]:
-            c.fail("dataset.path", f"the file source needs a path to a .npz or .csv file, got {d['path']!r}")
+            c.fail("dataset.path", f"the file source needs a path to a .npz or .csv file, got {_short(d['path'])}")
         if not d["path"].lower().endswith((".npz", ".csv")):
-            c.fail("dataset.path", f"expected a .npz or .csv file, got {d['path']!r}")
+            c.fail("dataset.path", f"expected a .npz or .csv file, got {_short(d['path'])}")
         base = Path(where).parent if where and not where.startswith("<") else Path(".")
         d["path"] = str((base / d["path"]).resolve()) if not Path(d["path"]).is_absolute() else d["path"]
         if not isinstance(d["label"], str) or not d["label"]:
-            c.fail("dataset.label", f"expected the name of the CSV's label column, got {d['label']!r}")
+            c.fail("dataset.label", f"expected the name of the CSV's label column, got {_short(d['label'])}")
     elif d["path"] is not None:
-        c.fail("dataset.path", f"only the file source reads a path (source is {d['source']!r})")
+        c.fail("dataset.path", f"only the file source reads a path (source is {_short(d['source'])})")
     if not isinstance(d["standardize"], bool):
-        c.fail("dataset.standardize", f"expected true or false, got {d['standardize']!r}")
+        c.fail("dataset.standardize", f"expected true or false, got {_short(d['standardize'])}")
 
     for role in ("teacher", "student"):
         s = secs[role]
         if s["arch"] not in ARCHS:
-            c.fail(f"{role}.arch", f"unknown architecture {s['arch']!r} (expected one of {', '.join(ARCHS)})")
+            c.fail(f"{role}.arch", f"unknown architecture {_short(s['arch'])} (expected one of {', '.join(ARCHS)})")
         c.widths(s, "hidden", role)
         if s["arch"] == "cnn2d":
             if "channels" not in (raw.get(role) or {}):
@@ -241,33 +268,33 @@ def parse_scenario(raw: Any, where: str = "<scenario>") -> Scenario:
                 c.fail(f"{role}.channels", f"cnn2d takes 1 to 4 convolutions, got {len(s['channels'])}")
             c.number(s, "kernel", role, lo=1, hi=11, integer=True)
             if d["source"] not in ("mnist", "file"):
-                c.fail(f"{role}.arch", f"cnn2d needs image inputs (source mnist or an image file), not {d['source']!r}")
+                c.fail(f"{role}.arch", f"cnn2d needs image inputs (source mnist or an image file), not {_short(d['source'])}")
         else:
-            c.number(s, "channels", role, lo=1, integer=True)
+            c.number(s, "channels", role, lo=1, hi=MAX_WIDTH, integer=True)
     t = secs["teacher"]
-    c.number(t, "epochs", "teacher", lo=1, integer=True)
+    c.number(t, "epochs", "teacher", lo=1, hi=MAX_EPOCHS, integer=True)
     c.number(t, "lr", "teacher", lo=1e-6, hi=1.0)
-    c.number(t, "batch_size", "teacher", lo=1, integer=True)
-    c.number(t, "weight_decay", "teacher", lo=0.0)
-    c.number(t, "seed", "teacher", lo=0, integer=True)
+    c.number(t, "batch_size", "teacher", lo=1, hi=65_536, integer=True)
+    c.number(t, "weight_decay", "teacher", lo=0.0, hi=10.0)
+    c.number(t, "seed", "teacher", lo=0, hi=MAX_SEED, integer=True)
     s = secs["student"]
-    c.number(s, "pretrain_epochs", "student", lo=0, integer=True)
-    c.number(s, "pretrain_steps", "student", lo=0, integer=True, nullable=True)
+    c.number(s, "pretrain_epochs", "student", lo=0, hi=10_000, integer=True)
+    c.number(s, "pretrain_steps", "student", lo=0, hi=10_000_000, integer=True, nullable=True)
     c.number(s, "temperature", "student", lo=0.1, hi=100)
     c.number(s, "alpha", "student", lo=0.0, hi=1.0)
     c.number(s, "lr", "student", lo=1e-6, hi=1.0, nullable=True)
 
     tr = secs["training"]
     c.number(tr, "stages", "training", lo=1, hi=100, integer=True)
-    c.number(tr, "epochs_per_stage", "training", lo=1, integer=True)
-    c.number(tr, "steps_per_stage", "training", lo=1, integer=True, nullable=True)
-    c.number(tr, "batch_size", "training", lo=1, integer=True, nullable=True)
+    c.number(tr, "epochs_per_stage", "training", lo=1, hi=1_000, integer=True)
+    c.number(tr, "steps_per_stage", "training", lo=1, hi=1_000_000, integer=True, nullable=True)
+    c.number(tr, "batch_size", "training", lo=1, hi=65_536, integer=True, nullable=True)
     c.number(tr, "lr", "training", lo=1e-6, hi=1.0)
-    c.number(tr, "hint_weight", "training", lo=0.0)
+    c.number(tr, "hint_weight", "training", lo=0.0, hi=1e6)
     if tr["pruning_scope"] not in ("layer", "global"):
-        c.fail("training.pruning_scope", f"expected 'layer' or 'global', got {tr['pruning_scope']!r}")
+        c.fail("training.pruning_scope", f"expected 'layer' or 'global', got {_short(tr['pruning_scope'])}")
     if not isinstance(tr["weight_sharing"], bool):
-        c.fail("training.weight_sharing", f"expected true or false, got {tr['weight_sharing']!r}")
+        c.fail("training.weight_sharing", f"expected true or false, got {_short(tr['weight_sharing'])}")
 
     k = secs["knobs"]
     c.range_(k, "temperature", "knobs", 0.1, 100.0)
@@ -277,25 +304,77 @@ def parse_scenario(raw: Any, where: str = "<scenario>") -> Scenario:
 
     r = secs["reward"]
     c.number(r, "accuracy_floor", "reward", lo=0.0, hi=1.0)
-    c.number(r, "floor_penalty", "reward", lo=0.0)
+    c.number(r, "floor_penalty", "reward", lo=0.0, hi=1e6)
     for key in ("w_size", "w_latency", "w_energy"):
-        c.number(r, key, "reward", lo=0.0)
-    c.number(r, "max_bytes", "reward", lo=1, nullable=True)
-    c.number(r, "max_energy_pj", "reward", lo=0.0, nullable=True)
+        c.number(r, key, "reward", lo=0.0, hi=1e6)
+    c.number(r, "max_bytes", "reward", lo=1, hi=2 ** 50, nullable=True)
+    c.number(r, "max_energy_pj", "reward", lo=0.0, hi=1e18, nullable=True)
     return Scenario(name=name, path=where, **secs)
 
 
-def load_scenario(path: str | Path) -> Scenario:
-    """Read and validate a scenario YAML file (``yaml.safe_load`` only)."""
-    path = Path(path)
+def _check_classification(c: _Checker, d: dict) -> None:
+    """make_classification's own constraints, checked now (it would fail later, mid-run)."""
+    p = d["params"]
+    for k in ("n_features", "n_informative", "n_redundant", "n_repeated", "n_classes", "n_clusters_per_class"):
+        if k in p:
+            c.number(p, k, "dataset.params", lo=0 if k in ("n_redundant", "n_repeated") else 1,
+                     hi=MAX_FEATURES, integer=True)
+    for k in ("class_sep", "flip_y", "shift", "scale"):
+        if k in p:
+            c.number(p, k, "dataset.params", lo=0.0 if k == "flip_y" else -1e6, hi=1.0 if k == "flip_y" else 1e6)
+    if "hypercube" in p and not isinstance(p["hypercube"], bool):
+        c.fail("dataset.params.hypercube", f"expected true or false, got {_short(p['hypercube'])}")
+    if "weights" in p and p["weights"] is not None:
+        w = p["weights"]
+        if (not isinstance(w, list) or len(w) > MAX_FEATURES
+                or any(isinstance(x, bool) or not isinstance(x, (int, float)) or not math.isfinite(x) or x < 0 for x in w)):
+            c.fail("dataset.params.weights", f"expected a list of class shares, got {_short(w)}")
+    try:  # the rest of its rules (informative features enough for the classes, ...) by a tiny call
+        from sklearn.datasets import make_classification
+
+        make_classification(n_samples=max(10, 2 * p.get("n_classes", 2) * p.get("n_clusters_per_class", 2)),
+                            random_state=0, **p)
+    except (ValueError, TypeError) as e:
+        c.fail("dataset.params", f"make_classification refuses them: {_short(str(e).splitlines()[0] if str(e) else e, 160)}")
+
+
+class _NoAliasLoader(yaml.SafeLoader):
+    """``yaml.safe_load`` without anchors and aliases: a few hundred bytes of nested aliases (a
+    "billion laughs") would otherwise expand to gigabytes. A scenario never needs them."""
+
+    def compose_node(self, parent, index):
+        if self.check_event(yaml.AliasEvent):
+            event = self.peek_event()
+            raise yaml.YAMLError(f"YAML aliases are not accepted (line {event.start_mark.line + 1})")
+        event = self.peek_event()
+        if getattr(event, "anchor", None):
+            raise yaml.YAMLError(f"YAML anchors are not accepted (line {event.start_mark.line + 1})")
+        return super().compose_node(parent, index)
+
+
+def safe_yaml(text: str, where: str) -> Any:
+    """Parse YAML as data only (safe loader, no aliases); one-line RltuneError on any problem."""
     try:
-        text = path.read_text()
-    except OSError as e:
-        raise RltuneError(f"{path}: cannot read scenario file ({e.strerror or e})") from None
-    try:
-        raw = yaml.safe_load(text)
+        return yaml.load(text, Loader=_NoAliasLoader)
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         at = f" at line {mark.line + 1}" if mark is not None else ""
-        raise RltuneError(f"{path}: not valid YAML{at}") from None
-    return parse_scenario(raw, str(path))
+        why = "" if mark is not None else f": {str(e)[:120]}"
+        raise RltuneError(f"{where}: not valid YAML{at}{why}") from None
+    except (RecursionError, ValueError, OverflowError) as e:
+        raise RltuneError(f"{where}: not valid YAML ({type(e).__name__})") from None
+
+
+def load_scenario(path: str | Path) -> Scenario:
+    """Read and validate a scenario YAML file (safe loader, no aliases, at most 1 MiB)."""
+    path = Path(path)
+    try:
+        if path.stat().st_size > MAX_FILE_BYTES:
+            raise RltuneError(f"{path}: {path.stat().st_size} bytes is too large for a scenario file "
+                              f"(at most {MAX_FILE_BYTES})")
+        text = path.read_text()
+    except OSError as e:
+        raise RltuneError(f"{path}: cannot read scenario file ({e.strerror or e})") from None
+    except UnicodeDecodeError:
+        raise RltuneError(f"{path}: not a text file (not UTF-8)") from None
+    return parse_scenario(safe_yaml(text, str(path)), str(path))

@@ -27,7 +27,7 @@ from torch import nn
 from rltune import compression as C
 from rltune.context import Context
 from rltune.distill import Hint, predict, train_epochs
-from rltune.errors import RltuneError
+from rltune.errors import DivergedError, RltuneError
 from rltune.export import packed_size
 from rltune.metrics import accuracy, agreement, costs, float_energy, measure_latency
 from rltune.score import efficiency_score
@@ -145,8 +145,9 @@ def run_stage(ctx: Context, state: StudentState, knobs: Knobs, epochs: int | Non
               teacher_per_batch: bool = False) -> Metrics:
     """One stage: prune, quantize, train E epochs of KD + QAT, measure. Deterministic per seed.
 
-    Raises :class:`rltune.errors.DivergedError` if the loss becomes NaN or infinite.
-    ``teacher_per_batch`` recomputes teacher logits on every batch (only to measure the cache).
+    Raises :class:`rltune.errors.DivergedError` if the loss becomes NaN or infinite, or if the
+    stage's training *collapsed* the student (see :func:`collapsed`). ``teacher_per_batch``
+    recomputes teacher logits on every batch (only to measure the cache).
     """
     t0 = time.perf_counter()
     tr = ctx.scenario.training
@@ -160,6 +161,7 @@ def run_stage(ctx: Context, state: StudentState, knobs: Knobs, epochs: int | Non
     # with weight sharing: QAT epochs repair the pruning first, then the last third of the
     # epochs (at least one) fine-tunes the k-means centroids (Deep Compression's order)
     phases = [(epochs - max(1, epochs // 3), False), (max(1, epochs // 3), True)] if share else [(epochs, False)]
+    before = accuracy(predict(model, ctx.data.x_val), ctx.data.y_val)
     t1 = time.perf_counter()
     loss = math.nan
     for n_epochs, cluster in phases:
@@ -174,11 +176,31 @@ def run_stage(ctx: Context, state: StudentState, knobs: Knobs, epochs: int | Non
             )
     t2 = time.perf_counter()
     m = measure(ctx, state, loss)
+    why = collapsed(before, m.val_acc, chance_accuracy(ctx.data.y_val))
+    if why:
+        raise DivergedError(why)
     t3 = time.perf_counter()
     m.seconds = t3 - t0
     m.seconds_outside_training = (t1 - t0) + (t3 - t2)
     state.history.append(m)
     return m
+
+
+def chance_accuracy(y: torch.Tensor) -> float:
+    """The accuracy of always predicting the commonest class."""
+    return float(torch.bincount(y).max()) / max(len(y), 1) if len(y) else 0.0
+
+
+def collapsed(before: float, after: float, chance: float) -> str | None:
+    """Why a stage's training collapsed the student, or None. Collapse: training (not the pruning
+    or quantization before it, which training repairs) lost more than 10 pt of val accuracy and
+    more than half the way from where the stage started down to chance, as a learning rate far too
+    large does (digits at lr 1.0: 97 % -> 39 %). Hard compression that training only partly repairs
+    starts the stage low and is not a collapse."""
+    if before - after > 0.10 and after < chance + 0.5 * (before - chance):
+        return (f"training collapsed the student: val accuracy fell from {100 * before:.1f} % to "
+                f"{100 * after:.1f} % during the stage (chance {100 * chance:.1f} %); the learning rate may be too high")
+    return None
 
 
 def run_schedule(ctx: Context, schedule: list[Knobs], seed: int = 0,

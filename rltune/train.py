@@ -44,12 +44,12 @@ TOP_KEYS = {"scenarios", "val_scenarios", "total_timesteps", "n_envs", "seed", "
 def load_hyperparams(path: str | Path, key: str = "default") -> dict[str, Any]:
     """The ``key`` entry of an agents/ppo.yml file, merged over its ``default:`` entry (safe_load only)."""
     path = Path(path)
+    from rltune.scenario import safe_yaml
+
     try:
-        raw = yaml.safe_load(path.read_text())
-    except OSError as e:
-        raise RltuneError(f"{path}: cannot read ({e.strerror or e})") from None
-    except yaml.YAMLError:
-        raise RltuneError(f"{path}: not valid YAML") from None
+        raw = safe_yaml(path.read_text(), str(path))
+    except (OSError, UnicodeDecodeError) as e:
+        raise RltuneError(f"{path}: cannot read ({getattr(e, 'strerror', None) or e})") from None
     if not isinstance(raw, dict) or "default" not in raw:
         raise RltuneError(f"{path}: expected a mapping with a 'default:' entry")
     if key not in raw:
@@ -189,10 +189,11 @@ def gate(agent_path: str | Path, scenarios: list[str], targets: list[str], episo
          env_kwargs: dict | None = None) -> dict[str, Any]:
     """The trained policy against the recipe (zero action) on scenarios it was not trained on, val
     split, same seeds. ``passed`` when its mean val accuracy is above the recipe's."""
-    from rltune.agentfile import load_policy
-    from rltune.env import DistillCompressEnv
+    from rltune.agentfile import check_layouts, load_policy
+    from rltune.env import ACTION_LAYOUT, OBS_LAYOUT, DistillCompressEnv
 
     agent = load_policy(agent_path)
+    check_layouts(agent, OBS_LAYOUT, ACTION_LAYOUT)
     trained_on = set(agent.meta.get("training", {}).get("scenarios", []))
     bad = trained_on & set(scenarios)
     if bad:

@@ -94,6 +94,8 @@ class Session:
         key = score if self.env.mode == "tradeoff" else acc
         self.val_accs.append(acc)
         self.val_scores.append(score)
+        if "diverged" in info:
+            config = dict(config, diverged=info["diverged"])
         if self.best is None or key > self.best[0]:
             self.best = (key, self.env.state, dict(config, val_acc=acc, val_score=score))
         return key
@@ -229,10 +231,12 @@ def tune_optuna_schedule(s: Session, storage: str | None = None, **study: Any) -
 
 
 def tune_ppo_replay(s: Session, agent_path: str | Path) -> None:
-    from rltune.agentfile import load_policy
+    from rltune.agentfile import check_layouts, load_policy
+    from rltune.env import ACTION_LAYOUT, OBS_LAYOUT
     from rltune.shipped import resolve_agent
 
     agent = load_policy(resolve_agent(agent_path))
+    check_layouts(agent, OBS_LAYOUT, ACTION_LAYOUT)
     s.play_actions(lambda obs, k: agent.predict(obs, deterministic=True), {"agent": str(agent_path)})
 
 
@@ -287,8 +291,11 @@ def tune_ppo_finetune(s: Session, agent_path: str | Path, episodes_per_update: i
     # a rollout of at most `episodes_per_update` episodes, fewer when the budget is small, so that
     # even two fine-tuning episodes give a PPO update (a last partial rollout is not used)
     n_steps = min(episodes_per_update, s.budget_stages // S - 1) * S
+    from rltune.agentfile import check_layouts, load_policy
+    from rltune.env import ACTION_LAYOUT, OBS_LAYOUT
     from rltune.shipped import resolve_agent
 
+    check_layouts(load_policy(resolve_agent(agent_path)), OBS_LAYOUT, ACTION_LAYOUT)
     model = load_ppo(resolve_agent(agent_path), env=DummyVecEnv([lambda: cell]), n_steps=n_steps,
                      batch_size=min(n_steps, 64), seed=s.seed, verbose=0)
 
