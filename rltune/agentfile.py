@@ -756,3 +756,61 @@ def import_sb3_zip(zip_path: str | os.PathLike, out_path: str | os.PathLike, tru
         training if training is not None else {"imported_from": zip_path.name},
         hyperparameters,
     )
+
+
+# ------------------------------------------------------------------------ optimizer state (resume)
+
+OPTIMIZER_TENSORS = "optimizer.safetensors"
+OPTIMIZER_META = "optimizer.json"
+
+
+def save_optimizer(model: Any, folder: str | os.PathLike) -> None:
+    """Write the policy optimizer's state (Adam's moments and step counts) beside an agent, as
+    safetensors + JSON (no pickle), so ``--resume`` continues training where it stopped."""
+    from safetensors.torch import save as st_save
+
+    folder = Path(folder)
+    sd = model.policy.optimizer.state_dict()
+    tensors, scalars = {}, {}
+    for idx, st in sd["state"].items():
+        for k, v in st.items():
+            if isinstance(v, torch.Tensor):
+                tensors[f"{idx}.{k}"] = v.detach().cpu().contiguous()
+            elif isinstance(v, (int, float, bool)):
+                scalars[f"{idx}.{k}"] = v
+    groups = [{k: v for k, v in g.items() if isinstance(v, (int, float, bool, list, tuple)) or v is None}
+              for g in sd["param_groups"]]
+    _write_atomic(folder / OPTIMIZER_TENSORS, st_save(tensors) if tensors else st_save({"_": torch.zeros(1)}))
+    _write_atomic(folder / OPTIMIZER_META, json.dumps({"param_groups": groups, "scalars": scalars,
+                                                       "num_timesteps": int(model.num_timesteps)}).encode())
+
+
+def load_optimizer(model: Any, folder: str | os.PathLike) -> bool:
+    """Restore what :func:`save_optimizer` wrote; False (and nothing changed) if it is missing or
+    does not fit the model's optimizer."""
+    folder = Path(folder)
+    try:
+        meta = json.loads(_read_bytes(folder / OPTIMIZER_META, _MAX_JSON_BYTES).decode("utf-8"))
+        tensors = _parse_safetensors(_read_bytes(folder / OPTIMIZER_TENSORS, _MAX_WEIGHTS_BYTES),
+                                     folder / OPTIMIZER_TENSORS)
+        state: dict[int, dict[str, Any]] = {}
+        for key, t in tensors.items():
+            if key == "_":
+                continue
+            idx, _, name = key.partition(".")
+            state.setdefault(int(idx), {})[name] = t
+        for key, v in meta["scalars"].items():
+            idx, _, name = key.partition(".")
+            state.setdefault(int(idx), {})[name] = v
+        current = model.policy.optimizer.state_dict()
+        groups = []
+        for mine, saved in zip(current["param_groups"], meta["param_groups"]):
+            g = dict(mine)
+            g.update({k: (tuple(v) if k == "betas" else v) for k, v in saved.items() if k != "params"})
+            groups.append(g)
+        if len(groups) != len(current["param_groups"]):
+            return False
+        model.policy.optimizer.load_state_dict({"state": state, "param_groups": groups})
+        return True
+    except (RltuneError, OSError, ValueError, KeyError, TypeError, RuntimeError):
+        return False

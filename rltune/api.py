@@ -67,9 +67,9 @@ class Result:
 
         import torch
 
-        x = torch.zeros(1, *self.input_shape)
-        if self.problem is not None and len(self.problem.data.x_val):
-            x = self.problem.data.x_val[:1]
+        x = torch.zeros(2, *self.input_shape)
+        if self.problem is not None and len(self.problem.data.x_val) >= 2:
+            x = self.problem.data.x_val[:64]  # traced on 2 rows, checked on up to 64
         info = export_onnx(self.compressed, path, x)
         self.report["onnx_bytes"] = info["onnx_bytes"]
         return int(info["onnx_bytes"])
@@ -126,12 +126,13 @@ def compress(problem: Problem | Scenario | str, target: str | float = "16x", tun
     p = as_problem(problem)
     stages = p.scenario.training["stages"]
     if budget_stages is None:
-        n = 1 if tuner in ONE_EPISODE_TUNERS else (episodes or DEFAULT_SEARCH_EPISODES)
+        n = 1 if tuner in ONE_EPISODE_TUNERS else (DEFAULT_SEARCH_EPISODES if episodes is None else episodes)
         if isinstance(n, bool) or not isinstance(n, int) or n < 1:
             raise RltuneError(f"episodes must be a whole number >= 1, got {episodes!r}")
         budget_stages = n * stages
     elif isinstance(budget_stages, bool) or not isinstance(budget_stages, int) or budget_stages < stages:
         raise RltuneError(f"budget_stages must be at least one episode ({stages} stages), got {budget_stages!r}")
+    check_feasible(p, budget)
     env = DistillCompressEnv(problems=[p], targets=[str(budget)])
     r = run_tuner(tuner, env, 0, str(budget), seed, budget_stages, agent=agent)
     if r.config.get("diverged"):  # the best episode diverged: every episode did
@@ -165,6 +166,30 @@ def compress(problem: Problem | Scenario | str, target: str | float = "16x", tun
              "-" if report["test_acc"] is None else f"{100 * report['test_acc']:.2f} %",
              report["packed_bytes"], report["ratio"])
     return result
+
+
+def check_feasible(p: Problem, budget) -> None:
+    """Refuse, before any training, a target the student cannot meet even at the fewest bits and
+    the most sparsity its knobs allow; the message gives the smallest it can be."""
+    import copy
+
+    from rltune.budget import Meter
+    from rltune.compression import float_bytes, prepare_, prune_, set_bits_
+    from rltune.metrics import float_energy
+
+    sc = p.scenario
+    model = prepare_(copy.deepcopy(p.new_student(0)))
+    meter = Meter(budget, p.student_spec, p.input_shape, p.n_classes, float_bytes(model),
+                  float_energy(model, p.input_shape)["energy_pj"])
+    prune_(model, sparsity=min(sc.knobs["sparsity"][1], 0.999), scope=sc.training["pruning_scope"])
+    set_bits_(model, sc.knobs["bits"][0])
+    least = meter.cost(model)
+    if least > meter.limit:
+        unit = "pJ" if budget.kind == "energy" else "bytes"
+        raise RltuneError(f"{p.name}: target {budget} ({meter.limit:.0f} {unit}) cannot be met: at "
+                          f"{sc.knobs['bits'][0]} bits and {sc.knobs['sparsity'][1]:.0%} sparsity the student is still "
+                          f"{least:.0f} {unit} ({meter.float_cost / least:.1f}x); its uncompressed parameters and "
+                          "layer headers set a floor")
 
 
 def replay(agent: str | os.PathLike, problem: Problem | Scenario | str, target: str | float = "16x",

@@ -41,7 +41,7 @@ class Budget:
         """``20x`` / ``20`` -> ratio; ``12KB``, ``900B`` -> bytes; ``5nJ``, ``800pJ`` -> energy."""
         if isinstance(text, (int, float)):
             return cls("ratio", float(text))
-        m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:e-?[0-9]+)?)\s*([a-zA-Zµ×]*)\s*", str(text))
+        m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]+)?)\s*([a-zA-Zµ×]*)\s*", str(text))
         if not m:
             raise RltuneError(f"cannot read budget {text!r} (examples: 20x, 12KB, 5nJ)")
         value, unit = float(m.group(1)), m.group(2).lower()
@@ -55,10 +55,10 @@ class Budget:
 
     def __str__(self) -> str:
         if self.kind == "ratio":
-            return f"{self.value:g}x"
+            return f"{self.value:.12g}x"
         if self.kind == "bytes":
             return f"{self.value:.0f}B"
-        return f"{self.value / 1e3:g}nJ"
+        return f"{self.value / 1e3:.12g}nJ"
 
 
 class Meter:

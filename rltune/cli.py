@@ -119,6 +119,7 @@ def cmd_compress(args: argparse.Namespace) -> int:
     if args.budget is not None and (args.sparsity is not None or args.bits is not None):
         raise RltuneError("give either --budget (a target the tuner meets) or --sparsity/--bits (the fixed recipe), not both")
     agent = _agent_arg(args.agent) if args.tuner.startswith("ppo") else None
+    _check_outputs(args.out, args.onnx)
     problem = as_problem(args.scenario)
     if args.budget is None:
         sp = 0.8 if args.sparsity is None else args.sparsity
@@ -131,6 +132,23 @@ def cmd_compress(args: argparse.Namespace) -> int:
     report = write_outputs(result, args.out, how, onnx=args.onnx)
     _print_result(report)
     return 0
+
+
+def _check_outputs(out: str, onnx: str | None) -> None:
+    """Where the outputs go, checked before any training (a file in the way, a missing folder)."""
+    from rltune.errors import make_folder
+
+    make_folder(out)
+    if onnx:
+        parent = Path(onnx).resolve().parent
+        if not parent.is_dir():
+            raise RltuneError(f"--onnx {onnx}: the folder {parent} does not exist")
+        if Path(onnx).is_dir():
+            raise RltuneError(f"--onnx {onnx}: is a folder; give a file name")
+        try:
+            import onnx as _  # noqa: F401
+        except ImportError:
+            raise RltuneError("--onnx needs the onnx package: pip install 'rltune[onnx]'") from None
 
 
 def _agent_arg(name: str | None):
@@ -150,6 +168,7 @@ def cmd_replay(args: argparse.Namespace) -> int:
     from rltune.pipeline import write_outputs
 
     agent = None if args.recipe else _agent_arg(args.agent)
+    _check_outputs(args.out, args.onnx)
     problem = as_problem(args.scenario)
     if args.recipe:
         result = compress(problem, args.budget, tuner="recipe", seed=args.seed)
@@ -265,7 +284,15 @@ def cmd_export(args: argparse.Namespace) -> int:
             raise RltuneError(f"--skeleton {args.skeleton}: returned a {type(skeleton).__name__}, not an nn.Module")
     codes: list = []
     model = load_artifact(args.artifact, skeleton=skeleton, codes=codes)
-    shape = tuple(int(d) for d in args.input_shape.split(",")) if args.input_shape else _input_shape(model)
+    if args.input_shape:
+        try:
+            shape = tuple(int(d) for d in args.input_shape.split(","))
+        except ValueError:
+            shape = ()
+        if not shape or any(d < 1 or d > 1 << 20 for d in shape):
+            raise RltuneError(f"--input-shape: expected positive whole numbers like 1,28,28, got {args.input_shape!r}")
+    else:
+        shape = _input_shape(model)
     info = export_onnx(model, args.onnx, torch.zeros(1, *shape), codes=codes)
     print(f"onnx: {args.onnx} ({info['onnx_bytes']} bytes; {info['quantized_layers']} layers as int8, "
           f"{info['float_layers']} float)")
@@ -294,12 +321,21 @@ def cmd_validate(args: argparse.Namespace) -> int:
     return 0
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors: ``rltune: error: ...`` and exit 2, no usage block."""
+
+    def error(self, message: str):
+        print(f"rltune: error: {self.prog.removeprefix('rltune').strip() + ': ' if self.prog != 'rltune' else ''}"
+              f"{message} (see {self.prog} --help)", file=sys.stderr)
+        sys.exit(2)
+
+
 def build_parser() -> argparse.ArgumentParser:
     fmt = argparse.ArgumentDefaultsHelpFormatter
-    p = argparse.ArgumentParser(prog="rltune", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = _Parser(prog="rltune", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--version", action="version", version=f"rltune {__version__}")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress on stderr")
-    sub = p.add_subparsers(dest="command", required=True, metavar="VERB")
+    sub = p.add_subparsers(dest="command", required=True, metavar="VERB", parser_class=_Parser)
     quiet = argparse.ArgumentParser(add_help=False)
     quiet.add_argument("--quiet", "-q", action="store_true", default=argparse.SUPPRESS, help="no progress on stderr")
 

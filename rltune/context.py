@@ -21,14 +21,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_model, save_model
 from torch import nn
 
 from rltune.data import Dataset, cache_dir, stable_hash
 from rltune.distill import Hint, TrainSet, predict, train_epochs
 from rltune.metrics import accuracy
 from rltune.models import build_model
-from rltune.errors import RltuneWarning
+from rltune.errors import RltuneError, RltuneWarning
 from rltune.scenario import Scenario
 
 CACHE_VERSION = 2
@@ -37,13 +37,14 @@ log = logging.getLogger("rltune")
 
 def _save_model(model: nn.Module, path: Path, meta: dict[str, Any]) -> None:
     tmp = path.with_suffix(f".{os.getpid()}.tmp")
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp))
+    # safetensors' save_model/load_model handle one tensor under two names (a module registered twice)
+    save_model(model, str(tmp))
     os.replace(tmp, path)
     path.with_suffix(".json").write_text(json.dumps(meta, indent=1))
 
 
 def _load_model(model: nn.Module, path: Path) -> nn.Module:
-    model.load_state_dict(load_file(str(path)), strict=True)
+    missing, unexpected = load_model(model, str(path), strict=True)
     return model.eval()
 
 
@@ -131,11 +132,13 @@ class Context:
         problem = source if isinstance(source, Problem) else Problem.from_scenario(source)
         data = problem.data
         teacher = problem.teacher
-        teacher.eval()
-        for p in teacher.parameters():
-            p.requires_grad_(False)
-        logits = {split: predict(teacher, getattr(data, f"x_{split}"))
+        was_training = teacher.training
+        logits = {split: predict(teacher, getattr(data, f"x_{split}"))  # no_grad, eval mode
                   for split in ("train", "val", "test", "transfer")}
+        teacher.train(was_training)  # the user's module is left as it was given
+        bad = [k for k, v in logits.items() if v.numel() and not torch.isfinite(v).all()]
+        if bad:
+            raise RltuneError(f"{problem.name}: the teacher returns NaN or infinite logits on the {bad[0]} split")
         scenario = resolve_training(problem.scenario, len(data.y_train) + len(data.x_transfer))
         feats = None
         if scenario.training["hint_weight"] > 0 and hasattr(teacher, "features"):
@@ -203,9 +206,12 @@ class Context:
             if s.student["pretrain_epochs"] > 0:
                 log.info("%s: distilling the float student (%d epochs, batch %d; cached for later runs)",
                          s.name, s.student["pretrain_epochs"], s.training["batch_size"])
-                train_epochs(model, self.train_set, s.student["pretrain_epochs"],
-                             temperature=s.student["temperature"], alpha=s.student["alpha"],
-                             lr=self.pretrain_lr, batch_size=s.training["batch_size"], generator=g)
+                from rltune.stage import user_code
+
+                with user_code(self, "the float student's distillation"):
+                    train_epochs(model, self.train_set, s.student["pretrain_epochs"],
+                                 temperature=s.student["temperature"], alpha=s.student["alpha"],
+                                 lr=self.pretrain_lr, batch_size=s.training["batch_size"], generator=g)
             _save_model(model, path, {"val_acc": accuracy(predict(model, self.data.x_val), self.data.y_val)})
         model.eval()
         acc = accuracy(predict(model, self.data.x_val), self.data.y_val)

@@ -44,8 +44,14 @@ SOURCES = FIXED_SOURCES + GENERATED_SOURCES
 
 def cache_dir() -> Path:
     """Where datasets, teachers and teacher logits are cached (``$RLTUNE_CACHE``, else ``~/.cache/rltune``)."""
-    path = Path(os.environ.get("RLTUNE_CACHE", Path.home() / ".cache" / "rltune"))
-    path.mkdir(parents=True, exist_ok=True)
+    path = Path(os.environ.get("RLTUNE_CACHE", "") or Path.home() / ".cache" / "rltune")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        if not os.access(path, os.W_OK | os.X_OK):
+            raise PermissionError(13, "not writable")
+    except OSError as e:
+        raise RltuneError(f"the cache folder {path} is not usable ({e.strerror or e}); set RLTUNE_CACHE to a "
+                          "writable folder") from None
     return path
 
 
@@ -118,8 +124,13 @@ def _mnist1d(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """``n`` MNIST-1D samples from the package's generator, without touching global RNG state."""
     path = cache_dir() / f"mnist1d_{n}_{seed}.npz"
     if path.exists():
-        with np.load(path, allow_pickle=False) as f:
-            return f["x"], f["y"]
+        try:
+            with np.load(path, allow_pickle=False) as f:
+                x, y = f["x"], f["y"]
+            if x.shape == (n, 40) and y.shape == (n,):
+                return x, y
+        except Exception:  # a corrupt cache entry is regenerated, never trusted
+            pass
     from mnist1d.data import get_dataset_args, make_dataset
 
     args = get_dataset_args()

@@ -167,10 +167,21 @@ class DistillCompressEnv(gym.Env):
     ``n_float_students`` (1), ``probe_samples`` (4096), ``probe_epochs`` (3), ``probe_tolerance``
     (0.015: the recipe takes the most bits whose probe accuracy is this close to the best),
     ``reward_baseline`` ("float" or "recipe"), ``epochs_per_stage``
-    (override the scenarios').
+    (override the scenarios'), ``render_mode`` (None or ``"ansi"``: ``render()`` returns one line
+    of text on the episode so far).
+
+    ## Info
+    Every ``info`` holds the same keys (``INFO_DEFAULTS``; NaN, 0 or "" until known), so
+    ``Monitor(info_keywords=...)`` can log any of them on every episode, diverged ones included.
+
+    ## Pickling
+    The env pickles its configuration, not its caches or the running episode (parametrized
+    modules cannot be pickled): an unpickled env is reset before it steps.
 
     ## Version History
-    * v0: initial version.
+    * v0: initial version. Later additions that keep v0's spaces and dynamics: ``problems=``,
+      ``render_mode``, the same info keys on every step, a stage whose training collapses the
+      student ends the episode as diverged.
     """
 
     metadata = {"render_modes": ["ansi"], "render_fps": 1}
@@ -252,6 +263,17 @@ class DistillCompressEnv(gym.Env):
         self._probes: dict[tuple, Probe] = {}
         self.ctx: Context | None = None
         self.state: StudentState | None = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        """Pickling (for subprocess and Ray workers) keeps the configuration and drops what is
+        rebuilt on demand: the per-scenario caches and the running episode (its parametrized
+        student cannot be pickled). An unpickled env needs ``reset()`` before ``step()``."""
+        state = dict(self.__dict__)
+        for k in ("_contexts", "_students", "_probes", "_baselines"):
+            state[k] = {}
+        for k in ("ctx", "state", "plan", "knobs", "last_metrics", "meter", "probe_result"):
+            state[k] = None
+        return state
 
     # -- scenario-level caches (computed once, reused by every episode) --------------------------
 
@@ -407,7 +429,8 @@ class DistillCompressEnv(gym.Env):
         except DivergedError as e:
             parts["reward_diverged"] = -self.divergence_penalty * self.reward_scale
             info = self._info(parts)
-            info["diverged"] = str(e)
+            info["diverged"] = str(e) or "diverged"
+            log.info("%s @ %s: stage %d/%d diverged: %s", sc.name, self.budget, self.k, self.stages, e)
             return self._obs(), float(sum(parts.values())), True, False, info
         enforced = False
         if terminated:
@@ -498,16 +521,11 @@ class DistillCompressEnv(gym.Env):
         return np.clip(np.nan_to_num(obs, nan=0.0), -5.0, 5.0)
 
     def _info(self, parts: dict[str, float] | None = None) -> dict[str, Any]:
-        nan = float("nan")
-        info: dict[str, Any] = {
-            "scenario": self.ctx.scenario.name,
-            "target": str(self.budget),
-            "stage": self.k,
-            "recipe_bits": self.probe_result.recipe_bits,
-            # always present, so Monitor(info_keywords=...) can log any episode, diverged ones too
-            "val_acc": nan, "float_val_acc": self.state.ref.val_acc, "ratio": nan, "packed_bytes": nan,
-            "sparsity": nan, "plan_final_bits": 0, "reward_accuracy": 0.0, "reward_action": 0.0,
-        }
+        """Every key of ``INFO_DEFAULTS`` in every info (so ``Monitor(info_keywords=...)`` can log any
+        of them on any episode, truncated or diverged ones included); NaN / 0 / "" until known."""
+        info: dict[str, Any] = dict(INFO_DEFAULTS)
+        info.update({"scenario": self.ctx.scenario.name, "target": str(self.budget), "stage": self.k,
+                     "recipe_bits": self.probe_result.recipe_bits, "float_val_acc": self.state.ref.val_acc})
         if self.plan:
             info.update({f"plan_{k}": v for k, v in self.plan.items()})
         if self.knobs:
@@ -516,7 +534,20 @@ class DistillCompressEnv(gym.Env):
         if self.last_metrics is not None:
             # wall-clock timings stay on ``self.last_metrics``: info is deterministic per seed
             info.update({k: v for k, v in self.last_metrics.to_dict().items() if not k.startswith("seconds")})
-            info["float_val_acc"] = self.state.ref.val_acc
         if parts:
             info.update(parts)
         return info
+
+
+_NAN = float("nan")
+INFO_DEFAULTS: dict[str, Any] = {
+    "scenario": "", "target": "", "stage": 0, "recipe_bits": 0,
+    "val_acc": _NAN, "float_val_acc": _NAN, "val_agreement": _NAN, "packed_bytes": _NAN, "ratio": _NAN,
+    "sparsity": _NAN, "bits": _NAN, "nonzero_macs": _NAN, "dense_macs": _NAN, "energy_pj": _NAN,
+    "train_loss": _NAN, "latency_b1_s": None,  # latency is measured on the final student only
+    "plan_final_bits": 0, "plan_final_sparsity": _NAN, "plan_late_stages": 0,
+    "temperature": _NAN, "alpha": _NAN, "target_sparsity": _NAN, "stage_bits": 0,
+    "reward_accuracy": 0.0, "reward_action": 0.0, "reward_diverged": 0.0, "reward_floor": 0.0,
+    "reward_size": 0.0, "reward_latency": 0.0, "reward_energy": 0.0, "reward_budget": 0.0,
+    "budget_enforced": False, "budget_met": False, "diverged": "",
+}

@@ -16,3 +16,17 @@ class DivergedError(RltuneError):
 
 class RltuneWarning(UserWarning):
     """Something that works but is likely not what the user wants (a float student far below its teacher)."""
+
+
+def make_folder(path, what: str = "output folder"):
+    """``mkdir -p`` with one-line errors (a file in the way, no permission)."""
+    from pathlib import Path
+
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except (OSError, ValueError) as e:
+        raise RltuneError(f"cannot create the {what} {path}: {getattr(e, 'strerror', None) or e}") from None
+    if not path.is_dir():
+        raise RltuneError(f"the {what} {path} is not a folder")
+    return path

@@ -713,6 +713,8 @@ def _signature(module: nn.Module) -> tuple:
 
 def _extras(model: nn.Module, layer_names: list[str]) -> list[tuple[str, torch.Tensor]]:
     """Parameters and persistent buffers outside the compressible layers (e.g. BatchNorm)."""
+    if "" in layer_names:  # the model is itself one compressible layer: nothing else to store
+        return []
     skip = tuple(n + "." for n in layer_names)
     names = set(layer_names)
     out = []
@@ -797,6 +799,8 @@ def packed_size(model: nn.Module, spec: dict[str, Any] | None = None,
 def save_artifact(model: nn.Module, path: str | os.PathLike, spec: dict[str, Any] | None = None,
                   in_features: int | None = None, out_features: int | None = None) -> int:
     """Write the packed artifact to ``path`` (atomically); returns the number of bytes written."""
+    if not isinstance(path, (str, os.PathLike)) or not str(path):
+        raise RltuneError(f"an artifact path must be a non-empty file name, got {path!r:.60}")
     data = export_bytes(model, spec, in_features, out_features)
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
@@ -1017,8 +1021,13 @@ def load_artifact(path_or_bytes: str | os.PathLike | bytes | bytearray | memoryv
     ``codes``, a list, receives ``(layer name, int8 codes, float32 scale per output channel)`` of
     every quantized layer (weight = codes × scale), for :func:`rltune.onnx_export.export_onnx`.
     """
+    if skeleton is not None and not isinstance(skeleton, nn.Module):
+        hint = " (a class: pass an instance, skeleton=MyStudent())" if isinstance(skeleton, type) else ""
+        raise RltuneError(f"skeleton must be an nn.Module instance, got {type(skeleton).__name__}{hint}")
     if isinstance(path_or_bytes, (bytes, bytearray, memoryview)):
         data, where = bytes(path_or_bytes), "artifact"
+    elif not isinstance(path_or_bytes, (str, os.PathLike)) or not str(path_or_bytes):
+        raise RltuneError(f"load_artifact takes a file path or bytes, got {path_or_bytes!r:.60}")
     else:
         where = str(path_or_bytes)
         try:

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable
 
-from rltune.errors import RltuneError
+from rltune.errors import RltuneError, make_folder
 
 _ENVS: dict[tuple, Any] = {}
 ONE_EPISODE = ("recipe", "recipe-plus1", "fixed-8bit", "adaptive-tau", "ppo-replay")
@@ -141,7 +141,7 @@ def evaluate(
     if trial_workers < 1:
         raise RltuneError(f"trial_workers must be at least 1, got {trial_workers}")
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    make_folder(out)
     results = out / "results.jsonl"
     scenarios = list(scenarios)
     tuners = list(tuners)

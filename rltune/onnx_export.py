@@ -156,7 +156,10 @@ def _match(spec, arr: np.ndarray, exact: bool):
     ``arr`` is the effective weight (or its transpose, a Linear weight stored ``(in, out)``).
     Otherwise: every output channel of ``arr`` is proportional to the layer's codes."""
     _, codes, scale, ref = spec
-    for axis in ((0, 1) if codes.ndim == 2 else (0,)):
+    # only weights stored (out, ...): onnxruntime 1.32 computes DequantizeLinear feeding a
+    # transposed weight wrongly (Gemm with axis=1; Transpose -> MatMul at its default optimisation
+    # level, measured 0.1 logit off), so a weight an exporter transposed stays float
+    for axis in (0,):
         c, r = (codes, ref) if axis == 0 else (codes.T, ref.T)
         if arr.shape != c.shape:
             continue
@@ -180,7 +183,11 @@ def _quantize_graph(proto, specs) -> int:
     if opset < 13 or not specs:  # per-channel DequantizeLinear needs opset 13
         return 0
     inits = {t.name: t for t in graph.initializer}
-    floats = {n: numpy_helper.to_array(t) for n, t in inits.items() if t.data_type == TensorProto.FLOAT}
+    # a weight read through a Transpose stays float: onnxruntime 1.32 fuses DequantizeLinear ->
+    # Transpose -> MatMul (a bias-free Linear) wrongly at its default optimisation level
+    transposed = {i for n in graph.node if n.op_type == "Transpose" for i in n.input}
+    floats = {n: numpy_helper.to_array(t) for n, t in inits.items()
+              if t.data_type == TensorProto.FLOAT and n not in transposed}
     found: dict[str, tuple[str, np.ndarray, np.ndarray, int]] = {}   # layer -> (init, q, scale, axis)
     claimed: set[str] = set()
     for spec in specs:                                     # the initializer named after the weight
@@ -277,10 +284,10 @@ def export_onnx(model: nn.Module, path, example_input: torch.Tensor, opset: int 
                           f"example input: {_first_line(exc)}") from None
 
     try:
-        data, exporter = _torch_export(plain, x, opset, dynamo=False), "torchscript"
+        data, exporter = _torch_export(plain, x[:2], opset, dynamo=False), "torchscript"
     except Exception as first:
         try:
-            data, exporter = _torch_export(plain, x, opset, dynamo=True), "dynamo"
+            data, exporter = _torch_export(plain, x[:2], opset, dynamo=True), "dynamo"
         except Exception:
             raise RltuneError(f"the model could not be exported to ONNX: {_first_line(first)}") from None
 
@@ -298,6 +305,7 @@ def export_onnx(model: nn.Module, path, example_input: torch.Tensor, opset: int 
         raise RltuneError(f"the model could not be exported to ONNX: rewriting its weights as int8 "
                           f"failed: {_first_line(exc)}") from None
 
+    _verify(data, plain, x)
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
     try:
@@ -309,6 +317,36 @@ def export_onnx(model: nn.Module, path, example_input: torch.Tensor, opset: int 
         raise RltuneError(f"cannot write ONNX file {path}: {exc.strerror or exc}") from None
     return {"onnx_bytes": len(data), "quantized_layers": quantized,
             "float_layers": max(n_layers - quantized, 0), "exporter": exporter}
+
+
+def _verify(data: bytes, plain: nn.Module, x: torch.Tensor) -> None:
+    """With onnxruntime installed: the graph (traced on 2 rows) must reproduce the model on all of
+    ``x`` (another batch size); a forward that depends on the batch size, or an op traced as a
+    constant, is refused rather than written as a file that predicts something else."""
+    try:
+        import onnxruntime  # noqa: F401
+    except ImportError:
+        return
+    if len(x) < 2:
+        return
+    import tempfile
+
+    with torch.no_grad():
+        want = plain(x).detach().cpu().numpy()
+    with tempfile.TemporaryDirectory() as tmp:
+        f = Path(tmp) / "check.onnx"
+        f.write_bytes(data)
+        try:
+            got = onnx_predict(f, x)
+        except RltuneError as e:
+            raise RltuneError(f"the exported ONNX graph does not run on a batch of {len(x)}: {str(e).split(': ', 1)[-1]}") from None
+    tol = 1e-4 * max(1.0, float(np.abs(want).max()))
+    if got.shape != want.shape or not np.allclose(got, want, rtol=1e-4, atol=tol) \
+            or not (got.argmax(-1) == want.argmax(-1)).all():
+        diff = float(np.abs(got - want).max()) if got.shape == want.shape else float("nan")
+        raise RltuneError(f"the exported ONNX graph does not reproduce the model on a batch of {len(x)} "
+                          f"(max difference {diff:.3g}): its forward may depend on the batch size or on "
+                          "values the exporter traced as constants")
 
 
 def onnx_predict(path, x: np.ndarray | torch.Tensor) -> np.ndarray:

@@ -14,7 +14,7 @@ import torch
 from rltune.api import Result, json_safe, as_problem
 from rltune.compression import float_bytes
 from rltune.context import Context
-from rltune.errors import RltuneError
+from rltune.errors import RltuneError, make_folder
 from rltune.export import load_artifact
 from rltune.metrics import float_energy, measure_latency, plain_copy
 from rltune.models import count_params
@@ -57,12 +57,7 @@ def write_outputs(result: Result, out_dir: str | Path, how: dict[str, Any], onnx
     p = result.problem
     name = p.name
     out = Path(out_dir)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise RltuneError(f"cannot create the output folder {out}: {e.strerror or e}") from None
-    if not out.is_dir():
-        raise RltuneError(f"{out} is not a folder")
+    make_folder(out)
     artifact = out / f"{name}.rlt"
     nbytes = result.save(artifact)
     skeleton = None if result.spec is not None else p.new_student(0)

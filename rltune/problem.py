@@ -95,6 +95,7 @@ def _as_tensor(value: Any, what: str) -> torch.Tensor:
 
 
 def _inputs(value: Any, what: str) -> torch.Tensor:
+    """Float32 inputs (integer arrays, e.g. uint8 images, become floats)."""
     x = _as_tensor(value, what)
     if x.dim() < 2 or x.shape[0] == 0:
         raise RltuneError(f"{what}: expected one row per sample (at least 2 dimensions, at least one row), "
@@ -114,8 +115,8 @@ def _labels(value: Any, what: str) -> torch.Tensor:
     if y.dim() != 1:
         raise RltuneError(f"{what}: expected a 1-D array of class numbers, got shape {tuple(y.shape)}")
     if y.is_floating_point():
-        if not torch.isfinite(y).all() or not torch.equal(y, y.round()):
-            raise RltuneError(f"{what}: labels must be whole class numbers 0, 1, ... (got non-integers or NaN)")
+        if not torch.isfinite(y).all() or not torch.equal(y, y.round()) or (y.numel() and float(y.abs().max()) > 2 ** 31):
+            raise RltuneError(f"{what}: labels must be whole class numbers 0, 1, ... (got non-integers, NaN or huge values)")
     elif y.dtype == torch.bool or y.is_complex():
         raise RltuneError(f"{what}: labels must be class numbers 0, 1, ..., got {y.dtype}")
     y = y.to(torch.int64)
@@ -139,11 +140,15 @@ def _first_line(e: BaseException) -> str:
 
 
 @torch.no_grad()
-def _run(model: nn.Module, x: torch.Tensor, role: str) -> torch.Tensor:
+def _run(model: nn.Module, x: torch.Tensor, role: str, train_mode: bool = False) -> torch.Tensor:
+    """The model's logits on ``x`` in eval mode (and, with ``train_mode``, a forward in train mode on
+    a copy, as training will run it: BatchNorm and Dropout behave differently there)."""
     was = model.training
     try:
         model.eval()
         out = model(x)
+        if train_mode:
+            copy.deepcopy(model).train()(x)
     except Exception as e:
         raise RltuneError(f"the {role} cannot run on inputs of shape {tuple(x.shape)}: {_first_line(e)}") from None
     finally:
@@ -154,12 +159,32 @@ def _run(model: nn.Module, x: torch.Tensor, role: str) -> torch.Tensor:
                           f"{x.shape[0]} it returned {shape}")
     if not out.is_floating_point():
         raise RltuneError(f"the {role} must return float logits, got {out.dtype}")
+    if not torch.isfinite(out).all():
+        raise RltuneError(f"the {role} returns NaN or infinite logits on the first rows of train")
     return out
 
 
-def _module_hash(model: nn.Module) -> str:
-    """Content hash of a module: its class source (best effort), repr and every tensor."""
+def _whole(v: Any, name: str, lo: int, hi: int) -> int:
+    import numbers
+
+    if isinstance(v, bool) or not isinstance(v, numbers.Integral) or not lo <= int(v) <= hi:
+        raise RltuneError(f"{name}: expected a whole number in {lo}..{hi}, got {v!r}")
+    return int(v)
+
+
+def _module_hash(model: nn.Module, probe: torch.Tensor | None = None) -> str:
+    """Content hash of a module: its class source (best effort), repr, every tensor, and what it
+    computes on ``probe`` (two modules alike in code and weights but not in behaviour, such as a
+    flag kept as a plain attribute, differ there)."""
     h = hashlib.sha256()
+    if probe is not None:
+        with torch.no_grad():
+            was = model.training
+            model.eval()
+            try:
+                h.update(model(probe).detach().cpu().contiguous().numpy().tobytes())
+            finally:
+                model.train(was)
     h.update(f"{type(model).__module__}.{type(model).__qualname__}\n{model!r}".encode())
     try:
         h.update(inspect.getsource(type(model)).encode())
@@ -199,7 +224,15 @@ class Problem:
                 raise RltuneError(f"student: parameter {pname!r} is {p.dtype}; rltune compresses float32 models "
                                   "(call student.float() first)")
         check_untied(student)
+        if knobs is not None and not isinstance(knobs, dict):
+            raise RltuneError(f"knobs: expected a mapping such as {{'bits': [2, 8]}}, got {type(knobs).__name__}")
+        seed = _whole(seed, "seed", 0, 2 ** 32 - 1)
+        if transfer_size is not None:
+            transfer_size = _whole(transfer_size, "transfer_size", 0, 1_000_000)
+        raw_x = train[0] if isinstance(train, (tuple, list)) and len(train) == 2 else None
         x_tr, y_tr = _split(train, "train")
+        if len(y_tr) < 2:
+            raise RltuneError(f"train: needs at least 2 rows, got {len(y_tr)}")
         x_va, y_va = _split(val, "val")
         if test is not None:
             x_te, y_te = _split(test, "test")
@@ -215,9 +248,17 @@ class Problem:
                 raise RltuneError(f"transfer: samples have shape {tuple(x_u.shape[1:])}, train's have {shape}")
         else:
             x_u = None
-        probe = x_tr[:8]
-        t_out = _run(teacher, probe, "teacher")
-        s_out = _run(student, probe, "student")
+        probe = x_tr[:16]
+        integer_x = raw_x is not None and not torch.is_floating_point(_as_tensor(raw_x, "train x"))
+        try:
+            t_out = _run(teacher, probe, "teacher")
+        except RltuneError:
+            if integer_x:  # token ids, say: the teacher wants integers
+                raise RltuneError("train x holds integers (token ids?) and the teacher does not run on them as "
+                                  "floats: rltune trains on float inputs (mixup transfer sets, quantization-aware "
+                                  "training); integer inputs such as nn.Embedding models are not supported") from None
+            raise
+        s_out = _run(student, probe, "student", train_mode=True)
         classes = int(t_out.shape[1])
         if classes < 2:
             raise RltuneError(f"the teacher returns {classes} logit per sample; a classifier needs at least 2")
@@ -226,9 +267,6 @@ class Problem:
         top = max(int(y.max()) for y in (y_tr, y_va, y_te) if y.numel())
         if top >= classes:
             raise RltuneError(f"labels go up to {top} but the teacher has only {classes} outputs (classes 0..{classes - 1})")
-        if transfer_size is not None and (isinstance(transfer_size, bool) or not isinstance(transfer_size, int)
-                                          or not 0 <= transfer_size <= 1_000_000):
-            raise RltuneError(f"transfer_size: expected a whole number in 0..1000000, got {transfer_size!r}")
         if x_u is None:
             n = transfer_size if transfer_size is not None else int(min(20_000, max(2_000, 10 * len(y_tr))))
             if n:
@@ -286,8 +324,10 @@ class Problem:
                 self._key = stable_hash({"v": CACHE_VERSION, "dataset": s.dataset, "teacher": s.teacher,
                                          "student": self.student_spec, "data": self.data.fingerprint})
             else:
+                probe = self.data.x_train[:16]
                 self._key = stable_hash({"v": CACHE_VERSION, "data": self.data.content_hash(),
-                                         "teacher": _module_hash(self.teacher), "student": _module_hash(self.student)})
+                                         "teacher": _module_hash(self.teacher, probe),
+                                         "student": _module_hash(self.student, probe)})
         return self._key
 
     def __repr__(self) -> str:

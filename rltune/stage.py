@@ -15,6 +15,7 @@ split is never read here: :func:`final_report` reads it once, at the end.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 import time
@@ -168,12 +169,13 @@ def run_stage(ctx: Context, state: StudentState, knobs: Knobs, epochs: int | Non
         if cluster:
             C.share_weights_(model, knobs.bits)
         if n_epochs > 0:
-            loss = train_epochs(
-                model, ctx.train_set, n_epochs,
-                temperature=knobs.temperature, alpha=knobs.alpha, lr=tr["lr"], batch_size=tr["batch_size"],
-                generator=state.generator, hint=state.hint, hint_weight=tr["hint_weight"],
-                teacher=ctx.teacher if teacher_per_batch else None,
-            )
+            with user_code(ctx, "training"):
+                loss = train_epochs(
+                    model, ctx.train_set, n_epochs,
+                    temperature=knobs.temperature, alpha=knobs.alpha, lr=tr["lr"], batch_size=tr["batch_size"],
+                    generator=state.generator, hint=state.hint, hint_weight=tr["hint_weight"],
+                    teacher=ctx.teacher if teacher_per_batch else None,
+                )
     t2 = time.perf_counter()
     m = measure(ctx, state, loss)
     why = collapsed(before, m.val_acc, chance_accuracy(ctx.data.y_val))
@@ -184,6 +186,22 @@ def run_stage(ctx: Context, state: StudentState, knobs: Knobs, epochs: int | Non
     m.seconds_outside_training = (t1 - t0) + (t3 - t2)
     state.history.append(m)
     return m
+
+
+@contextlib.contextmanager
+def user_code(ctx: Context, doing: str):
+    """A user's own student module failing inside training becomes one RltuneError line (a
+    built-in one failing is rltune's bug and keeps its traceback)."""
+    try:
+        yield
+    except RltuneError:
+        raise
+    except Exception as e:
+        if ctx.student_spec is not None:
+            raise
+        text = str(e).strip().splitlines()
+        raise RltuneError(f"{ctx.scenario.name}: the student failed during {doing}: {type(e).__name__}: "
+                          f"{text[0][:300] if text else ''}") from None
 
 
 def chance_accuracy(y: torch.Tensor) -> float:

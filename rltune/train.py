@@ -19,6 +19,10 @@ from __future__ import annotations
 
 import copy
 import json
+import logging
+import math
+import os
+import shutil
 import shlex
 import statistics
 import sys
@@ -29,10 +33,14 @@ from typing import Any
 import numpy as np
 import yaml
 
-from rltune.errors import RltuneError
+from rltune.errors import RltuneError, make_folder
+
+log = logging.getLogger("rltune")
 
 INFO_KEYWORDS = ("scenario", "target", "val_acc", "float_val_acc", "ratio", "packed_bytes", "sparsity",
                  "plan_final_bits", "recipe_bits", "reward_accuracy", "reward_action")
+TB_KEYS = ("val_acc", "ratio", "plan_final_bits", "plan_final_sparsity", "reward_accuracy", "reward_action",
+           "reward_diverged")
 PPO_KEYS = {"learning_rate", "n_steps", "batch_size", "n_epochs", "gamma", "gae_lambda", "clip_range",
             "ent_coef", "vf_coef", "max_grad_norm", "target_kl", "normalize_advantage"}
 ENV_KEYS = {"targets", "mode", "reward_scale", "action_penalty", "divergence_penalty", "n_float_students",
@@ -93,15 +101,20 @@ def _policy_kwargs(cfg: dict[str, Any]) -> dict[str, Any]:
     return pk
 
 
-def make_env_fn(cfg: dict[str, Any], rank: int, monitor_dir: Path | None):
+def make_env_fn(cfg: dict[str, Any], rank: int, monitor_dir: Path | None, append: bool = False):
     def _init():
+        import gymnasium as gym
         from stable_baselines3.common.monitor import Monitor
 
-        from rltune.env import DistillCompressEnv
+        from rltune.registration import ENV_IDS
 
-        env = DistillCompressEnv(scenarios=cfg["scenarios"], **(cfg.get("env") or {}))
-        if monitor_dir is not None:
-            env = Monitor(env, str(monitor_dir / f"env{rank}"), info_keywords=INFO_KEYWORDS)
+        env_kwargs = dict(cfg.get("env") or {})
+        env_id = ENV_IDS[1] if env_kwargs.get("mode") == "tradeoff" else ENV_IDS[0]
+        env_kwargs.pop("mode", None)
+        env = gym.make(env_id, scenarios=cfg["scenarios"], **env_kwargs)
+        if monitor_dir is not None:  # on --resume the episodes logged before stay: append
+            env = Monitor(env, str(monitor_dir / f"env{rank}"), info_keywords=INFO_KEYWORDS,
+                          override_existing=not append)
         env.reset(seed=int(cfg.get("seed", 0)) * 1000 + rank)
         return env
 
@@ -115,17 +128,18 @@ def train(cfg: dict[str, Any], run_dir: str | Path, resume: bool = False, progre
     from stable_baselines3.common.callbacks import BaseCallback
     from stable_baselines3.common.vec_env import DummyVecEnv, SubprocVecEnv
 
-    from rltune.agentfile import load_ppo, save_agent
+    from rltune.agentfile import load_optimizer, load_ppo, save_agent, save_optimizer
     from rltune.env import ACTION_LAYOUT, OBS_LAYOUT
 
     run = Path(run_dir)
-    run.mkdir(parents=True, exist_ok=True)
-    (run / "monitor").mkdir(exist_ok=True)
-    (run / "checkpoints").mkdir(exist_ok=True)
+    make_folder(run, "run folder")
+    make_folder(run / "monitor", "run folder")
+    make_folder(run / "checkpoints", "run folder")
     (run / "config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
     (run / "command.txt").write_text((command or " ".join(shlex.quote(a) for a in sys.argv)) + "\n")
     n_envs = int(cfg.get("n_envs", 1))
-    fns = [make_env_fn(cfg, r, run / "monitor") for r in range(n_envs)]
+    ckpts = _checkpoints(run) if resume else []
+    fns = [make_env_fn(cfg, r, run / "monitor", append=bool(ckpts)) for r in range(n_envs)]
     venv = SubprocVecEnv(fns, start_method="fork") if n_envs > 1 else DummyVecEnv(fns)
     total = int(cfg["total_timesteps"])
     training_meta = {"scenarios": list(cfg["scenarios"]), "val_scenarios": list(cfg.get("val_scenarios") or []),
@@ -133,12 +147,25 @@ def train(cfg: dict[str, Any], run_dir: str | Path, resume: bool = False, progre
                      "command": (run / "command.txt").read_text().strip()}
     t0 = time.perf_counter()
     done_steps = 0
-    ckpts = sorted((run / "checkpoints").glob("step_*"), key=lambda p: int(p.name.split("_")[1]))
-    if resume and ckpts:
-        model = load_ppo(ckpts[-1], env=venv, tensorboard_log=str(run / "tb"))
-        done_steps = int(ckpts[-1].name.split("_")[1])
-        print(f"resuming from {ckpts[-1]} ({done_steps} steps done)")
-    else:
+    model = None
+    for ckpt in reversed(ckpts):  # the newest checkpoint that loads; a half-written one is skipped
+        try:
+            model = load_ppo(ckpt, env=venv, tensorboard_log=str(run / "tb"))
+        except RltuneError as e:
+            log.warning("skipping the checkpoint %s: %s", ckpt, e)
+            continue
+        done_steps = int(ckpt.name.split("_")[1])
+        adam = load_optimizer(model, ckpt)
+        model.num_timesteps = done_steps
+        log.info("resuming from %s (%d steps done; optimizer state %s)", ckpt, done_steps,
+                 "restored" if adam else "not found: Adam restarts")
+        break
+    if model is None:
+        if resume:
+            log.warning("no usable checkpoint in %s: training starts from step 0", run / "checkpoints")
+            if not ckpts:
+                for f in (run / "monitor").glob("*.monitor.csv"):
+                    f.unlink()
         model = PPO("MlpPolicy", venv, seed=int(cfg.get("seed", 0)), verbose=0, tensorboard_log=str(run / "tb"),
                     policy_kwargs=_policy_kwargs(cfg), **(cfg.get("ppo") or {}))
     every = int(cfg.get("checkpoint_every", 1000))
@@ -150,11 +177,27 @@ def train(cfg: dict[str, Any], run_dir: str | Path, resume: bool = False, progre
             self.last = done_steps
 
         def _on_step(self) -> bool:
-            steps = done_steps + self.num_timesteps
+            steps = self.num_timesteps  # the model's count: set to the checkpoint's steps on --resume
             if steps - self.last >= every:
                 self.last = steps
-                save_agent(self.model, run / "checkpoints" / f"step_{steps}", OBS_LAYOUT, ACTION_LAYOUT,
-                           {**training_meta, "steps_done": steps}, hp)
+                # written whole in a temporary folder, then renamed: a kill leaves no half checkpoint
+                final = run / "checkpoints" / f"step_{steps}"
+                tmp = run / "checkpoints" / f".step_{steps}.tmp"
+                shutil.rmtree(tmp, ignore_errors=True)
+                save_agent(self.model, tmp, OBS_LAYOUT, ACTION_LAYOUT, {**training_meta, "steps_done": steps}, hp)
+                save_optimizer(self.model, tmp)
+                shutil.rmtree(final, ignore_errors=True)
+                os.replace(tmp, final)
+            # TensorBoard beside SB3's scalars: the reward parts, val accuracy, ratio and the plan of
+            # every episode that ends (averaged over the rollout when SB3 dumps its scalars)
+            for info in self.locals.get("infos", []):
+                ep = info.get("episode")
+                if not ep:
+                    continue
+                for key in TB_KEYS:
+                    v = ep.get(key, info.get(key))
+                    if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v):
+                        self.logger.record_mean(f"rltune/{key}", float(v))
             return True
 
     remaining = max(total - done_steps, 0)
@@ -170,6 +213,16 @@ def train(cfg: dict[str, Any], run_dir: str | Path, resume: bool = False, progre
     (run / "train_summary.json").write_text(json.dumps({"wall_seconds": wall, "total_timesteps": total,
                                                         "steps_per_second": remaining / wall if wall else None}, indent=1))
     return run
+
+
+def _checkpoints(run: Path) -> list[Path]:
+    """Finished checkpoint folders, oldest first (temporary ``.step_N.tmp`` folders are not)."""
+    out = []
+    for p in (run / "checkpoints").glob("step_*"):
+        tail = p.name.split("_", 1)[1]
+        if tail.isdigit() and p.is_dir():
+            out.append(p)
+    return sorted(out, key=lambda p: int(p.name.split("_")[1]))
 
 
 def run_episode(env, policy=None, seed: int = 0, options: dict | None = None) -> dict[str, Any]:

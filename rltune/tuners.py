@@ -84,17 +84,17 @@ class Session:
 
     def _finish(self, info: dict, config: dict) -> float:
         self.stages_used += self.env.k
-        acc = info["val_acc"] if "diverged" not in info else -1.0
+        acc = info["val_acc"] if not info.get("diverged") else -1.0
         if not math.isfinite(acc):
             acc = -1.0
         from rltune.stage import score_of
 
         m = self.env.last_metrics
-        score = score_of(self.env.ctx, m, self.env.state.ref)[0] if m is not None and "diverged" not in info else -math.inf
+        score = score_of(self.env.ctx, m, self.env.state.ref)[0] if m is not None and not info.get("diverged") else -math.inf
         key = score if self.env.mode == "tradeoff" else acc
         self.val_accs.append(acc)
         self.val_scores.append(score)
-        if "diverged" in info:
+        if info.get("diverged"):
             config = dict(config, diverged=info["diverged"])
         if self.best is None or key > self.best[0]:
             self.best = (key, self.env.state, dict(config, val_acc=acc, val_score=score))
@@ -110,10 +110,13 @@ class Session:
             done, k = term or trunc, k + 1
         return self._finish(info, config)
 
-    def play_knobs(self, final_bits: int, knobs_at: Callable[[int, float], Knobs], config: dict,
+    def play_knobs(self, final_bits: int | None, knobs_at: Callable[[int, float], Knobs], config: dict,
                    late_stages: int | None = None) -> float:
-        """An episode of a tuner's own schedule: ``knobs_at(stage, final_sparsity)``."""
+        """An episode of a tuner's own schedule: ``knobs_at(stage, final_sparsity)``; ``final_bits``
+        None: the recipe's probe pick (known once the episode is reset)."""
         self._reset()
+        if final_bits is None:
+            final_bits = self.env.probe_result.recipe_bits
         plan = self.env.commit(final_bits, late_stages)
         done, k, info = False, 0, {}
         while not done:
@@ -170,7 +173,7 @@ def tune_adaptive_tau(s: Session, start: float = 8.0, decay: float = 0.5, floor:
         bits = s.env.plan["final_bits"] if k > S - s.env.plan["late_stages"] else 8
         return Knobs(tau["value"], ALPHA0, min(ramp(k, S, sf, 3.0), 0.999), bits)
 
-    s.play_knobs(s.env.probe_result.recipe_bits, knobs_at, {"tau_start": start, "decay": decay})
+    s.play_knobs(None, knobs_at, {"tau_start": start, "decay": decay})
 
 
 def tune_random(s: Session) -> None:

@@ -55,9 +55,16 @@ def test_interrupted_evaluation_resumes_without_duplicates_or_losses(scenario, t
 
 
 def test_parallel_workers_give_the_same_cells(scenario, tmp_path):
-    evaluate([scenario], ["6x"], ["recipe", "random"], [3], 2, tmp_path, workers=2, progress=False)
-    rows = read_results(tmp_path / "results.jsonl")
+    evaluate([scenario], ["6x"], ["recipe", "random"], [3], 2, tmp_path / "two", workers=2, progress=False)
+    rows = read_results(tmp_path / "two" / "results.jsonl")
     assert len(rows) == 4 and all(r["stages_used"] <= 3 for r in rows)
+    evaluate([scenario], ["6x"], ["recipe", "random"], [3], 2, tmp_path / "one", workers=1, progress=False)
+    alone = {r["key"]: r for r in read_results(tmp_path / "one" / "results.jsonl")}
+    assert set(alone) == {r["key"] for r in rows}
+    for r in rows:  # the same cell gives the same student whichever process ran it
+        assert r["val_acc"] == alone[r["key"]]["val_acc"]
+        assert r["test"]["test_acc"] == alone[r["key"]]["test"]["test_acc"]
+        assert r["test"]["packed_bytes"] == alone[r["key"]]["test"]["packed_bytes"]
 
 
 def test_ray_backend_on_a_local_ray(scenario, tmp_path, monkeypatch):

@@ -182,7 +182,7 @@ def test_prepared_model_is_unchanged(tmp_path):
 
 def test_proportional_fallback_and_transposed_weights(tmp_path):
     """An exporter that folds a per-channel constant (BatchNorm) into a weight, renames it, or stores
-    a Linear weight transposed: the scale absorbs the constant, the axis follows the transpose."""
+    a Linear weight transposed: the scale absorbs the constant; the transposed one stays float."""
     model, x = cnn2d()
     specs = OE._quant_specs(model)
     proto = onnx.load_from_string(OE._torch_export(plain_copy(model), x[:4], 17, dynamo=False))
@@ -203,12 +203,13 @@ def test_proportional_fallback_and_transposed_weights(tmp_path):
     onnx.save(proto, str(tmp_path / "float.onnx"))
     ref = onnx_predict(tmp_path / "float.onnx", x)
 
-    assert OE._quantize_graph(proto, specs) == 3
+    # the transposed Linear weight stays float: onnxruntime 1.32 gets DequantizeLinear feeding a
+    # transposed weight wrong (measured: 0.1 logit off for a bias-free Linear through MatMul)
+    assert OE._quantize_graph(proto, specs) == 2
     onnx.checker.check_model(proto)
     dq = {n.output[0]: n.attribute[0].i for n in proto.graph.node if n.op_type == "DequantizeLinear"}
-    assert dq == {"folded_conv": 0, "3.weight": 0, "6.weight_dequantized": 0}   # codes kept (out, in)
-    tr = next(n for n in proto.graph.node if n.op_type == "Transpose")
-    assert list(tr.input) == ["6.weight_dequantized"] and list(tr.output) == ["6.weight"]
+    assert dq == {"folded_conv": 0, "3.weight": 0}
+    assert not any(n.op_type == "Transpose" for n in proto.graph.node)
     onnx.save(proto, str(tmp_path / "q.onnx"))
     np.testing.assert_allclose(onnx_predict(tmp_path / "q.onnx", x), ref, rtol=1e-5, atol=1e-6)
 
