@@ -250,10 +250,18 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     out = evaluate(args.scenarios, targets, args.tuners, args.budget, args.seeds, args.out, agent=agent,
                    workers=args.workers, backend=args.backend, address=args.address,
                    progress=not (args.no_progress or args.quiet), trial_workers=args.trial_workers,
-                   storage=args.storage)
+                   storage=args.storage, study_prefix=args.study_prefix)
     print((out / "benchmark.md").read_text())
     print(f"results: {out / 'results.jsonl'}; summary: {out / 'summary.json'}")
     return 0
+
+
+def _study_prefix(text: str) -> str:
+    import re
+
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}", text):
+        raise argparse.ArgumentTypeError(f"expected letters, digits, '.', '_', '-' (at most 64), got {text!r}")
+    return text
 
 
 def _budget_or_error(text: str) -> str:
@@ -405,6 +413,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--trial-workers", type=_whole(1, 1024), default=1,
                    help="split each Optuna cell's trials over this many workers sharing one study")
     e.add_argument("--storage", help="Optuna storage URL shared by the workers (default: SQLite in --out)")
+    e.add_argument("--study-prefix", type=_study_prefix, default="rltune",
+                   help="prefix of the Optuna study names; a study this evaluation did not create is never "
+                        "deleted or joined")
     e.add_argument("--out", default="runs/evaluate", help="results folder (rerunning resumes)")
     e.add_argument("--no-progress", action="store_true", help="no progress bar")
     e.set_defaults(func=cmd_evaluate)

@@ -16,6 +16,7 @@ import math
 import os
 import statistics
 import sys
+import uuid
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
@@ -52,7 +53,8 @@ def split_episodes(episodes: int, parts: int, part: int) -> int:
     return episodes // parts + (1 if part < episodes % parts else 0)
 
 
-def run_cell(cell: Cell, agent: str | None = None, storage: str | None = None) -> dict[str, Any]:
+def run_cell(cell: Cell, agent: str | None = None, storage: str | None = None,
+             study: dict[str, Any] | None = None) -> dict[str, Any]:
     """Run one cell in this process (environments are cached per process)."""
     import torch
 
@@ -69,9 +71,11 @@ def run_cell(cell: Cell, agent: str | None = None, storage: str | None = None) -
         S = env.scenarios[0].training["stages"]
         episodes = cell.budget_stages // S
         r = run_tuner(cell.tuner, env, 0, cell.target, cell.seed, S * split_episodes(episodes, cell.parts, cell.part),
-                      storage=storage, sampler_seed=cell.seed * 1000 + cell.part + 1, study_episodes=episodes)
+                      storage=storage, sampler_seed=cell.seed * 1000 + cell.part + 1, study_episodes=episodes,
+                      study=study)
     else:
-        r = run_tuner(cell.tuner, env, 0, cell.target, cell.seed, cell.budget_stages, agent=agent, storage=storage)
+        r = run_tuner(cell.tuner, env, 0, cell.target, cell.seed, cell.budget_stages, agent=agent, storage=storage,
+                      study=study)
     out = r.to_dict()
     out["scenario"] = cell.scenario
     out["key"] = cell.key
@@ -131,6 +135,7 @@ def evaluate(
     progress: bool = True,
     trial_workers: int = 1,
     storage: str | None = None,
+    study_prefix: str = "rltune",
 ) -> Path:
     """Run every missing cell, then write the summary, tables and plots. Returns ``out_dir``.
 
@@ -184,14 +189,21 @@ def evaluate(
 
         optuna.storages.RDBStorage(storage)
     meta_path = out / "evaluation.json"
-    runs = json.loads(meta_path.read_text()).get("runs", []) if meta_path.exists() else []
+    meta = json.loads(meta_path.read_text()) if meta_path.exists() else {}
+    runs = meta.get("runs", [])
+    # this evaluation folder's id: the Optuna studies it creates carry it, and it never deletes or
+    # joins a study that does not
+    run_id = meta.get("run_id") or uuid.uuid4().hex
+    study = {"study_prefix": study_prefix, "run_id": run_id}
     this = {"command": " ".join(sys.argv), "scenarios": scenarios, "targets": per_target, "tuners": tuners,
             "budgets": list(budgets), "seeds": seeds, "agent": agent}
     if trial_workers > 1:
         this["trial_workers"] = trial_workers
     if this not in runs:  # several invocations may fill one folder; each is recorded
         runs.append(this)
-    meta_path.write_text(json.dumps({"runs": runs}, indent=1))
+    tmp = meta_path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps({"run_id": run_id, "runs": runs}, indent=1))
+    os.replace(tmp, meta_path)
     bar = None
     if progress:
         from tqdm import tqdm
@@ -229,13 +241,13 @@ def evaluate(
             bar.set_postfix_str(f"best {k}: {100 * best[k][0]:.1f}% ({best[k][1]}); last: {row['tuner']}")
 
     if backend == "ray":
-        _run_ray(todo, agent, storage, address, finished)
+        _run_ray(todo, agent, storage, address, finished, study)
     elif workers <= 1:
         for c in todo:
-            finished(run_cell(c, agent, storage))
+            finished(run_cell(c, agent, storage, study))
     else:
-        with ProcessPoolExecutor(max_workers=workers) as pool:
-            pending = {pool.submit(run_cell, c, agent, storage) for c in todo}
+        with ProcessPoolExecutor(max_workers=workers, initializer=die_with_parent) as pool:
+            pending = {pool.submit(run_cell, c, agent, storage, study) for c in todo}
             while pending:
                 ready, pending = wait(pending, return_when=FIRST_COMPLETED)
                 for f in ready:
@@ -246,7 +258,22 @@ def evaluate(
     return out
 
 
-def _run_ray(cells: list[Cell], agent, storage, address, finished) -> None:
+def die_with_parent() -> None:
+    """A pool worker ends when the process that started it dies (even by ``kill -9``), instead of
+    living on holding its memory (Linux: ``prctl(PR_SET_PDEATHSIG, SIGTERM)``; elsewhere nothing)."""
+    import ctypes
+    import signal
+
+    try:
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(1, int(signal.SIGTERM))  # PR_SET_PDEATHSIG
+        if os.getppid() == 1:  # the parent died before prctl took effect
+            os._exit(0)
+    except (OSError, AttributeError):
+        pass
+
+
+def _run_ray(cells: list[Cell], agent, storage, address, finished, study=None) -> None:
     try:
         import ray
     except ImportError:
@@ -256,7 +283,7 @@ def _run_ray(cells: list[Cell], agent, storage, address, finished) -> None:
         ray.init(address=address, include_dashboard=False, log_to_driver=False) if address else \
             ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
     remote = ray.remote(num_cpus=1)(run_cell)
-    pending = [remote.remote(c, agent, storage) for c in cells]
+    pending = [remote.remote(c, agent, storage, study) for c in cells]
     while pending:
         ready, pending = ray.wait(pending, num_returns=1)
         finished(ray.get(ready[0]))

@@ -183,27 +183,45 @@ def tune_random(s: Session) -> None:
                        {"random": True})
 
 
+RUN_ATTR = "rltune_run"
+
+
 def _optuna_study(s: Session, name: str, storage: str | None, sampler_seed: int | None = None,
-                  study_episodes: int | None = None):
-    """The cell's study, named by tuner, scenario, target, seed and the study's episode budget, so
-    cells of other budgets never share it. Several processes may share it (same storage, same name:
-    the parts of one cell, ``sampler_seed`` set, each with its own seed); ``study_episodes`` is the
-    whole study's episode budget (it sets the random start). A cell run whole starts a fresh study:
-    trials of an interrupted earlier run are deleted, since their students were not kept."""
+                  study_episodes: int | None = None, study_prefix: str = "rltune", run_id: str | None = None):
+    """The cell's study, named ``PREFIX-tuner-scenario-target-seed-Nep`` (cells of other budgets
+    never share one). Several processes may share it (same storage, same name: the parts of one
+    cell, ``sampler_seed`` set, each with its own seed); ``study_episodes`` is the whole study's
+    episode budget (it sets the random start).
+
+    A study is marked with the evaluation's ``run_id`` (user attribute ``rltune_run``) when this
+    run creates it. A cell run whole starts afresh: a study of that name that this evaluation
+    created (an interrupted earlier attempt: its students were not kept) is deleted and made again;
+    one it did not create is never deleted or joined: that is an error (use another prefix)."""
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     episodes = study_episodes or s.budget_stages // s.stages_per_episode
     sampler = optuna.samplers.TPESampler(seed=s.seed if sampler_seed is None else sampler_seed,
                                          n_startup_trials=min(8, max(1, episodes // 4)))
-    study_name = f"{name}-{s.env.scenarios[s.scenario].name}-{s.target}-{s.seed}-{episodes}ep"
-    if storage is not None and sampler_seed is None:
+    study_name = f"{study_prefix}-{name}-{s.env.scenarios[s.scenario].name}-{s.target}-{s.seed}-{episodes}ep"
+    if storage is not None:
         try:
-            optuna.delete_study(study_name=study_name, storage=storage)
+            existing = optuna.load_study(study_name=study_name, storage=storage)
         except KeyError:
-            pass
-    return optuna.create_study(direction="maximize", sampler=sampler, storage=storage,
-                               study_name=study_name, load_if_exists=storage is not None)
+            existing = None
+        if existing is not None:
+            owner = existing.user_attrs.get(RUN_ATTR)
+            if run_id is None or owner != run_id:
+                raise RltuneError(f"the Optuna study {study_name!r} already exists in {storage.split('://')[0]} storage "
+                                  "and this evaluation did not create it: it is left alone; pass another "
+                                  "--study-prefix")
+            if sampler_seed is None:
+                optuna.delete_study(study_name=study_name, storage=storage)
+    study = optuna.create_study(direction="maximize", sampler=sampler, storage=storage,
+                                study_name=study_name, load_if_exists=storage is not None)
+    if run_id is not None and study.user_attrs.get(RUN_ATTR) != run_id:
+        study.set_user_attr(RUN_ATTR, run_id)
+    return study
 
 
 def tune_optuna_const(s: Session, storage: str | None = None, **study: Any) -> None:
@@ -218,6 +236,7 @@ def tune_optuna_const(s: Session, storage: str | None = None, **study: Any) -> N
         bits = trial.suggest_int("bits", *sc.knobs["bits"])
         value = s.play_knobs(bits, lambda k, sf: Knobs(tau, alpha, min(sf, 0.999), s.env.plan["final_bits"]),
                              {"temperature": tau, "alpha": alpha, "bits": bits}, late_stages=S)
+        _trial_attrs(trial, s)
         study.tell(trial, value)
 
 
@@ -228,9 +247,30 @@ def tune_optuna_schedule(s: Session, storage: str | None = None, **study: Any) -
     study = _optuna_study(s, "optuna-tpe", storage, **study)
     while s.can_run():
         trial = study.ask()
-        a = np.array([trial.suggest_float(n, -1.0, 1.0) for n in ACTION_LAYOUT], np.float32)
+        a = np.array([trial.suggest_float(f"action_{n}", -1.0, 1.0) for n in ACTION_LAYOUT], np.float32)
         value = s.play_actions(lambda obs, k: a, {"action": a.tolist()})
+        _trial_attrs(trial, s, a)
         study.tell(trial, value)
+
+
+def _trial_attrs(trial, s: Session, action: np.ndarray | None = None) -> None:
+    """What the trial's episode did, decoded, as the trial's user attributes (its params are the
+    searched values; for optuna-tpe raw actions in [-1, 1])."""
+    from rltune.env import decode_action
+
+    env = s.env
+    attrs: dict[str, Any] = {"val_acc": s.val_accs[-1], "final_bits": (env.plan or {}).get("final_bits"),
+                             "final_sparsity": (env.plan or {}).get("final_sparsity")}
+    if action is not None:
+        dec = decode_action(action, env.probe_result.recipe_bits, env.stages, env.ctx.scenario.knobs)
+        attrs.update({"knobs": {k: (float(v) if isinstance(v, float) else v) for k, v in dec.items()}})
+    m = env.last_metrics
+    if m is not None:
+        attrs.update({"packed_bytes": int(m.packed_bytes), "ratio": float(m.ratio), "sparsity": float(m.sparsity),
+                      "bits": float(m.bits)})
+    for k, v in attrs.items():
+        if v is not None and not (isinstance(v, float) and not math.isfinite(v)):
+            trial.set_user_attr(k, v)
 
 
 def tune_ppo_replay(s: Session, agent_path: str | Path) -> None:
@@ -320,7 +360,7 @@ TUNERS = ("recipe", "recipe-plus1", "fixed-8bit", "adaptive-tau", "random", "opt
 
 def run_tuner(name: str, env: DistillCompressEnv, scenario: int, target: str, seed: int, budget_stages: int,
               agent: str | Path | None = None, storage: str | None = None, sampler_seed: int | None = None,
-              study_episodes: int | None = None) -> TuneResult:
+              study_episodes: int | None = None, study: dict[str, Any] | None = None) -> TuneResult:
     """Run one tuner on one cell; every tuner stays within ``budget_stages`` stages of training.
 
     ``sampler_seed`` and ``study_episodes`` let several processes share one Optuna study (a part of
@@ -338,9 +378,9 @@ def run_tuner(name: str, env: DistillCompressEnv, scenario: int, target: str, se
     elif name == "random":
         tune_random(s)
     elif name == "optuna-const":
-        tune_optuna_const(s, storage, sampler_seed=sampler_seed, study_episodes=study_episodes)
+        tune_optuna_const(s, storage, sampler_seed=sampler_seed, study_episodes=study_episodes, **(study or {}))
     elif name == "optuna-tpe":
-        tune_optuna_schedule(s, storage, sampler_seed=sampler_seed, study_episodes=study_episodes)
+        tune_optuna_schedule(s, storage, sampler_seed=sampler_seed, study_episodes=study_episodes, **(study or {}))
     elif name in ("ppo-replay", "ppo-finetune"):
         if agent is None:
             raise RltuneError(f"{name} needs an agent (--agent)")

@@ -104,7 +104,7 @@ def test_optuna_trials_of_one_study_run_on_several_workers(scenario, tmp_path, m
     m = merged[0]
     assert m["stages_used"] == 15 and m["episodes"] == 5 and m["budget_stages"] == 15
     assert m["val_acc"] == max(p["val_acc"] for p in parts)
-    assert _trials(tmp_path / "optuna.db", "optuna-tpe-tiny-h-6x-0-5ep") == 5  # one study holds every trial
+    assert _trials(tmp_path / "optuna.db", "rltune-optuna-tpe-tiny-h-6x-0-5ep") == 5  # one study holds every trial
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert len(summary) == 1 and summary[0]["episodes"] == 5
 
