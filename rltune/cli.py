@@ -320,6 +320,25 @@ def _input_shape(model) -> tuple[int, ...]:
     raise RltuneError("cannot tell this model's input shape: pass --input-shape (e.g. 1,28,28)")
 
 
+def cmd_import_sb3(args: argparse.Namespace) -> int:
+    from rltune.agentfile import import_sb3_zip
+    from rltune.env import ACTION_LAYOUT, OBS_LAYOUT
+
+    zip_path = Path(args.zip)
+    # rl-zoo saves VecNormalize's statistics beside the model; a policy trained on normalised
+    # observations acts on the wrong numbers without them, and rltune agents carry none: refuse
+    for stats in (zip_path.parent / "vecnormalize.pkl", zip_path.parent / zip_path.stem / "vecnormalize.pkl",
+                  zip_path.with_name("vec_normalize.pkl")):
+        if stats.exists():
+            raise RltuneError(f"{zip_path}: was trained with VecNormalize ({stats} is beside it); rltune agents "
+                              "take raw observations, so it cannot be imported: retrain without normalize "
+                              "(the env's observations are already normalised per scenario)")
+    out = import_sb3_zip(zip_path, args.out, trust_pickle=args.trust_pickle, observation_layout=list(OBS_LAYOUT),
+                         action_layout=list(ACTION_LAYOUT), training={"imported_from": zip_path.name})
+    print(f"agent: {out} (replay it with: rltune replay {out} --scenario NAME --budget 16x)")
+    return 0
+
+
 def cmd_validate(args: argparse.Namespace) -> int:
     from rltune.scenario import load_scenario
 
@@ -429,6 +448,18 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--skeleton", metavar="MODULE:CALLABLE", help="your code returning the student module (custom models)")
     x.add_argument("--input-shape", metavar="D1,D2,...", help="one input's shape, e.g. 1,28,28 (when it cannot be read off the model)")
     x.set_defaults(func=cmd_export)
+
+    i = sub.add_parser("import-sb3", parents=[quiet], formatter_class=fmt,
+                       help="convert a stable-baselines3 PPO .zip (e.g. from rl-zoo) into an rltune agent folder",
+                       description="Convert an SB3 PPO .zip trained on rltune's environment into an agent folder "
+                                   "(safetensors + JSON). Reading the .zip runs pickle from it, which can execute "
+                                   "code: --trust-pickle is required, for files you trust. The observation and "
+                                   "action layouts are the environment's; a model trained with VecNormalize is "
+                                   "refused.")
+    i.add_argument("zip", help="the SB3 .zip")
+    i.add_argument("out", help="the agent folder to write")
+    i.add_argument("--trust-pickle", action="store_true", help="allow running the pickle inside the .zip")
+    i.set_defaults(func=cmd_import_sb3)
 
     v = sub.add_parser("validate", parents=[quiet], help="check scenario files", description="Check scenario YAML files.")
     v.add_argument("files", nargs="+", help="scenario YAML files")
