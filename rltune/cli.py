@@ -244,8 +244,10 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
                 raise RltuneError(f"--scenario-targets: expected NAME=T1,T2, got {item!r}")
             targets[name] = [_budget_or_error(t) for t in ts.split(",")]
         args.scenarios = list(targets)
-    for s in args.scenarios:
-        resolve_scenario(s)
+    from rltune.scenario import load_scenario
+
+    for s in args.scenarios:  # every file checked before the first cell starts
+        load_scenario(resolve_scenario(s))
     agent = str(_agent_arg(args.agent)) if any(t.startswith("ppo") for t in args.tuners) else None
     out = evaluate(args.scenarios, targets, args.tuners, args.budget, args.seeds, args.out, agent=agent,
                    workers=args.workers, backend=args.backend, address=args.address,
@@ -325,6 +327,8 @@ def cmd_import_sb3(args: argparse.Namespace) -> int:
     from rltune.env import ACTION_LAYOUT, OBS_LAYOUT
 
     zip_path = Path(args.zip)
+    if not args.zip or not zip_path.is_file():
+        raise RltuneError(f"{args.zip!r}: no such file (an SB3 model .zip)")
     # rl-zoo saves VecNormalize's statistics beside the model; a policy trained on normalised
     # observations acts on the wrong numbers without them, and rltune agents carry none: refuse
     for stats in (zip_path.parent / "vecnormalize.pkl", zip_path.parent / zip_path.stem / "vecnormalize.pkl",

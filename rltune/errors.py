@@ -7,7 +7,11 @@ The command line prints that line and exits with status 2; it never shows a trac
 
 
 class RltuneError(Exception):
-    """A problem with the user's input, explained in one line."""
+    """A problem with the user's input, explained in one line (line breaks in the message are
+    folded into spaces, so a quoted value cannot spread it over several lines)."""
+
+    def __init__(self, message: str = "", *args):
+        super().__init__(" ".join(str(message).split()), *args)
 
 
 class DivergedError(RltuneError):

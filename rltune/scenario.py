@@ -369,7 +369,7 @@ def safe_yaml(text: str, where: str) -> Any:
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         at = f" at line {mark.line + 1}" if mark is not None else ""
-        why = "" if mark is not None else f": {str(e)[:120]}"
+        why = "" if mark is not None else f": {' '.join(str(e).split())[:120]}"
         raise RltuneError(f"{where}: not valid YAML{at}{why}") from None
     except (RecursionError, ValueError, OverflowError) as e:
         raise RltuneError(f"{where}: not valid YAML ({type(e).__name__})") from None
