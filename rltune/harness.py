@@ -163,7 +163,9 @@ def evaluate(
         from rltune.shipped import resolve_scenario
         from rltune.scenario import load_scenario
 
-        stages = {s: load_scenario(resolve_scenario(s)).training["stages"] for s in scenarios}
+        loaded = {s: load_scenario(resolve_scenario(s)) for s in scenarios}
+        stages = {s: sc.training["stages"] for s, sc in loaded.items()}
+        names = {s: sc.name for s, sc in loaded.items()}
         split = []
         for c in cells:
             parts = min(trial_workers, c.budget_stages // stages[c.scenario])
@@ -204,6 +206,18 @@ def evaluate(
     tmp = meta_path.with_suffix(".json.tmp")
     tmp.write_text(json.dumps({"run_id": run_id, "runs": runs}, indent=1))
     os.replace(tmp, meta_path)
+    if trial_workers > 1:  # a split cell's study is made here, before its parts race to create it
+        from rltune.tuners import own_study, study_name
+
+        made = set()
+        for c in todo:
+            if c.parts > 1 and c.whole.key not in made and c.whole.key not in done:
+                made.add(c.whole.key)
+                name = study_name(study_prefix, c.tuner, names[c.scenario], c.target, c.seed,
+                                  c.budget_stages // stages[c.scenario])
+                # parts finished before an interruption keep their trials in the study
+                resumed = any(r["key"].startswith(c.whole.key + "|part") for r in finished_rows)
+                own_study(storage, name, run_id, fresh=not resumed)
     bar = None
     if progress:
         from tqdm import tqdm

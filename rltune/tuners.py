@@ -186,6 +186,31 @@ def tune_random(s: Session) -> None:
 RUN_ATTR = "rltune_run"
 
 
+def study_name(prefix: str, tuner: str, scenario: str, target: str, seed: int, episodes: int) -> str:
+    return f"{prefix}-{tuner}-{scenario}-{target}-{seed}-{episodes}ep"
+
+
+def own_study(storage: str, name: str, run_id: str, fresh: bool):
+    """The study ``name`` created (or, with ``fresh``, made again) for the evaluation ``run_id``;
+    an existing study that another run created is left alone: RltuneError."""
+    import optuna
+
+    try:
+        existing = optuna.load_study(study_name=name, storage=storage)
+    except KeyError:
+        existing = None
+    if existing is not None:
+        if existing.user_attrs.get(RUN_ATTR) != run_id:
+            raise RltuneError(f"the Optuna study {name!r} already exists in {storage.split('://')[0]} storage and "
+                              "this evaluation did not create it: it is left alone; pass another --study-prefix")
+        if not fresh:
+            return existing
+        optuna.delete_study(study_name=name, storage=storage)
+    study = optuna.create_study(direction="maximize", storage=storage, study_name=name)
+    study.set_user_attr(RUN_ATTR, run_id)
+    return study
+
+
 def _optuna_study(s: Session, name: str, storage: str | None, sampler_seed: int | None = None,
                   study_episodes: int | None = None, study_prefix: str = "rltune", run_id: str | None = None):
     """The cell's study, named ``PREFIX-tuner-scenario-target-seed-Nep`` (cells of other budgets
@@ -203,25 +228,12 @@ def _optuna_study(s: Session, name: str, storage: str | None, sampler_seed: int 
     episodes = study_episodes or s.budget_stages // s.stages_per_episode
     sampler = optuna.samplers.TPESampler(seed=s.seed if sampler_seed is None else sampler_seed,
                                          n_startup_trials=min(8, max(1, episodes // 4)))
-    study_name = f"{study_prefix}-{name}-{s.env.scenarios[s.scenario].name}-{s.target}-{s.seed}-{episodes}ep"
+    name = study_name(study_prefix, name, s.env.scenarios[s.scenario].name, s.target, s.seed, episodes)
     if storage is not None:
-        try:
-            existing = optuna.load_study(study_name=study_name, storage=storage)
-        except KeyError:
-            existing = None
-        if existing is not None:
-            owner = existing.user_attrs.get(RUN_ATTR)
-            if run_id is None or owner != run_id:
-                raise RltuneError(f"the Optuna study {study_name!r} already exists in {storage.split('://')[0]} storage "
-                                  "and this evaluation did not create it: it is left alone; pass another "
-                                  "--study-prefix")
-            if sampler_seed is None:
-                optuna.delete_study(study_name=study_name, storage=storage)
-    study = optuna.create_study(direction="maximize", sampler=sampler, storage=storage,
-                                study_name=study_name, load_if_exists=storage is not None)
-    if run_id is not None and study.user_attrs.get(RUN_ATTR) != run_id:
-        study.set_user_attr(RUN_ATTR, run_id)
-    return study
+        # a whole cell starts afresh; the parts of a split cell join the study the harness made
+        own_study(storage, name, run_id or "", fresh=sampler_seed is None)
+    return optuna.create_study(direction="maximize", sampler=sampler, storage=storage,
+                               study_name=name, load_if_exists=storage is not None)
 
 
 def tune_optuna_const(s: Session, storage: str | None = None, **study: Any) -> None:
