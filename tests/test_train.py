@@ -37,16 +37,35 @@ def test_short_ppo_run_writes_its_folder(trained):
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step_48", "step_96"]
     monitor = next((run / "monitor").glob("*.csv")).read_text().splitlines()
     assert "val_acc" in monitor[1] and len(monitor) > 3
-    assert list((run / "tb").rglob("events.*"))
+    assert "rltune/DistillCompress-v0" in monitor[0]  # built through gym.make: the header names the env
+    events = list((run / "tb").rglob("events.*"))
+    assert events
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    tags = set()
+    for e in events:
+        acc = EventAccumulator(str(e))
+        acc.Reload()
+        tags |= set(acc.Tags()["scalars"])
+    assert {"rltune/val_acc", "rltune/ratio", "rltune/reward_accuracy", "rltune/plan_final_bits"} <= tags
     meta = json.loads((run / "agent" / "agent.json").read_text())
     assert meta["training"]["scenarios"] == cfg["scenarios"]
 
 
 def test_resume_continues_from_the_last_checkpoint(trained):
     d, run, cfg = trained
+    monitor = run / "monitor" / "env0.monitor.csv"
+    before = monitor.read_text().splitlines()
     cfg2 = {**cfg, "total_timesteps": 144}
     train(cfg2, run, resume=True, progress_bar=False, command="pytest")
     assert (run / "checkpoints" / "step_144").exists()
+    assert (run / "checkpoints" / "step_144" / "optimizer.safetensors").exists()
+    after = monitor.read_text().splitlines()
+    # continued from step 96: the episodes logged before are kept, and only 48 new steps ran
+    # (16 episodes of 3 stages), not a restart from step 0
+    assert after[:len(before)] == before and len(after) - len(before) == 48 // 3
+    meta = json.loads((run / "agent" / "agent.json").read_text())
+    assert meta["training"]["steps_done"] == 144
 
 
 def test_replay_on_a_scenario_outside_the_training_list(trained, tmp_path):
@@ -65,6 +84,17 @@ def test_gate_compares_policy_and_recipe_on_held_out_only(trained):
     d, run, _ = trained
     g = gate(run / "agent", [str(d / "tiny-bc.yaml")], ["5x"], episodes=1)
     assert len(g["rows"]) == 1 and isinstance(g["passed"], bool)
+    row = g["rows"][0]
+    # the comparison itself: the recipe's episode, replayed independently, gives the row's number,
+    # and the verdict follows from the differences
+    from rltune.env import DistillCompressEnv
+    from rltune.train import run_episode
+
+    env = DistillCompressEnv(scenarios=[str(d / "tiny-bc.yaml")], targets=["5x"])  # the gate's env kwargs: none
+    rec = run_episode(env, None, seed=0, options={"scenario": 0, "target": "5x", "float_seed": 0})
+    assert rec["val_acc"] == row["recipe_val_acc"]
+    assert g["mean_diff"] == pytest.approx(row["policy_val_acc"] - row["recipe_val_acc"])
+    assert g["passed"] == (g["mean_diff"] > 0)
     with pytest.raises(RltuneError, match="held out"):
         gate(run / "agent", [str(d / "tiny-wine.yaml")], ["5x"], episodes=1)
 
