@@ -22,7 +22,7 @@ from rltune.distill import TrainSet, predict, train_epochs
 from rltune.errors import DivergedError, RltuneError
 from rltune.metrics import accuracy
 from rltune.scenario import Scenario, load_scenario
-from rltune.stage import Knobs, Reference, StudentState, recipe, reference, run_stage, score_of
+from rltune.stage import Knobs, Metrics, Reference, StudentState, recipe, reference, run_stage, score_of
 
 BITS = (2, 3, 4, 5, 6, 7, 8)
 log = logging.getLogger("rltune")
@@ -275,6 +275,15 @@ class DistillCompressEnv(gym.Env):
             state[k] = None
         return state
 
+    def share_caches(self, other: "DistillCompressEnv") -> None:
+        """Use ``other``'s per-scenario caches (contexts, float students, probes, baselines): envs of
+        the same scenarios then share one Context, which a batched vectorised env needs."""
+        if [s.to_dict() for s in self.scenarios] != [s.to_dict() for s in other.scenarios] or \
+                any(a is not b and not isinstance(a, Scenario) for a, b in zip(self.sources, other.sources)):
+            raise RltuneError("only envs of the same scenarios and problems can share their caches")
+        self._contexts, self._students = other._contexts, other._students
+        self._probes, self._baselines = other._probes, other._baselines
+
     # -- scenario-level caches (computed once, reused by every episode) --------------------------
 
     def context(self, i: int) -> Context:
@@ -392,6 +401,12 @@ class DistillCompressEnv(gym.Env):
         return self._obs(), self._info()
 
     def step(self, action):
+        knobs, parts = self.knobs_for(action)
+        return self.advance(knobs, parts)
+
+    def knobs_for(self, action) -> tuple[Knobs, dict[str, float]]:
+        """The next stage's knobs for ``action`` (step 0 also commits the plan) and the action's
+        reward part: ``step`` is ``advance(*knobs_for(action))``."""
         if self.state is None:
             raise RltuneError("call reset() before step()")
         a = np.clip(np.asarray(action, dtype=np.float64).reshape(-1), -1.0, 1.0)
@@ -402,7 +417,7 @@ class DistillCompressEnv(gym.Env):
         bits = self.plan["final_bits"] if self.k + 1 > self.stages - self.plan["late_stages"] else 8
         knobs = Knobs(dec["temperature"], dec["alpha"], min(sparsity, 0.999), bits)
         penalty = -self.action_penalty * self.reward_scale * float(np.mean(a ** 2))
-        return self.advance(knobs, {"reward_action": penalty})
+        return knobs, {"reward_action": penalty}
 
     def commit(self, final_bits: int, late_stages: int | None = None) -> dict[str, Any]:
         """Fix the episode's final bit-width (the nearest feasible one) and so its final sparsity,
@@ -417,16 +432,29 @@ class DistillCompressEnv(gym.Env):
     def advance(self, knobs: Knobs, parts: dict[str, float] | None = None):
         """Run the next stage with these knobs; the Gymnasium step after decoding. Tuners that play
         their own schedules call it too, so every tuner meets the target the same way."""
-        if self.plan is None:
-            raise RltuneError("commit() the final bit-width before the first stage")
-        parts = dict(parts or {"reward_action": 0.0})
-        sc = self.ctx.scenario
-        self.k += 1
-        self.knobs = knobs
-        terminated = self.k >= self.stages
+        self.begin_stage(knobs)
         try:
             m = run_stage(self.ctx, self.state, knobs)
         except DivergedError as e:
+            return self.end_stage(e, parts)
+        return self.end_stage(m, parts)
+
+    def begin_stage(self, knobs: Knobs) -> None:
+        """The bookkeeping before a stage runs (``advance`` = begin_stage, the stage, end_stage; a
+        vectorised env runs the stages of many envs as one batch in between)."""
+        if self.plan is None:
+            raise RltuneError("commit() the final bit-width before the first stage")
+        self.k += 1
+        self.knobs = knobs
+
+    def end_stage(self, m: "Metrics | DivergedError", parts: dict[str, float] | None = None):
+        """The Gymnasium step's result once the stage begun by :meth:`begin_stage` has run: its
+        metrics, or the DivergedError it raised."""
+        parts = dict(parts or {"reward_action": 0.0})
+        sc = self.ctx.scenario
+        terminated = self.k >= self.stages
+        if isinstance(m, DivergedError):
+            e = m
             parts["reward_diverged"] = -self.divergence_penalty * self.reward_scale
             info = self._info(parts)
             info["diverged"] = str(e) or "diverged"

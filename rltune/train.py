@@ -46,7 +46,8 @@ PPO_KEYS = {"learning_rate", "n_steps", "batch_size", "n_epochs", "gamma", "gae_
 ENV_KEYS = {"targets", "mode", "reward_scale", "action_penalty", "divergence_penalty", "n_float_students",
             "probe_samples", "probe_epochs", "probe_tolerance", "reward_baseline", "epochs_per_stage", "stages"}
 TOP_KEYS = {"scenarios", "val_scenarios", "total_timesteps", "n_envs", "seed", "checkpoint_every",
-            "policy_kwargs", "ppo", "env", "gate_episodes"}
+            "policy_kwargs", "ppo", "env", "gate_episodes", "vec_env"}
+VEC_ENVS = ("auto", "dummy", "subproc", "batched")
 
 
 def load_hyperparams(path: str | Path, key: str = "default") -> dict[str, Any]:
@@ -82,6 +83,8 @@ def check_config(cfg: Any, where: str) -> dict[str, Any]:
             raise RltuneError(f"{where}: env.{k}: unknown environment argument")
     if not cfg.get("scenarios"):
         raise RltuneError(f"{where}: scenarios: at least one training scenario is needed")
+    if cfg.get("vec_env", "auto") not in VEC_ENVS:
+        raise RltuneError(f"{where}: vec_env: expected one of {', '.join(VEC_ENVS)}, got {cfg.get('vec_env')!r}")
     overlap = set(cfg.get("scenarios", [])) & set(cfg.get("val_scenarios", []) or [])
     if overlap:
         raise RltuneError(f"{where}: val_scenarios: {sorted(overlap)[0]} is also a training scenario")
@@ -139,8 +142,21 @@ def train(cfg: dict[str, Any], run_dir: str | Path, resume: bool = False, progre
     (run / "command.txt").write_text((command or " ".join(shlex.quote(a) for a in sys.argv)) + "\n")
     n_envs = int(cfg.get("n_envs", 1))
     ckpts = _checkpoints(run) if resume else []
-    fns = [make_env_fn(cfg, r, run / "monitor", append=bool(ckpts)) for r in range(n_envs)]
-    venv = SubprocVecEnv(fns, start_method="fork") if n_envs > 1 else DummyVecEnv(fns)
+    kind = cfg.get("vec_env", "auto")
+    if kind == "auto":
+        kind = "subproc" if n_envs > 1 else "dummy"
+    if kind == "batched":
+        # K episodes in this process, their stages trained as one batch (rltune.vecenv); one
+        # VecMonitor logs them all (per-env Monitors would see no steps)
+        from stable_baselines3.common.vec_env import VecMonitor
+
+        from rltune.vecenv import BatchedVecEnv
+
+        venv = BatchedVecEnv([make_env_fn(cfg, r, None) for r in range(n_envs)])
+        venv = VecMonitor(venv, str(run / "monitor" / "batched"), info_keywords=INFO_KEYWORDS)
+    else:
+        fns = [make_env_fn(cfg, r, run / "monitor", append=bool(ckpts)) for r in range(n_envs)]
+        venv = SubprocVecEnv(fns, start_method="fork") if kind == "subproc" else DummyVecEnv(fns)
     total = int(cfg["total_timesteps"])
     training_meta = {"scenarios": list(cfg["scenarios"]), "val_scenarios": list(cfg.get("val_scenarios") or []),
                      "env": cfg.get("env") or {}, "total_timesteps": total, "seed": int(cfg.get("seed", 0)),

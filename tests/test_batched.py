@@ -94,3 +94,47 @@ def test_a_diverging_student_does_not_touch_the_others(ctx):
     alone = [start(ctx, seed=s) for s in (0, 2)]
     ref = [run_stage(ctx, st, k) for st, k in zip(alone, (KNOBS[0], KNOBS[2]))]
     assert out[0].val_acc == ref[0].val_acc and out[2].val_acc == ref[1].val_acc
+
+
+def test_the_batched_vecenv_steps_like_dummyvecenv(tmp_path):
+    import numpy as np
+    import yaml
+    from stable_baselines3.common.vec_env import DummyVecEnv
+
+    from rltune.env import DistillCompressEnv
+    from rltune.vecenv import BatchedVecEnv
+
+    f = tmp_path / "s.yaml"
+    f.write_text(yaml.safe_dump({**TINY, "name": "tiny-vec"}))
+    make = lambda: DistillCompressEnv(scenarios=[str(f)], targets=["4x", "8x"])  # noqa: E731
+    a, b = DummyVecEnv([make] * 4), BatchedVecEnv([make] * 4)
+    a.seed(0)
+    b.seed(0)
+    assert np.array_equal(a.reset(), b.reset())
+    rng = np.random.default_rng(0)
+    for step in range(5):  # two episodes and a half, through the auto-reset
+        act = rng.uniform(-1, 1, (4, 5)).astype(np.float32)
+        oa, ra, da, ia = a.step(act)
+        ob, rb, db, ib = b.step(act)
+        assert np.array_equal(da, db)
+        # the same stage in a batch: val accuracy within a sample or two (float summation order)
+        assert np.allclose(oa, ob, atol=0.02) and np.allclose(ra, rb, atol=0.5)
+        for x, y in zip(ia, ib):
+            assert x["plan_final_bits"] == y["plan_final_bits"] and x["stage"] == y["stage"]
+            assert ("terminal_observation" in x) == ("terminal_observation" in y)
+
+
+def test_train_with_the_batched_vecenv(tmp_path):
+    import yaml
+
+    from rltune.train import check_config, train
+
+    f = tmp_path / "s.yaml"
+    f.write_text(yaml.safe_dump({**TINY, "name": "tiny-train"}))
+    cfg = check_config({"scenarios": [str(f)], "total_timesteps": 16, "n_envs": 4, "vec_env": "batched", "seed": 0,
+                        "checkpoint_every": 8, "policy_kwargs": {"net_arch": [8]},
+                        "ppo": {"n_steps": 4, "batch_size": 8, "n_epochs": 1}, "env": {"targets": ["4x"]}}, "test")
+    run = train(cfg, tmp_path / "run", progress_bar=False, command="pytest")
+    assert (run / "agent" / "agent.json").is_file()
+    lines = (run / "monitor" / "batched.monitor.csv").read_text().splitlines()
+    assert "val_acc" in lines[1] and len(lines) >= 2 + 8  # 16 steps of 2-stage episodes
