@@ -252,7 +252,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     out = evaluate(args.scenarios, targets, args.tuners, args.budget, args.seeds, args.out, agent=agent,
                    workers=args.workers, backend=args.backend, address=args.address,
                    progress=not (args.no_progress or args.quiet), trial_workers=args.trial_workers,
-                   storage=args.storage, study_prefix=args.study_prefix)
+                   storage=args.storage, study_prefix=args.study_prefix, batch=args.batch)
     print((out / "benchmark.md").read_text())
     print(f"results: {out / 'results.jsonl'}; summary: {out / 'summary.json'}")
     return 0
@@ -440,6 +440,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--trial-workers", type=_whole(1, 1024), default=1,
                    help="split each Optuna cell's trials over this many workers sharing one study")
     e.add_argument("--storage", help="Optuna storage URL shared by the workers (default: SQLite in --out)")
+    e.add_argument("--batch", type=_whole(1, 1024), default=1,
+                   help="random and optuna-tpe run this many episodes at once, their stages trained as one batch")
     e.add_argument("--study-prefix", type=_study_prefix, default="rltune",
                    help="prefix of the Optuna study names; a study this evaluation did not create is never "
                         "deleted or joined")

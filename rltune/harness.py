@@ -54,7 +54,7 @@ def split_episodes(episodes: int, parts: int, part: int) -> int:
 
 
 def run_cell(cell: Cell, agent: str | None = None, storage: str | None = None,
-             study: dict[str, Any] | None = None) -> dict[str, Any]:
+             study: dict[str, Any] | None = None, batch: int = 1) -> dict[str, Any]:
     """Run one cell in this process (environments are cached per process)."""
     import torch
 
@@ -72,10 +72,10 @@ def run_cell(cell: Cell, agent: str | None = None, storage: str | None = None,
         episodes = cell.budget_stages // S
         r = run_tuner(cell.tuner, env, 0, cell.target, cell.seed, S * split_episodes(episodes, cell.parts, cell.part),
                       storage=storage, sampler_seed=cell.seed * 1000 + cell.part + 1, study_episodes=episodes,
-                      study=study)
+                      study=study, batch=batch)
     else:
         r = run_tuner(cell.tuner, env, 0, cell.target, cell.seed, cell.budget_stages, agent=agent, storage=storage,
-                      study=study)
+                      study=study, batch=batch)
     out = r.to_dict()
     out["scenario"] = cell.scenario
     out["key"] = cell.key
@@ -136,6 +136,7 @@ def evaluate(
     trial_workers: int = 1,
     storage: str | None = None,
     study_prefix: str = "rltune",
+    batch: int = 1,
 ) -> Path:
     """Run every missing cell, then write the summary, tables and plots. Returns ``out_dir``.
 
@@ -255,13 +256,13 @@ def evaluate(
             bar.set_postfix_str(f"best {k}: {100 * best[k][0]:.1f}% ({best[k][1]}); last: {row['tuner']}")
 
     if backend == "ray":
-        _run_ray(todo, agent, storage, address, finished, study)
+        _run_ray(todo, agent, storage, address, finished, study, batch)
     elif workers <= 1:
         for c in todo:
-            finished(run_cell(c, agent, storage, study))
+            finished(run_cell(c, agent, storage, study, batch))
     else:
         with ProcessPoolExecutor(max_workers=workers, initializer=die_with_parent) as pool:
-            pending = {pool.submit(run_cell, c, agent, storage, study) for c in todo}
+            pending = {pool.submit(run_cell, c, agent, storage, study, batch) for c in todo}
             while pending:
                 ready, pending = wait(pending, return_when=FIRST_COMPLETED)
                 for f in ready:
@@ -287,7 +288,7 @@ def die_with_parent() -> None:
         pass
 
 
-def _run_ray(cells: list[Cell], agent, storage, address, finished, study=None) -> None:
+def _run_ray(cells: list[Cell], agent, storage, address, finished, study=None, batch: int = 1) -> None:
     try:
         import ray
     except ImportError:
@@ -297,7 +298,7 @@ def _run_ray(cells: list[Cell], agent, storage, address, finished, study=None) -
         ray.init(address=address, include_dashboard=False, log_to_driver=False) if address else \
             ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
     remote = ray.remote(num_cpus=1)(run_cell)
-    pending = [remote.remote(c, agent, storage, study) for c in cells]
+    pending = [remote.remote(c, agent, storage, study, batch) for c in cells]
     while pending:
         ready, pending = ray.wait(pending, num_returns=1)
         finished(ray.get(ready[0]))

@@ -82,23 +82,58 @@ class Session:
         self.env.reset(seed=self.seed * 100_003 + n,
                        options={"scenario": self.scenario, "target": self.target, "float_seed": self.seed})
 
-    def _finish(self, info: dict, config: dict) -> float:
-        self.stages_used += self.env.k
+    def _finish(self, info: dict, config: dict, env: DistillCompressEnv | None = None) -> float:
+        env = env or self.env
+        self.stages_used += env.k
         acc = info["val_acc"] if not info.get("diverged") else -1.0
         if not math.isfinite(acc):
             acc = -1.0
         from rltune.stage import score_of
 
-        m = self.env.last_metrics
-        score = score_of(self.env.ctx, m, self.env.state.ref)[0] if m is not None and not info.get("diverged") else -math.inf
-        key = score if self.env.mode == "tradeoff" else acc
+        m = env.last_metrics
+        score = score_of(env.ctx, m, env.state.ref)[0] if m is not None and not info.get("diverged") else -math.inf
+        key = score if env.mode == "tradeoff" else acc
         self.val_accs.append(acc)
         self.val_scores.append(score)
         if info.get("diverged"):
             config = dict(config, diverged=info["diverged"])
         if self.best is None or key > self.best[0]:
-            self.best = (key, self.env.state, dict(config, val_acc=acc, val_score=score))
+            self.best = (key, env.state, dict(config, val_acc=acc, val_score=score))
         return key
+
+    def batch_room(self, k: int) -> int:
+        """How many of ``k`` episodes the remaining stage budget allows."""
+        return max(0, min(k, (self.budget_stages - self.stages_used) // self.stages_per_episode))
+
+    def play_batch(self, policies: list[Callable[[np.ndarray, int], np.ndarray]], configs: list[dict]) -> list[float]:
+        """Episodes ``len(policies)`` at once: the same seeds, knobs and measurements as playing them
+        one after another, their stages trained as one batch (:mod:`rltune.batched`). Returns each
+        episode's key (val accuracy, or score in trade-off mode)."""
+        from rltune.batched import run_stages_batched
+
+        K = len(policies)
+        if K == 0 or self.batch_room(K) < K:
+            raise RltuneError("stage budget exhausted")
+        n0 = len(self.val_accs)
+        envs = [self.env] + [copy.copy(self.env) for _ in range(K - 1)]  # shallow: one set of caches
+        for j, env in enumerate(envs):
+            env.reset(seed=self.seed * 100_003 + n0 + j,
+                      options={"scenario": self.scenario, "target": self.target, "float_seed": self.seed})
+        obs = [env.observe() for env in envs]
+        infos: list[dict | None] = [None] * K
+        k = 0
+        while any(i is None for i in infos):
+            active = [j for j in range(K) if infos[j] is None]
+            steps = [envs[j].knobs_for(policies[j](obs[j], k)) for j in active]
+            for j, (knobs, _) in zip(active, steps):
+                envs[j].begin_stage(knobs)
+            outs = run_stages_batched(envs[active[0]].ctx, [envs[j].state for j in active], [kn for kn, _ in steps])
+            for j, (_, parts), m in zip(active, steps, outs):
+                obs[j], _, term, trunc, info = envs[j].end_stage(m, parts)
+                if term or trunc:
+                    infos[j] = info
+            k += 1
+        return [self._finish(info, cfg, env) for info, cfg, env in zip(infos, configs, envs)]
 
     def play_actions(self, policy: Callable[[np.ndarray, int], np.ndarray], config: dict) -> float:
         """An episode of env steps; ``policy(obs, k)`` gives the action of step k."""
@@ -176,8 +211,13 @@ def tune_adaptive_tau(s: Session, start: float = 8.0, decay: float = 0.5, floor:
     s.play_knobs(None, knobs_at, {"tau_start": start, "decay": decay})
 
 
-def tune_random(s: Session) -> None:
+def tune_random(s: Session, batch: int = 1) -> None:
     rng = np.random.default_rng(s.seed)
+    while batch > 1 and s.batch_room(batch) > 1:
+        k = s.batch_room(batch)
+        s.play_batch([lambda obs, step, r=np.random.default_rng(rng.integers(2 ** 63)):
+                      r.uniform(-1, 1, s.env.action_space.shape).astype(np.float32) for _ in range(k)],
+                     [{"random": True}] * k)
     while s.can_run():
         s.play_actions(lambda obs, k: rng.uniform(-1, 1, s.env.action_space.shape).astype(np.float32),
                        {"random": True})
@@ -212,7 +252,8 @@ def own_study(storage: str, name: str, run_id: str, fresh: bool):
 
 
 def _optuna_study(s: Session, name: str, storage: str | None, sampler_seed: int | None = None,
-                  study_episodes: int | None = None, study_prefix: str = "rltune", run_id: str | None = None):
+                  study_episodes: int | None = None, study_prefix: str = "rltune", run_id: str | None = None,
+                  constant_liar: bool = False):
     """The cell's study, named ``PREFIX-tuner-scenario-target-seed-Nep`` (cells of other budgets
     never share one). Several processes may share it (same storage, same name: the parts of one
     cell, ``sampler_seed`` set, each with its own seed); ``study_episodes`` is the whole study's
@@ -227,7 +268,8 @@ def _optuna_study(s: Session, name: str, storage: str | None, sampler_seed: int 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     episodes = study_episodes or s.budget_stages // s.stages_per_episode
     sampler = optuna.samplers.TPESampler(seed=s.seed if sampler_seed is None else sampler_seed,
-                                         n_startup_trials=min(8, max(1, episodes // 4)))
+                                         n_startup_trials=min(8, max(1, episodes // 4)),
+                                         constant_liar=constant_liar)
     name = study_name(study_prefix, name, s.env.scenarios[s.scenario].name, s.target, s.seed, episodes)
     if storage is not None:
         # a whole cell starts afresh; the parts of a split cell join the study the harness made
@@ -252,11 +294,21 @@ def tune_optuna_const(s: Session, storage: str | None = None, **study: Any) -> N
         study.tell(trial, value)
 
 
-def tune_optuna_schedule(s: Session, storage: str | None = None, **study: Any) -> None:
-    """The schedule's parameters: the 5 action dimensions (bits, ramp shape, τ, α, when bits drop)."""
+def tune_optuna_schedule(s: Session, storage: str | None = None, batch: int = 1, **study: Any) -> None:
+    """The schedule's parameters: the 5 action dimensions (bits, ramp shape, τ, α, when bits drop).
+    ``batch`` > 1: trials asked ``batch`` at a time (TPE's constant liar keeps them apart), their
+    episodes run as one batched computation, then told."""
     from rltune.env import ACTION_LAYOUT
 
-    study = _optuna_study(s, "optuna-tpe", storage, **study)
+    study = _optuna_study(s, "optuna-tpe", storage, constant_liar=batch > 1, **study)
+    while batch > 1 and s.batch_room(batch) > 1:
+        trials = [study.ask() for _ in range(s.batch_room(batch))]
+        acts = [np.array([t.suggest_float(f"action_{n}", -1.0, 1.0) for n in ACTION_LAYOUT], np.float32)
+                for t in trials]
+        values = s.play_batch([lambda obs, k, a=a: a for a in acts], [{"action": a.tolist()} for a in acts])
+        for t, a, v in zip(trials, acts, values):
+            t.set_user_attr("val_acc", v)
+            study.tell(t, v)
     while s.can_run():
         trial = study.ask()
         a = np.array([trial.suggest_float(f"action_{n}", -1.0, 1.0) for n in ACTION_LAYOUT], np.float32)
@@ -372,7 +424,8 @@ TUNERS = ("recipe", "recipe-plus1", "fixed-8bit", "adaptive-tau", "random", "opt
 
 def run_tuner(name: str, env: DistillCompressEnv, scenario: int, target: str, seed: int, budget_stages: int,
               agent: str | Path | None = None, storage: str | None = None, sampler_seed: int | None = None,
-              study_episodes: int | None = None, study: dict[str, Any] | None = None) -> TuneResult:
+              study_episodes: int | None = None, study: dict[str, Any] | None = None,
+              batch: int = 1) -> TuneResult:
     """Run one tuner on one cell; every tuner stays within ``budget_stages`` stages of training.
 
     ``sampler_seed`` and ``study_episodes`` let several processes share one Optuna study (a part of
@@ -388,11 +441,12 @@ def run_tuner(name: str, env: DistillCompressEnv, scenario: int, target: str, se
     elif name == "adaptive-tau":
         tune_adaptive_tau(s)
     elif name == "random":
-        tune_random(s)
+        tune_random(s, batch)
     elif name == "optuna-const":
         tune_optuna_const(s, storage, sampler_seed=sampler_seed, study_episodes=study_episodes, **(study or {}))
     elif name == "optuna-tpe":
-        tune_optuna_schedule(s, storage, sampler_seed=sampler_seed, study_episodes=study_episodes, **(study or {}))
+        tune_optuna_schedule(s, storage, batch=batch, sampler_seed=sampler_seed, study_episodes=study_episodes,
+                             **(study or {}))
     elif name in ("ppo-replay", "ppo-finetune"):
         if agent is None:
             raise RltuneError(f"{name} needs an agent (--agent)")

@@ -138,3 +138,31 @@ def test_train_with_the_batched_vecenv(tmp_path):
     assert (run / "agent" / "agent.json").is_file()
     lines = (run / "monitor" / "batched.monitor.csv").read_text().splitlines()
     assert "val_acc" in lines[1] and len(lines) >= 2 + 8  # 16 steps of 2-stage episodes
+
+
+def test_a_batch_of_episodes_plays_what_the_episodes_play_one_by_one(ctx):
+    import numpy as np
+
+    from rltune.env import DistillCompressEnv
+    from rltune.tuners import Session
+
+    acts = [np.full(5, v, np.float32) for v in (-0.5, 0.0, 0.5, 0.9)]
+    env = DistillCompressEnv(scenarios=[ctx.scenario], targets=["6x"])
+    one = Session(env, 0, "6x", 0, 4 * ctx.scenario.training["stages"])
+    alone = [one.play_actions(lambda obs, k, a=a: a, {}) for a in acts]
+    many = Session(DistillCompressEnv(scenarios=[ctx.scenario], targets=["6x"]), 0, "6x", 0,
+                   4 * ctx.scenario.training["stages"])
+    together = many.play_batch([lambda obs, k, a=a: a for a in acts], [{}] * 4)
+    assert many.stages_used == one.stages_used and many.batch_room(1) == 0
+    assert np.allclose(alone, together, atol=0.02)  # the same episodes (within a val sample or two)
+
+
+@pytest.mark.parametrize("tuner", ["random", "optuna-tpe"])
+def test_searchers_in_batches_stay_within_their_budget(ctx, tuner):
+    from rltune.env import DistillCompressEnv
+    from rltune.tuners import run_tuner
+
+    env = DistillCompressEnv(scenarios=[ctx.scenario], targets=["6x"])
+    S = ctx.scenario.training["stages"]
+    r = run_tuner(tuner, env, 0, "6x", 0, 7 * S, batch=3)
+    assert r.episodes == 7 and r.stages_used == 7 * S and r.val_acc > 0.5
