@@ -377,6 +377,12 @@ def _expected_numel(spec: _Spec) -> int:
 
 def _agent_dir(path: str | os.PathLike) -> Path:
     p = Path(path)
+    try:
+        p.stat()
+    except FileNotFoundError:
+        pass
+    except (OSError, ValueError) as exc:  # a name the OS refuses (too long, ...)
+        raise RltuneError(f"{str(p)[:80]}: not a usable agent path ({_one_line(exc)})") from None
     if p.is_file() and p.name in (META_NAME, WEIGHTS_NAME):
         return p.parent
     if not p.exists():
@@ -737,7 +743,11 @@ def import_sb3_zip(zip_path: str | os.PathLike, out_path: str | os.PathLike, tru
     if trust_pickle is not True:
         raise RltuneError(f"{zip_path}: converting an SB3 .zip runs pickle from the file, which can execute "
                           f"arbitrary code; pass --trust-pickle (trust_pickle=True) only for files you trust")
-    if not zip_path.is_file():
+    try:
+        ok = zip_path.is_file()
+    except (OSError, ValueError):
+        ok = False
+    if not ok:
         raise RltuneError(f"{zip_path}: no such file")
     if not zipfile.is_zipfile(zip_path):
         raise RltuneError(f"{zip_path}: not a zip archive (an SB3 model file is a .zip)")

@@ -140,10 +140,12 @@ def _check_outputs(out: str, onnx: str | None) -> None:
 
     make_folder(out)
     if onnx:
+        from rltune.shipped import is_dir
+
         parent = Path(onnx).resolve().parent
-        if not parent.is_dir():
+        if not is_dir(parent):
             raise RltuneError(f"--onnx {onnx}: the folder {parent} does not exist")
-        if Path(onnx).is_dir():
+        if is_dir(onnx) or len(Path(onnx).name) > 255:
             raise RltuneError(f"--onnx {onnx}: is a folder; give a file name")
         try:
             import onnx as _  # noqa: F401
@@ -326,14 +328,16 @@ def cmd_import_sb3(args: argparse.Namespace) -> int:
     from rltune.agentfile import import_sb3_zip
     from rltune.env import ACTION_LAYOUT, OBS_LAYOUT
 
+    from rltune.shipped import is_file
+
     zip_path = Path(args.zip)
-    if not args.zip or not zip_path.is_file():
+    if not args.zip or not is_file(zip_path):
         raise RltuneError(f"{args.zip!r}: no such file (an SB3 model .zip)")
     # rl-zoo saves VecNormalize's statistics beside the model; a policy trained on normalised
     # observations acts on the wrong numbers without them, and rltune agents carry none: refuse
     for stats in (zip_path.parent / "vecnormalize.pkl", zip_path.parent / zip_path.stem / "vecnormalize.pkl",
                   zip_path.with_name("vec_normalize.pkl")):
-        if stats.exists():
+        if is_file(stats):
             raise RltuneError(f"{zip_path}: was trained with VecNormalize ({stats} is beside it); rltune agents "
                               "take raw observations, so it cannot be imported: retrain without normalize "
                               "(the env's observations are already normalised per scenario)")

@@ -59,10 +59,26 @@ def resolve_scenario(name: str) -> Path:
     if "/" not in file and "\\" not in file:
         for base in (Path("envs"), shipped_dir("envs")):
             cand = base / file
-            if cand.is_file():
+            if is_file(cand):
                 return cand
     raise RltuneError(f"{name}: no such scenario file, nor a shipped scenario of that name "
                       f"(shipped: {', '.join(shipped_scenarios())})")
+
+
+def is_file(path: str | Path) -> bool:
+    """``Path.is_file`` that answers False for names the OS refuses (too long, say) instead of raising."""
+    try:
+        return Path(path).is_file()
+    except (OSError, ValueError):
+        return False
+
+
+def is_dir(path: str | Path) -> bool:
+    """``Path.is_dir`` that answers False for names the OS refuses instead of raising."""
+    try:
+        return Path(path).is_dir()
+    except (OSError, ValueError):
+        return False
 
 
 def resolve_agent(name: str | Path) -> Path:
@@ -71,12 +87,12 @@ def resolve_agent(name: str | Path) -> Path:
     if "\0" in name or len(name) > 4096:
         raise RltuneError(f"{name[:80]!r}: not a usable agent name or path")
     p = Path(name)
-    if p.is_dir():
+    if is_dir(p):
         return p
     if "/" not in name and "\\" not in name:
         for base in (Path("agents"), shipped_dir("agents")):
             cand = base / name
-            if (cand / "agent.json").is_file():
+            if is_file(cand / "agent.json"):
                 return cand
     raise RltuneError(f"{name}: no such agent folder, nor a shipped agent of that name "
                       f"(shipped: {', '.join(shipped_agents())})")
