@@ -71,7 +71,10 @@ def batched_throughput(env: DistillCompressEnv, k: int, repeats: int) -> dict:
         if rep:
             batched_s.append(time.perf_counter() - t)
     single, batched = statistics.median(single_s), statistics.median(batched_s)
+    from rltune.batched import BATCH_MAX_PARAMS
+
     return {"k": k, "student_stages_per_second": k / batched, "single_student_stages_per_second": k / single,
+            "batched_path": sum(p.numel() for p in fs.parameters()) <= BATCH_MAX_PARAMS,
             "speedup_vs_single": single / batched, "epochs_per_stage": ctx.scenario.training["epochs_per_stage"],
             "batchable": batchable([start(ctx, 0, fs).model]) is None, "repeats": repeats}
 

@@ -39,6 +39,13 @@ from rltune.distill import TrainSet
 from rltune.errors import DivergedError, RltuneError
 
 
+# Above this many parameters a student's stages run one at a time: batching pays for small students
+# (per-batch overhead dominates: 2.6-3.4x at K=16 on 1.6k-3k-parameter students) and loses on large
+# ones (0.43x on the 106k-parameter mnist1d-lenet student: 16 students' activations and 4-bit scale
+# searches no longer fit in cache). Measured by experiments/env_throughput.py, one thread.
+BATCH_MAX_PARAMS = 20_000
+
+
 def batchable(models: Sequence[nn.Module]) -> str | None:
     """None if these prepared students can train as one batch, else why not."""
     if not models:
@@ -228,7 +235,8 @@ def run_stages_batched(ctx, states: list, knobs: list, epochs: int | None = None
 
     tr = ctx.scenario.training
     models = [s.model for s in states]
-    if batchable(models) or (tr["hint_weight"] > 0 and any(s.hint for s in states)) or tr["weight_sharing"]:
+    big = sum(p.numel() for p in models[0].parameters()) > BATCH_MAX_PARAMS
+    if big or batchable(models) or (tr["hint_weight"] > 0 and any(s.hint for s in states)) or tr["weight_sharing"]:
         out = []
         for st, kn in zip(states, knobs):
             try:
