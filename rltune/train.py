@@ -152,8 +152,14 @@ def train(cfg: dict[str, Any], run_dir: str | Path, resume: bool = False, progre
 
         from rltune.vecenv import BatchedVecEnv
 
-        venv = BatchedVecEnv([make_env_fn(cfg, r, None) for r in range(n_envs)])
-        venv = VecMonitor(venv, str(run / "monitor" / "batched"), info_keywords=INFO_KEYWORDS)
+        from stable_baselines3.common.monitor import ResultsWriter
+
+        venv = VecMonitor(BatchedVecEnv([make_env_fn(cfg, r, None) for r in range(n_envs)]), None,
+                          info_keywords=INFO_KEYWORDS)
+        # its CSV is appended to on --resume (VecMonitor itself would truncate it)
+        venv.results_writer = ResultsWriter(str(run / "monitor" / "batched"), extra_keys=INFO_KEYWORDS,
+                                            header={"t_start": venv.t_start, "env_id": "rltune/BatchedVecEnv"},
+                                            override_existing=not ckpts)
     else:
         fns = [make_env_fn(cfg, r, run / "monitor", append=bool(ckpts)) for r in range(n_envs)]
         venv = SubprocVecEnv(fns, start_method="fork") if kind == "subproc" else DummyVecEnv(fns)

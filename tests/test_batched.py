@@ -166,3 +166,21 @@ def test_searchers_in_batches_stay_within_their_budget(ctx, tuner):
     S = ctx.scenario.training["stages"]
     r = run_tuner(tuner, env, 0, "6x", 0, 7 * S, batch=3)
     assert r.episodes == 7 and r.stages_used == 7 * S and r.val_acc > 0.5
+
+
+def test_batched_training_resumes_keeping_its_episodes(tmp_path):
+    import yaml
+
+    from rltune.train import check_config, train
+
+    f = tmp_path / "s.yaml"
+    f.write_text(yaml.safe_dump({**TINY, "name": "tiny-resume"}))
+    cfg = check_config({"scenarios": [str(f)], "total_timesteps": 16, "n_envs": 2, "vec_env": "batched", "seed": 0,
+                        "checkpoint_every": 8, "policy_kwargs": {"net_arch": [8]},
+                        "ppo": {"n_steps": 4, "batch_size": 8, "n_epochs": 1}, "env": {"targets": ["4x"]}}, "test")
+    run = train(cfg, tmp_path / "run", progress_bar=False, command="pytest")
+    monitor = run / "monitor" / "batched.monitor.csv"
+    before = monitor.read_text().splitlines()
+    train({**cfg, "total_timesteps": 24}, run, resume=True, progress_bar=False, command="pytest")
+    after = monitor.read_text().splitlines()
+    assert after[:len(before)] == before and len(after) == len(before) + 4  # 8 more steps: 4 episodes of 2
