@@ -13,17 +13,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
-import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from rltune.env import DistillCompressEnv
 from rltune.tuners import run_tuner
+from rltune.shipped import recorded_command
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -95,7 +93,7 @@ def main() -> None:
     torch.set_num_threads(1)
     cells = [c.split("=") for c in a.cells]
     sc, tg = cells[0]
-    out = {"command": "python " + " ".join([os.path.relpath(sys.argv[0], ROOT), *sys.argv[1:]]), "threads": 1,
+    out = {"command": recorded_command(), "threads": 1,
            "k": a.k, "seeds": a.seeds}
     out["optuna_cell"] = {"scenario": sc, "target": tg, **time_optuna_cell(sc, tg, a.episodes, a.k)}
     print(f"Optuna cell, {a.episodes} episodes: {out['optuna_cell']['sequential']['seconds']:.1f} s one at a time, "

@@ -8,13 +8,13 @@ the fitted models as JSON (never pickle) under experiments/results/.
 
 import argparse
 import json
-import sys
 import time
 from pathlib import Path
 
 import torch
 
 from rltune.costmodel import CostModel, collect_samples
+from rltune.shipped import recorded_command
 
 ROOT = Path(__file__).resolve().parent
 
@@ -27,7 +27,7 @@ def main() -> None:
     torch.set_num_threads(1)
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
-    report = {"command": "python " + " ".join(sys.argv), "samples": a.samples, "fits": {}}
+    report = {"command": recorded_command(), "samples": a.samples, "fits": {}}
     for batch in (1, 256):
         t = time.perf_counter()
         samples = collect_samples(a.samples, batch_size=batch, seed=batch)

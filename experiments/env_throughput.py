@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import sys
 import time
 from pathlib import Path
 
@@ -23,6 +22,7 @@ import numpy as np
 import torch
 
 from rltune.env import DistillCompressEnv
+from rltune.shipped import recorded_command
 
 ROOT = Path(__file__).resolve().parent
 
@@ -92,7 +92,7 @@ def main() -> None:
     p.add_argument("--out", default=str(ROOT / "results"))
     a = p.parse_args()
     torch.set_num_threads(1)
-    results = {"command": "python " + " ".join(sys.argv), "threads": 1, "target": a.target, "scenarios": {}}
+    results = {"command": recorded_command(), "threads": 1, "target": a.target, "scenarios": {}}
     for name in a.scenarios:
         env = DistillCompressEnv(scenarios=[name], targets=[a.target])
         env.reset(seed=0)  # warm-up: teacher, float student, probe cached

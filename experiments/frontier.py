@@ -36,6 +36,7 @@ from rltune.metrics import accuracy
 from rltune.models import count_params
 from rltune.scenario import load_scenario
 from rltune.stage import Knobs, final_report, recipe, run_schedule, run_stage, start
+from rltune.shipped import recorded_command
 
 ROOT = Path(__file__).resolve().parent
 # tiny students cannot lose many weights: their frontier is in the bits
@@ -230,7 +231,7 @@ def main() -> None:
     torch.set_num_threads(1)
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
-    command = "python " + " ".join(sys.argv)
+    command = recorded_command()
     results = {"command": command, "seeds": a.seeds, "taus": a.taus, "scenarios": {}}
     previous = out / "frontier.json"
     if previous.exists():  # a rerun of some scenarios replaces their entries and keeps the others

@@ -31,6 +31,7 @@ from rltune.agentfile import check_layouts, load_policy
 from rltune.env import ACTION_LAYOUT, OBS_LAYOUT
 from rltune.errors import RltuneError
 from rltune.scenario import load_scenario
+from rltune.shipped import recorded_command
 
 ROOT = Path(__file__).resolve().parents[1]
 HANG_S = 10.0
@@ -239,7 +240,7 @@ def main() -> None:
                 outcome = "traceback: wrote outside its folder: " + ", ".join(escaped)
             count("command_lines", outcome, argv)
     total = {k: sum(v.values()) for k, v in counts.items()}
-    out = {"command": "python " + " ".join([os.path.relpath(sys.argv[0], ROOT), *sys.argv[1:]]), "seed": a.seed,
+    out = {"command": recorded_command(), "seed": a.seed,
            "hang_seconds": HANG_S, "inputs": total, "outcomes": counts, "bad_examples": examples,
            "seconds": time.time() - t0}
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)

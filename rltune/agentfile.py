@@ -61,7 +61,7 @@ import torch
 from torch import nn
 
 import rltune
-from rltune.errors import RltuneError
+from rltune.errors import RltuneError, write_atomic
 
 FORMAT = "rltune-agent"
 FORMAT_VERSION = 1
@@ -580,21 +580,6 @@ def ppo_hyperparameters(model: Any) -> dict[str, Any]:
     return out
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except OSError as exc:
-        try:
-            tmp.unlink()
-        except OSError:
-            pass
-        raise RltuneError(f"{path}: cannot write: {_one_line(exc)}") from None
-
 
 def save_agent(model: Any, path: str | os.PathLike, observation_layout: list[str], action_layout: list[str],
                training: dict[str, Any], hyperparameters: dict[str, Any] | None = None) -> Path:
@@ -666,8 +651,8 @@ def save_agent(model: Any, path: str | os.PathLike, observation_layout: list[str
         out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise RltuneError(f"{out}: cannot create the agent folder: {_one_line(exc)}") from None
-    _write_atomic(out / WEIGHTS_NAME, data)
-    _write_atomic(out / META_NAME, text.encode("utf-8"))
+    write_atomic(out / WEIGHTS_NAME, data, "agent file")
+    write_atomic(out / META_NAME, text.encode("utf-8"), "agent file")
     return out
 
 
@@ -790,9 +775,10 @@ def save_optimizer(model: Any, folder: str | os.PathLike) -> None:
                 scalars[f"{idx}.{k}"] = v
     groups = [{k: v for k, v in g.items() if isinstance(v, (int, float, bool, list, tuple)) or v is None}
               for g in sd["param_groups"]]
-    _write_atomic(folder / OPTIMIZER_TENSORS, st_save(tensors) if tensors else st_save({"_": torch.zeros(1)}))
-    _write_atomic(folder / OPTIMIZER_META, json.dumps({"param_groups": groups, "scalars": scalars,
-                                                       "num_timesteps": int(model.num_timesteps)}).encode())
+    write_atomic(folder / OPTIMIZER_TENSORS, st_save(tensors or {"_": torch.zeros(1)}), "optimizer state")
+    write_atomic(folder / OPTIMIZER_META, json.dumps({"param_groups": groups, "scalars": scalars,
+                                                      "num_timesteps": int(model.num_timesteps)}).encode(),
+                 "optimizer state")
 
 
 def load_optimizer(model: Any, folder: str | os.PathLike) -> bool:

@@ -18,7 +18,7 @@ import os
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from safetensors.torch import load_model, save_model
@@ -30,6 +30,9 @@ from rltune.metrics import accuracy
 from rltune.models import build_model
 from rltune.errors import RltuneError, RltuneWarning
 from rltune.scenario import Scenario
+
+if TYPE_CHECKING:
+    from rltune.problem import Problem
 
 CACHE_VERSION = 2
 log = logging.getLogger("rltune")
@@ -71,10 +74,15 @@ def train_teacher(scenario: Scenario, data: Dataset) -> tuple[nn.Module, dict[st
     return model.eval(), {"val_acc": best, "epochs": spec["epochs"]}
 
 
+def teacher_key(scenario: Scenario, data: Dataset) -> str:
+    """What defines a scenario's teacher: its labeled dataset and spec (the transfer set does not
+    change it: it is trained on the labeled train split only)."""
+    labeled = {k: v for k, v in scenario.dataset.items() if k != "transfer"}
+    return stable_hash({"v": 1, "dataset": labeled, "teacher": scenario.teacher, "data": data.fingerprint})
+
+
 def load_or_train_teacher(scenario: Scenario, data: Dataset) -> tuple[nn.Module, dict[str, Any], bool]:
     """A scenario's teacher from the disk cache, or trained (and cached). Returns (teacher, info, hit)."""
-    from rltune.problem import teacher_key
-
     key = teacher_key(scenario, data)
     path = cache_dir() / f"teacher_{key}.safetensors"
     teacher = build_model(scenario.teacher, data.input_shape, data.n_classes)
@@ -212,9 +220,10 @@ class Context:
                     train_epochs(model, self.train_set, s.student["pretrain_epochs"],
                                  temperature=s.student["temperature"], alpha=s.student["alpha"],
                                  lr=self.pretrain_lr, batch_size=s.training["batch_size"], generator=g)
-            _save_model(model, path, {"val_acc": accuracy(predict(model, self.data.x_val), self.data.y_val)})
         model.eval()
         acc = accuracy(predict(model, self.data.x_val), self.data.y_val)
+        if not loaded:
+            _save_model(model, path, {"val_acc": acc})
         gap = self.teacher_info["val_acc"] - acc
         y = self.data.y_val
         chance = float(torch.bincount(y).max()) / len(y) if len(y) else 0.0

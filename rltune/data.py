@@ -298,7 +298,6 @@ def load_dataset(spec: dict[str, Any]) -> Dataset:
             x, y = given["x"].astype(np.float32), given["y"].astype(np.int64)
         else:
             x, y = _sklearn_fixed(source)
-        parts = [x]
         # splits the file gives are kept; the rest come from x by a stratified split
         has_val, has_test = "x_val" in given, "x_test" in given
         if has_val and has_test:
@@ -320,7 +319,6 @@ def load_dataset(spec: dict[str, Any]) -> Dataset:
                     else:
                         te = idx
             x, y = np.concatenate(xs), np.concatenate(ys)
-        del parts
         if "x_transfer" in given:
             x_u = given["x_transfer"].astype(np.float32)
     else:

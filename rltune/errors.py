@@ -22,6 +22,29 @@ class RltuneWarning(UserWarning):
     """Something that works but is likely not what the user wants (a float student far below its teacher)."""
 
 
+def write_atomic(path, data: bytes, what: str = "file") -> int:
+    """Write ``data`` to ``path`` whole or not at all (a temporary file, fsync, ``os.replace``);
+    returns the bytes written; one-line errors."""
+    import os
+    from pathlib import Path
+
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except (OSError, ValueError) as e:
+        try:
+            tmp.unlink()
+        except OSError:
+            pass
+        raise RltuneError(f"cannot write {what} {path}: {getattr(e, 'strerror', None) or e}") from None
+    return len(data)
+
+
 def make_folder(path, what: str = "output folder"):
     """``mkdir -p`` with one-line errors (a file in the way, no permission)."""
     from pathlib import Path

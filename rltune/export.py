@@ -104,6 +104,7 @@ wrong raises :class:`rltune.errors.RltuneError` with one line.
 from __future__ import annotations
 
 import copy
+import functools
 import math
 import os
 import zlib
@@ -124,7 +125,7 @@ from rltune.compression import (
     quantize_bias_codes,
     quantize_codes,
 )
-from rltune.errors import RltuneError
+from rltune.errors import RltuneError, write_atomic
 from rltune.models import build_model
 
 __all__ = ["export_bytes", "save_artifact", "packed_size", "load_artifact", "entropy_bits",
@@ -656,6 +657,16 @@ def _build(h: dict[str, Any], meta: bool = True) -> nn.Module:
         return build_model(_spec_of(h), h["in"], h["out"])
 
 
+@functools.lru_cache(maxsize=64)
+def _reference(header: tuple) -> tuple[list, list, type]:
+    """What a built-in architecture's header rebuilds (layer signatures, other tensors, class),
+    computed once per header: export_bytes runs on every measurement and bisection step."""
+    built = _build(dict(header))
+    layer_names = [n for n, _ in _plain_layers(built)]
+    return ([_signature(m) for _, m in _plain_layers(built)],
+            [(n, tuple(t.shape), t.dtype) for n, t in _extras(built, layer_names)], type(built))
+
+
 def _write_header(wr: "_BitWriter", h: dict[str, Any]) -> None:
     wr.uv(_ARCH_IDS[h["arch"]])
     if h["arch"] == "cnn2d":
@@ -762,14 +773,12 @@ def export_bytes(model: nn.Module, spec: dict[str, Any] | None = None,
     extras = _extras(model, [l.name for l in ls])
     if spec is not None:
         h = _norm_spec(spec, ls, in_features, out_features)
-        built = _build(h)
-        ref = [_signature(m) for _, m in _plain_layers(built)]
+        ref, want, cls = _reference(tuple(sorted(h.items())))
         got = [_signature(l.module) for l in ls]
-        want = [(n, tuple(t.shape), t.dtype) for n, t in _extras(built, [n for n, _ in _plain_layers(built)])]
         have = [(n, tuple(t.shape), t.dtype) for n, t in extras]
         # save only what load_artifact can rebuild: the built-in class with the same layers and the
         # same other tensors (a user's module with LayerNorm and equal Linear shapes is not an mlp)
-        if ref != got or want != have or type(model) is not type(built):
+        if ref != got or want != have or type(model) is not cls:
             raise RltuneError(f"the model is not the built-in {h['arch']} {spec!r} with input {h['in']} and "
                               f"{h['out']} outputs (it is a {type(model).__name__}); export it without a spec "
                               "and load it with skeleton=")
@@ -801,15 +810,7 @@ def save_artifact(model: nn.Module, path: str | os.PathLike, spec: dict[str, Any
     """Write the packed artifact to ``path`` (atomically); returns the number of bytes written."""
     if not isinstance(path, (str, os.PathLike)) or not str(path):
         raise RltuneError(f"an artifact path must be a non-empty file name, got {path!r:.60}")
-    data = export_bytes(model, spec, in_features, out_features)
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        tmp.write_bytes(data)
-        os.replace(tmp, path)
-    except OSError as exc:
-        raise RltuneError(f"cannot write artifact {path}: {exc.strerror or exc}") from None
-    return len(data)
+    return write_atomic(path, export_bytes(model, spec, in_features, out_features), "artifact")
 
 
 @dataclass

@@ -198,7 +198,9 @@ def evaluate(
     # joins a study that does not
     run_id = meta.get("run_id") or uuid.uuid4().hex
     study = {"study_prefix": study_prefix, "run_id": run_id}
-    this = {"command": " ".join(sys.argv), "scenarios": scenarios, "targets": per_target, "tuners": tuners,
+    from rltune.shipped import recorded_command
+
+    this = {"command": recorded_command(), "scenarios": scenarios, "targets": per_target, "tuners": tuners,
             "budgets": list(budgets), "seeds": seeds, "agent": agent}
     if trial_workers > 1:
         this["trial_workers"] = trial_workers

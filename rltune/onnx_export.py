@@ -55,7 +55,7 @@ import torch
 from torch import nn
 
 from rltune.compression import COMPRESSIBLE, dequantize_codes, exponent_scale, layers, quantize_codes
-from rltune.errors import RltuneError
+from rltune.errors import RltuneError, write_atomic
 from rltune.metrics import plain_copy
 
 _QUIET_LOGGERS = ("torch.onnx", "torch.export", "torch._export", "torch._dynamo", "onnxscript")
@@ -306,15 +306,7 @@ def export_onnx(model: nn.Module, path, example_input: torch.Tensor, opset: int 
                           f"failed: {_first_line(exc)}") from None
 
     _verify(data, plain, x)
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        tmp.write_bytes(data)
-        os.replace(tmp, path)
-    except OSError as exc:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
-        raise RltuneError(f"cannot write ONNX file {path}: {exc.strerror or exc}") from None
+    write_atomic(path, data, "ONNX file")
     return {"onnx_bytes": len(data), "quantized_layers": quantized,
             "float_layers": max(n_layers - quantized, 0), "exporter": exporter}
 

@@ -5,7 +5,6 @@ public API (:mod:`rltune.api`); the fixed recipe at a given sparsity and bit-wid
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +13,7 @@ import torch
 from rltune.api import Result, json_safe, as_problem
 from rltune.compression import float_bytes
 from rltune.context import Context
-from rltune.errors import RltuneError, make_folder
+from rltune.errors import make_folder, write_atomic
 from rltune.export import load_artifact
 from rltune.metrics import float_energy, measure_latency, plain_copy
 from rltune.models import count_params
@@ -86,8 +85,6 @@ def write_outputs(result: Result, out_dir: str | Path, how: dict[str, Any], onnx
     report = {"scenario": name, **how, "teacher": rows[0], "float_student": rows[1], "compressed": rows[2],
               "final": rep, "artifact": str(artifact), "artifact_predicts_same": same,
               "onnx": str(onnx) if onnx else None}
-    tmp = out / f".{name}.json.{os.getpid()}.tmp"
-    tmp.write_text(json.dumps(json_safe(report), indent=1))
-    os.replace(tmp, out / f"{name}.json")
+    write_atomic(out / f"{name}.json", json.dumps(json_safe(report), indent=1).encode(), "report")
     (out / f"{name}.md").write_text(f"# {name}: before and after ({how.get('method')})\n\n{table}")
     return {**report, "table": table, "report_json": str(out / f"{name}.json")}

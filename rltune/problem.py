@@ -49,11 +49,11 @@ import torch
 from torch import nn
 
 from rltune.compression import COMPRESSIBLE, check_untied
+from rltune.context import CACHE_VERSION, load_or_train_teacher
 from rltune.data import Dataset, cache_dir, mixup, load_dataset, stable_hash
 from rltune.errors import RltuneError
 from rltune.scenario import NAME_RE, Scenario, parse_scenario
 
-CACHE_VERSION = 2
 
 
 def check_name(name: Any, where: str = "name") -> str:
@@ -341,7 +341,6 @@ class Problem:
     def from_scenario(cls, scenario: Scenario | str | Path) -> "Problem":
         """The problem a scenario describes: its dataset loaded, its teacher trained once (cached on
         disk under a hash of everything that defines it), its student built from the spec."""
-        from rltune.context import load_or_train_teacher
         from rltune.scenario import load_scenario
 
         if not isinstance(scenario, Scenario):
@@ -363,12 +362,6 @@ class Problem:
         self._key = None
         self.student = self.new_student(0)
         return self
-
-
-def teacher_key(scenario: Scenario, data: Dataset) -> str:
-    # the transfer set does not change the teacher (trained on labeled train only)
-    labeled = {k: v for k, v in scenario.dataset.items() if k != "transfer"}
-    return stable_hash({"v": 1, "dataset": labeled, "teacher": scenario.teacher, "data": data.fingerprint})
 
 
 __all__ = ["Problem", "auto_batch_size", "epochs_for", "check_name", "cache_dir"]

@@ -101,3 +101,28 @@ def resolve_agent(name: str | Path) -> Path:
 def hyperparams_file() -> Path:
     """The shipped ``ppo.yml``."""
     return shipped_dir("agents") / "ppo.yml"
+
+
+def recorded_command(argv: list[str] | None = None) -> str:
+    """The command line as results record it, with no machine's paths in it: the ``rltune`` script
+    (or ``python -m rltune``) as ``rltune``, a script of this repository relative to it
+    (``python experiments/frontier.py ...``), any other path by its name."""
+    import os
+    import shlex
+    import sys
+
+    argv = list(sys.argv if argv is None else argv)
+    if not argv:
+        return ""
+    head = Path(argv[0])
+    if head.name in ("rltune", "__main__.py") or head.name.startswith("rltune"):
+        first = ["rltune"]
+    else:
+        try:
+            rel = os.path.relpath(head.resolve(), _REPO)
+        except ValueError:
+            rel = head.name
+        if rel.startswith(".."):
+            rel = head.name
+        first = ["python", rel] if rel.endswith(".py") else [rel]
+    return " ".join(shlex.quote(a) for a in [*first, *argv[1:]])

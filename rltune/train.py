@@ -23,9 +23,7 @@ import logging
 import math
 import os
 import shutil
-import shlex
 import statistics
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -139,7 +137,9 @@ def train(cfg: dict[str, Any], run_dir: str | Path, resume: bool = False, progre
     make_folder(run / "monitor", "run folder")
     make_folder(run / "checkpoints", "run folder")
     (run / "config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
-    (run / "command.txt").write_text((command or " ".join(shlex.quote(a) for a in sys.argv)) + "\n")
+    from rltune.shipped import recorded_command
+
+    (run / "command.txt").write_text((command or recorded_command()) + "\n")
     n_envs = int(cfg.get("n_envs", 1))
     ckpts = _checkpoints(run) if resume else []
     kind = cfg.get("vec_env", "auto")
