@@ -42,11 +42,12 @@ from rltune.distill import TrainSet
 from rltune.errors import DivergedError, RltuneError
 
 
-# Above this many parameters a student's stages run one at a time: batching pays for small students
-# (per-batch overhead dominates: 2.6-3.4x at K=16 on 1.6k-3k-parameter students) and loses on large
-# ones (0.43x on the 106k-parameter mnist1d-lenet student: 16 students' activations and 4-bit scale
-# searches no longer fit in cache). Measured by experiments/env_throughput.py, one thread.
-BATCH_MAX_PARAMS = 20_000
+# Above this many parameters a student's stages run one at a time. Batching pays most for small
+# students (per-batch overhead dominates) and less as arithmetic takes over: with the merged-batch
+# forward the 106k-parameter mnist1d-lenet student still gains 1.26x at K=16 (0.43x through vmap).
+# Measured by experiments/env_throughput.py, one thread. The cap bounds the memory of K students'
+# activations and of the least-error scale search's workspace.
+BATCH_MAX_PARAMS = 250_000
 
 
 def batchable(models: Sequence[nn.Module]) -> str | None:
