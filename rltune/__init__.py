@@ -23,9 +23,10 @@ _LAZY = {
     "compress": ("rltune.api", "compress"),
     "replay": ("rltune.api", "replay"),
     "load_artifact": ("rltune.export", "load_artifact"),
+    "sensitivity": ("rltune.layer_sensitivity", "sensitivity"),
 }
 
-__all__ = ["Problem", "Result", "compress", "replay", "load_artifact", "RltuneError", "RltuneWarning",
+__all__ = ["Problem", "Result", "compress", "replay", "load_artifact", "sensitivity", "RltuneError", "RltuneWarning",
            "__version__"]
 
 

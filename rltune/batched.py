@@ -355,7 +355,7 @@ def run_stages_batched(ctx, states: list, knobs: list, epochs: int | None = None
     no (or the scenario uses the hint loss)."""
     from rltune.distill import predict
     from rltune.metrics import accuracy
-    from rltune.stage import chance_accuracy, collapsed, measure, run_stage
+    from rltune.stage import chance_accuracy, collapsed, fill_before_training, measure, run_stage
 
     tr = ctx.scenario.training
     models = [s.model for s in states]
@@ -371,10 +371,10 @@ def run_stages_batched(ctx, states: list, knobs: list, epochs: int | None = None
     t0 = time.perf_counter()
     before = []
     for st, kn in zip(states, knobs):
-        if kn.sparsity > 0:
-            C.prune_(st.model, sparsity=kn.sparsity, scope=tr["pruning_scope"])
+        kn.prune_(st.model, tr["pruning_scope"])
         C.unshare_all_(st.model)
-        C.set_bits_(st.model, kn.bits)
+        C.set_bits_(st.model, list(kn.bits) if isinstance(kn.bits, tuple) else kn.bits)
+        fill_before_training(st)
         before.append(accuracy(predict(st.model, ctx.data.x_val), ctx.data.y_val))
     t1 = time.perf_counter()
     losses = train_epochs_batched(models, ctx.train_set, epochs if epochs is not None else tr["epochs_per_stage"],

@@ -21,7 +21,7 @@ from pathlib import Path
 from rltune import __version__
 from rltune.errors import RltuneError
 
-TUNER_CHOICES = ("recipe", "recipe-plus1", "fixed-8bit", "adaptive-tau", "random", "optuna-const",
+TUNER_CHOICES = ("recipe", "recipe-plus1", "sensitivity", "fixed-8bit", "adaptive-tau", "random", "optuna-const",
                  "optuna-tpe", "ppo-replay", "ppo-finetune")  # rltune.tuners.TUNERS (tested equal)
 EVALUATE_DEFAULT_TUNERS = ["ppo-replay", "recipe", "fixed-8bit", "adaptive-tau", "random", "optuna-const", "optuna-tpe"]
 
@@ -163,6 +163,41 @@ def _agent_arg(name: str | None):
     path = resolve_agent(name or "ppo-v0")
     check_layouts(load_policy(path), OBS_LAYOUT, ACTION_LAYOUT)
     return path
+
+
+def cmd_sensitivity(args: argparse.Namespace) -> int:
+    import json
+
+    from rltune.api import as_problem, json_safe
+    from rltune.errors import write_atomic
+    from rltune.layer_sensitivity import sensitivity
+
+    if args.json:
+        from rltune.shipped import is_dir
+
+        parent = Path(args.json).resolve().parent
+        if not is_dir(parent):
+            raise RltuneError(f"--json {args.json}: the folder {parent} does not exist")
+        if is_dir(args.json) or len(Path(args.json).name) > 255:
+            raise RltuneError(f"--json {args.json}: is a folder; give a file name")
+    if any(b == 32 for b in args.bits) or any(x == 0 for x in args.sparsities):
+        raise RltuneError("--bits takes 2..8 and --sparsities fractions in (0, 1)")
+    t = sensitivity(as_problem(args.scenario), seed=args.seed, bits=args.bits, sparsities=args.sparsities,
+                    probes=args.probes)
+    print(f"{t['scenario']}: float val {100 * t['float_val_acc']:.2f} %; val accuracy change (pt) with only "
+          f"that layer compressed; trace: Hutchinson, {t['probes']} probes")
+    head = ["layer", "kind", "params", "trace"] + [f"{b}b" for b in t["bits"]] + [f"{s:g}sp" for s in t["sparsities"]]
+    print(" | ".join(head))
+    for r in t["layers"]:
+        cells = [r["name"], r["kind"], str(r["params"]), f"{r['trace']:.3g}"]
+        cells += [f"{100 * r['bits'][b]:+.2f}" for b in t["bits"]]
+        cells += [f"{100 * r['sparsity'][s]:+.2f}" for s in t["sparsities"]]
+        print(" | ".join(cells))
+    print(f"rank correlation (Spearman), estimated vs measured loss change: {t['rank_correlation']:.3f}")
+    if args.json:
+        write_atomic(args.json, (json.dumps(json_safe(t), indent=1) + "\n").encode(), "sensitivity table")
+        print(f"written: {args.json}")
+    return 0
 
 
 def cmd_replay(args: argparse.Namespace) -> int:
@@ -474,6 +509,20 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("out", help="the agent folder to write")
     i.add_argument("--trust-pickle", action="store_true", help="allow running the pickle inside the .zip")
     i.set_defaults(func=cmd_import_sb3)
+
+    z = sub.add_parser("sensitivity", parents=[quiet], formatter_class=fmt,
+                       help="per-layer sensitivity of a scenario's float student (bits, sparsity, Hessian trace)",
+                       description="For each Linear/Conv layer: the val accuracy change when only that layer is "
+                                   "quantized to each of --bits or pruned to each of --sparsities, and the "
+                                   "Hutchinson estimate of its Hessian trace; prints the table, --json writes it.")
+    z.add_argument("--scenario", default="digits-mlp", help="scenario YAML path or shipped name")
+    z.add_argument("--bits", type=_bits, nargs="+", default=[2, 3, 4, 5, 6, 8], help="bit-widths to try (2..8)")
+    z.add_argument("--sparsities", type=_sparsity, nargs="+", default=[0.5, 0.75, 0.9, 0.95],
+                   help="sparsities to try, fractions in (0, 1)")
+    z.add_argument("--probes", type=_whole(1, 1000), default=16, help="Hutchinson probe vectors")
+    z.add_argument("--seed", type=_whole(0), default=0, help="float student seed")
+    z.add_argument("--json", metavar="FILE", help="also write the table as JSON")
+    z.set_defaults(func=cmd_sensitivity)
 
     v = sub.add_parser("validate", parents=[quiet], help="check scenario files", description="Check scenario YAML files.")
     v.add_argument("files", nargs="+", help="scenario YAML files")

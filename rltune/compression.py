@@ -312,6 +312,21 @@ def prune_(
     return weight_sparsity(model)
 
 
+def prune_layers_(model: nn.Module, sparsities) -> float:
+    """Magnitude pruning with one sparsity per compressible layer (masks only lose weights)."""
+    ls = layers(model)
+    if len(sparsities) != len(ls):
+        raise RltuneError(f"got {len(sparsities)} sparsities for {len(ls)} layers")
+    for layer, s in zip(ls, sparsities):
+        if not 0.0 <= float(s) < 1.0:
+            raise RltuneError(f"sparsity must be in [0, 1), got {s}")
+        mag = _magnitude(layer).flatten()
+        k = int(round(float(s) * mag.numel()))
+        if k > 0:
+            layer.compressor.mask.view(-1)[torch.topk(mag, k, largest=False).indices] = False
+    return weight_sparsity(model)
+
+
 def weight_sparsity(model: nn.Module) -> float:
     """Fraction of compressible weights that are zero in the effective model."""
     zeros = total = 0

@@ -16,7 +16,7 @@ import torch
 from gymnasium import spaces
 
 from rltune import compression as C
-from rltune.budget import Budget, Meter, enforce_, required_sparsity
+from rltune.budget import Budget, Meter, enforce_, fill_if_better_, required_sparsity
 from rltune.context import Context
 from rltune.distill import TrainSet, predict, train_epochs
 from rltune.errors import DivergedError, RltuneError
@@ -203,12 +203,14 @@ class DistillCompressEnv(gym.Env):
         reward_baseline: str = "float",
         problems: Sequence[Any] | None = None,
         render_mode: str | None = None,
+        fill_budget: bool = True,
     ):
         if mode not in ("budget", "tradeoff"):
             raise RltuneError(f"mode must be 'budget' or 'tradeoff', got {mode!r}")
         if reward_baseline not in ("float", "recipe"):
             raise RltuneError(f"reward_baseline must be 'float' or 'recipe', got {reward_baseline!r}")
         self.reward_baseline = reward_baseline
+        self.fill_budget = bool(fill_budget)
         self._baselines: dict[tuple, float] = {}
         from rltune.problem import Problem
         from rltune.shipped import resolve_scenario
@@ -359,10 +361,14 @@ class DistillCompressEnv(gym.Env):
             model = C.prepare_(copy.deepcopy(fs))
             state = StudentState(model, ref, torch.Generator().manual_seed(0), ctx.make_hint(model))
             try:
-                for knobs in recipe(sc.training["stages"], p.required[p.recipe_bits], p.recipe_bits):
-                    run_stage(ctx, state, knobs)
                 meter = self._meter(ctx, ref, budget)
-                if enforce_(state.model, meter, sc.knobs["sparsity"][1], sc.training["pruning_scope"]):
+                plan = recipe(sc.training["stages"], p.required[p.recipe_bits], p.recipe_bits)
+                for i, knobs in enumerate(plan):
+                    state.fill = meter if self.fill_budget and i == len(plan) - 1 else None
+                    run_stage(ctx, state, knobs)
+                enforced = enforce_(state.model, meter, sc.knobs["sparsity"][1], sc.training["pruning_scope"])
+                score = lambda m: self._val_acc(m, ctx)  # noqa: E731
+                if (fill_if_better_(state.model, meter, score) if self.fill_budget else 0) or enforced:
                     from rltune.stage import measure
 
                     state.history[-1] = measure(ctx, state)
@@ -370,6 +376,13 @@ class DistillCompressEnv(gym.Env):
             except DivergedError:
                 self._baselines[key] = ref.val_acc
         return self._baselines[key]
+
+    def _val_acc(self, model, ctx: Context | None = None) -> float:
+        from rltune.distill import predict
+        from rltune.metrics import accuracy
+
+        d = (ctx or self.ctx).data
+        return accuracy(predict(model, d.x_val), d.y_val)
 
     @staticmethod
     def _meter(ctx: Context, ref: Reference, budget: Budget) -> Meter:
@@ -446,6 +459,8 @@ class DistillCompressEnv(gym.Env):
             raise RltuneError("commit() the final bit-width before the first stage")
         self.k += 1
         self.knobs = knobs
+        # the last stage starts from the whole budget: pruned bytes come back before it trains
+        self.state.fill = self.meter if self.fill_budget and self.k >= self.stages else None
 
     def end_stage(self, m: "Metrics | DivergedError", parts: dict[str, float] | None = None):
         """The Gymnasium step's result once the stage begun by :meth:`begin_stage` has run: its
@@ -460,11 +475,12 @@ class DistillCompressEnv(gym.Env):
             info["diverged"] = str(e) or "diverged"
             log.info("%s @ %s: stage %d/%d diverged: %s", sc.name, self.budget, self.k, self.stages, e)
             return self._obs(), float(sum(parts.values())), True, False, info
-        enforced = False
+        enforced, filled = False, 0
         if terminated:
             t0 = time.perf_counter()
             enforced = enforce_(self.state.model, self.meter, sc.knobs["sparsity"][1], sc.training["pruning_scope"])
-            if enforced:
+            filled = fill_if_better_(self.state.model, self.meter, self._val_acc) if self.fill_budget else 0
+            if enforced or filled:
                 from rltune.stage import measure
 
                 trained = m
@@ -491,7 +507,10 @@ class DistillCompressEnv(gym.Env):
         info = self._info(parts)
         info["budget_enforced"] = enforced
         if terminated:
-            info["budget_met"] = bool(self.meter.met(self.state.model))
+            cost = self.meter.cost(self.state.model)
+            info["budget_met"] = cost <= self.meter.limit
+            info["budget_used"] = cost / self.meter.limit
+            info["budget_filled"] = filled
         return self._obs(), float(reward), terminated, False, info
 
     # -- observation and info --------------------------------------------------------------------
@@ -558,7 +577,7 @@ class DistillCompressEnv(gym.Env):
             info.update({f"plan_{k}": v for k, v in self.plan.items()})
         if self.knobs:
             info.update({"temperature": self.knobs.temperature, "alpha": self.knobs.alpha,
-                         "target_sparsity": self.knobs.sparsity, "stage_bits": self.knobs.bits})
+                         "target_sparsity": float(np.mean(self.knobs.sparsity)), "stage_bits": int(self.knobs.max_bits)})
         if self.last_metrics is not None:
             # wall-clock timings stay on ``self.last_metrics``: info is deterministic per seed
             info.update({k: v for k, v in self.last_metrics.to_dict().items() if not k.startswith("seconds")})
@@ -577,5 +596,5 @@ INFO_DEFAULTS: dict[str, Any] = {
     "temperature": _NAN, "alpha": _NAN, "target_sparsity": _NAN, "stage_bits": 0,
     "reward_accuracy": 0.0, "reward_action": 0.0, "reward_diverged": 0.0, "reward_floor": 0.0,
     "reward_size": 0.0, "reward_latency": 0.0, "reward_energy": 0.0, "reward_budget": 0.0,
-    "budget_enforced": False, "budget_met": False, "diverged": "",
+    "budget_enforced": False, "budget_met": False, "budget_filled": 0, "budget_used": 0.0, "diverged": "",
 }

@@ -111,3 +111,26 @@ def test_bad_bits_and_sparsity_are_clear_errors():
         C.prune_(m, sparsity=1.0)
     with pytest.raises(RltuneError, match="no nn.Linear"):
         C.prepare_(torch.nn.ReLU())
+
+
+def test_prune_layers_gives_each_layer_its_own_sparsity():
+    import torch
+    from torch import nn
+
+    from rltune import compression as C
+    from rltune.errors import RltuneError
+    from rltune.stage import Knobs
+
+    torch.manual_seed(0)
+    m = C.prepare_(nn.Sequential(nn.Linear(10, 20), nn.ReLU(), nn.Linear(20, 4)))
+    C.prune_layers_(m, [0.5, 0.25])
+    ls = C.layers(m)
+    assert (~ls[0].compressor.mask).sum() == 100 and (~ls[1].compressor.mask).sum() == 20
+    with pytest.raises(RltuneError):
+        C.prune_layers_(m, [0.5])
+    with pytest.raises(RltuneError):
+        Knobs(4.0, 0.9, (0.5, 1.0), 4)
+    with pytest.raises(RltuneError):
+        Knobs(4.0, 0.9, 0.5, (4, 9))
+    k = Knobs(4.0, 0.9, (0.0, 0.3), (8, 3))
+    assert k.prunes and k.max_bits == 8 and not Knobs(4.0, 0.9, (0.0, 0.0), 4).prunes

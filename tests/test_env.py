@@ -12,7 +12,7 @@ from rltune import compression as C
 from rltune.env import ACTION_LAYOUT, OBS_LAYOUT, DistillCompressEnv, decode_action
 from rltune.registration import ENV_IDS
 from rltune.scenario import parse_scenario
-from rltune.budget import enforce_
+from rltune.budget import enforce_, fill_, fill_if_better_
 from rltune.stage import measure, StudentState, recipe, run_stage
 
 TINY = parse_scenario({
@@ -69,13 +69,43 @@ def test_zero_action_reproduces_the_recipe_exactly(env):
     fs, ref = env.float_student(0, env.float_seed)
     model = C.prepare_(copy.deepcopy(fs))
     state = StudentState(model, ref, torch.Generator().manual_seed(env.torch_seed), None)
-    direct = [run_stage(env.ctx, state, k).val_acc for k in expected]
+    direct = []
+    for i, k in enumerate(expected):
+        state.fill = env.meter if i == len(expected) - 1 else None  # the last stage starts from the whole budget
+        direct.append(run_stage(env.ctx, state, k).val_acc)
     sc = env.ctx.scenario
     enforced = enforce_(state.model, env.meter, sc.knobs["sparsity"][1], sc.training["pruning_scope"])
-    if enforced:  # the env prunes the excess after the last stage and measures again: so must we
+    filled = fill_if_better_(state.model, env.meter, env._val_acc)
+    if enforced or filled:  # the env prunes the excess / gives bytes back and measures again: so must we
         direct[-1] = measure(env.ctx, state).val_acc
-    assert enforced == info["budget_enforced"]
+    assert enforced == info["budget_enforced"] and filled == info["budget_filled"]
     assert direct == accs
+
+
+def test_fill_gives_bytes_back_up_to_the_budget_and_never_over(env):
+    env.reset(seed=0, options={"scenario": 0, "target": "10x"})
+    fs, ref = env.float_student(0, env.float_seed)
+    model = C.prepare_(copy.deepcopy(fs))
+    C.set_bits_(model, 4)
+    C.prune_(model, sparsity=0.95, scope="global")   # far more than 10x needs at 4 bits
+    before = env.meter.cost(model) / env.meter.limit
+    n = fill_(model, env.meter)
+    after = env.meter.cost(model) / env.meter.limit
+    assert before < 0.6 and n > 0 and 0.98 <= after <= 1.0
+    assert fill_(model, env.meter) == 0 or env.meter.cost(model) <= env.meter.limit
+    # a model already over its budget is left alone
+    over = C.prepare_(copy.deepcopy(fs))
+    C.set_bits_(over, 8)
+    mask = [l.compressor.mask.clone() for l in C.layers(over)]
+    assert fill_(over, env.meter) == 0 and all(torch.equal(a, l.compressor.mask) for a, l in zip(mask, C.layers(over)))
+
+
+def test_budget_used_is_reported_and_close_to_whole(env):
+    env.reset(seed=2, options={"scenario": 1, "target": "10x"})
+    done = False
+    while not done:
+        _, _, done, _, info = env.step(np.full(5, -1.0, dtype=np.float32))   # 2 bits: the case that ended short
+    assert info["budget_met"] and 0.9 <= info["budget_used"] <= 1.0
 
 
 @settings(max_examples=6, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])

@@ -39,7 +39,7 @@ def run_counting_stages(env, *args, **kw):
 def test_every_tuner_respects_its_stage_budget(env, tuner, budget):
     r, counted = run_counting_stages(env, tuner, env, 0, "6x", 0, budget)
     assert counted == r.stages_used <= budget
-    assert r.stages_used == (3 if tuner in ("recipe", "recipe-plus1", "fixed-8bit", "adaptive-tau") else 3 * (budget // 3))
+    assert r.stages_used == (3 if tuner in ("recipe", "recipe-plus1", "sensitivity", "fixed-8bit", "adaptive-tau") else 3 * (budget // 3))
     assert r.test["ratio"] >= 6.0  # the target is met whatever the tuner chose
 
 
@@ -94,3 +94,10 @@ def test_recipe_plus1_keeps_one_bit_more_than_the_probe(env):
     p = env.probe_result
     feasible = [b for b, s in p.required.items() if s is not None]
     assert r.test["bits"] == pytest.approx(min(p.recipe_bits + 1, max(feasible)))
+
+
+def test_sensitivity_allocates_per_layer_and_meets_the_budget(env):
+    r = run_tuner("sensitivity", env, 0, "6x", 0, 3)
+    assert len(r.config["bits"]) == len(r.config["sparsity"]) == 2          # one per layer of the 13-16-3 MLP
+    assert len(set(r.config["bits"])) == 1                                  # one width: per-layer widths measured worse
+    assert r.test["packed_bytes"] <= env.meter.limit and r.stages_used == 3
