@@ -16,6 +16,8 @@ learned linear regressor from the student's last hidden layer to the teacher's f
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import math
 from dataclasses import dataclass
 
@@ -24,6 +26,22 @@ import torch.nn.functional as F
 from torch import nn
 
 from rltune.errors import DivergedError
+
+
+@contextlib.contextmanager
+def gc_paused():
+    """Python's cyclic garbage collector off for a training loop, back as it was after. A step
+    allocates many short-lived objects (autograd nodes, tensors), which keep triggering collections
+    that walk every object of the process; the loop makes no reference cycles, and reference
+    counting frees its garbage as before. Measured on this machine: 4 % of a one-student stage, 10 %
+    of a batched one (python's gc was 7 % of the cycles of a 16-student stage under perf)."""
+    was = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was:
+            gc.enable()
 
 
 @dataclass
@@ -121,6 +139,13 @@ def train_epochs(
         opt = torch.optim.Adam(groups, lr=lr, weight_decay=weight_decay)
     n = len(y_all)
     model.train()
+    with gc_paused():
+        return _train_loop(model, data, y_all, epochs, opt, n, batch_size, generator, targets, teacher,
+                           temperature, alpha, use_hint, hint, hint_weight)
+
+
+def _train_loop(model, data, y_all, epochs, opt, n, batch_size, generator, targets, teacher, temperature,
+                alpha, use_hint, hint, hint_weight) -> float:
     last = math.nan
     for _ in range(epochs):
         perm = torch.randperm(n, generator=generator)

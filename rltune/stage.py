@@ -24,6 +24,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.nn.utils import parametrize
 
 from rltune import compression as C
 from rltune.context import Context
@@ -141,18 +142,21 @@ def start(ctx: Context, seed: int = 0, float_student: nn.Module | None = None) -
 
 
 def measure(ctx: Context, state: StudentState, train_loss: float = math.nan) -> Metrics:
-    """Measure the student on the val split (never test)."""
+    """Measure the student on the val split (never test). The effective (masked, quantized)
+    weights are computed once for all the measurements (``parametrize.cached``), not at every read."""
     model, d = state.model, ctx.data
-    logits = predict(model, d.x_val)
-    nbytes = packed_size(model, ctx.student_spec, ctx.input_shape, ctx.n_classes)
-    cost = costs(model, ctx.input_shape, packed_bytes=nbytes)
+    with parametrize.cached():
+        logits = predict(model, d.x_val)
+        nbytes = packed_size(model, ctx.student_spec, ctx.input_shape, ctx.n_classes)
+        cost = costs(model, ctx.input_shape, packed_bytes=nbytes)
+        sparsity, bits = C.weight_sparsity(model), C.model_bits(model)
     return Metrics(
         val_acc=accuracy(logits, d.y_val),
         val_agreement=agreement(logits, ctx.logits["val"]),
         packed_bytes=nbytes,
         ratio=state.ref.float_bytes / nbytes,
-        sparsity=C.weight_sparsity(model),
-        bits=C.model_bits(model),
+        sparsity=sparsity,
+        bits=bits,
         nonzero_macs=cost["nonzero_macs"],
         dense_macs=cost["dense_macs"],
         energy_pj=cost["energy_pj"],
