@@ -88,7 +88,7 @@ def main() -> None:
     p.add_argument("--ppo-scenario", default="digits-linear")
     p.add_argument("--ppo-steps", type=int, default=512)
     p.add_argument("--batched-k", type=int, default=16, help="students per batch for the batched measurement")
-    p.add_argument("--batched-repeats", type=int, default=2, help="timed rounds of K student-stages each way")
+    p.add_argument("--batched-repeats", type=int, default=3, help="timed rounds of K student-stages each way")
     p.add_argument("--out", default=str(ROOT / "results"))
     a = p.parse_args()
     torch.set_num_threads(1)
