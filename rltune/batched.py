@@ -154,6 +154,7 @@ class _LayerQuant:
         self.qmax = qmax
         self.view = (-1, *([1] * (len(shape) - 1)))
         self.qw = qmax.reshape(self.view)
+        self.nqw = -self.qw
         # the searched students, grouped by bit-width so each group clamps with a scalar bound
         # (a broadcast tensor bound runs 15x slower)
         low = (b <= C.MSE_CLIP_BITS).nonzero().flatten()
@@ -198,7 +199,8 @@ class _LayerQuant:
     def delta(self, w: torch.Tensor) -> torch.Tensor:
         e = self.exponents(w.reshape(w.shape[0], w.shape[1], -1))
         scale = torch.exp2(e / 8.0).reshape(*e.shape, *([1] * (w.dim() - 2)))
-        q = torch.clamp(torch.round(w / scale), -self.qw, self.qw).mul_(scale)
+        # clamp by maximum/minimum: the same values, 3x faster than clamp with broadcast tensor bounds
+        q = torch.minimum(torch.maximum(torch.round(w / scale), self.nqw), self.qw).mul_(scale)
         return q.sub_(w).mul_(self.keep)
 
 
