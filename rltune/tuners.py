@@ -54,6 +54,14 @@ class TuneResult:
     episode_val_accs: list[float] = field(default_factory=list)
     seconds: float = 0.0
     state: Any = field(default=None, repr=False, compare=False)  # the best student (not serialised)
+    # every new best by val as it appeared: {"episode": 0-based index, "val_acc", "val_score",
+    # "test_acc", "test_score"} (the test figures are the report's; nothing chooses on them)
+    improvements: list[dict[str, Any]] = field(default_factory=list)
+    # the anytime curve: for N = 1, 2, 4, ... (and the episodes run), the best-by-val student of
+    # the first N episodes: {"episodes": N, "best_episode", "val_acc", "val_score", "test_acc", "test_score"}
+    anytime: list[dict[str, Any]] = field(default_factory=list)
+    # stage-equivalents of training spent on the cell's bit-width probe (once per cell, every tuner)
+    probe_stages: float = 0.0
 
     def to_dict(self) -> dict[str, Any]:
         return {f.name: copy.deepcopy(getattr(self, f.name)) for f in fields(self) if f.name != "state"}
@@ -67,6 +75,8 @@ class Session:
         self.budget_stages = budget_stages
         self.stages_used = 0
         self.best: tuple[float, Any, dict] | None = None
+        self.best_test: dict[str, Any] | None = None  # the test report of ``best``'s student
+        self.improvements: list[dict[str, Any]] = []  # every new best as it appeared (TuneResult.improvements)
         self.val_accs: list[float] = []
         self.val_scores: list[float] = []
 
@@ -100,7 +110,14 @@ class Session:
         if info.get("diverged"):
             config = dict(config, diverged=info["diverged"])
         if self.best is None or key > self.best[0]:
+            # env.reset gives every episode a new StudentState, so this one is never touched again;
+            # its test report is taken now (the test split read for the report only), so the best
+            # of every first N episodes is known without rerunning them
             self.best = (key, env.state, dict(config, val_acc=acc, val_score=score))
+            self.best_test = final_report(self.env.context(self.scenario), env.state, latency=False)
+            self.improvements.append({"episode": len(self.val_accs) - 1, "val_acc": acc, "val_score": score,
+                                      "test_acc": self.best_test["test_acc"],
+                                      "test_score": self.best_test["test_score"]})
         return key
 
     def batch_room(self, k: int) -> int:
@@ -168,10 +185,49 @@ class Session:
                               f"({self.stages_per_episode} stages)")
         _, state, config = self.best
         env = self.env
-        test = final_report(env.context(self.scenario), state, latency=False)
         return TuneResult(tuner, env.scenarios[self.scenario].name, str(self.target), self.seed,
                           self.budget_stages, self.stages_used, len(self.val_accs), config["val_acc"],
-                          config["val_score"], test, config, self.val_accs, time.perf_counter() - t0, state)
+                          config["val_score"], self.best_test, config, self.val_accs, time.perf_counter() - t0,
+                          state, improvements=list(self.improvements),
+                          anytime=anytime_curve(self.improvements, len(self.val_accs)),
+                          probe_stages=probe_stages(env))
+
+
+def anytime_points(episodes: int) -> list[int]:
+    """N = 1, 2, 4, ... up to ``episodes``, and ``episodes`` itself when it is not a power of two."""
+    ns, n = [], 1
+    while n <= episodes:
+        ns.append(n)
+        n *= 2
+    if episodes >= 1 and ns[-1] != episodes:
+        ns.append(episodes)
+    return ns
+
+
+def anytime_curve(improvements: list[dict[str, Any]], episodes: int) -> list[dict[str, Any]]:
+    """For each N of :func:`anytime_points`, the best by val of the first N episodes, from the
+    record of new bests (``improvements``, in episode order): no episode is rerun."""
+    out = []
+    for n in anytime_points(episodes):
+        seen = [r for r in improvements if r["episode"] < n]
+        if seen:
+            b = seen[-1]
+            out.append({"episodes": n, "best_episode": b["episode"], "val_acc": b["val_acc"],
+                        "val_score": b["val_score"], "test_acc": b["test_acc"], "test_score": b["test_score"]})
+    return out
+
+
+def probe_stages(env: DistillCompressEnv) -> float:
+    """What the env's bit-width probe trained for this cell, in stages: per feasible bit-width
+    ``probe_epochs`` epochs on at most ``probe_samples`` samples, against a stage's
+    ``epochs_per_stage`` epochs on the whole training set (sample-epochs over sample-epochs). The
+    probe runs once per cell (cached), whatever the tuner, so every tuner of a cell pays the same."""
+    p = getattr(env, "probe_result", None)
+    if p is None or env.ctx is None:
+        return 0.0
+    n = len(env.ctx.train_set.y)
+    feasible = sum(1 for r in p.required.values() if r is not None)
+    return feasible * env.probe_epochs * min(n, env.probe_samples) / (env.ctx.scenario.training["epochs_per_stage"] * n)
 
 
 def tune_recipe(s: Session, bits8: bool = False) -> None:

@@ -1,0 +1,56 @@
+"""Anytime curves: the per-episode record of new bests."""
+
+import numpy as np
+import pytest
+
+from rltune.env import DistillCompressEnv
+from rltune.scenario import parse_scenario
+from rltune.stage import final_report
+from rltune.tuners import anytime_curve, anytime_points, run_tuner
+
+TINY = parse_scenario({
+    "name": "tiny-any", "dataset": {"source": "wine", "transfer": 200},
+    "teacher": {"arch": "mlp", "hidden": [32], "epochs": 30},
+    "student": {"arch": "mlp", "hidden": [16], "pretrain_epochs": 5},
+    "training": {"stages": 3, "epochs_per_stage": 1, "batch_size": 64, "lr": 0.005},
+})
+S = 3
+
+
+@pytest.fixture(scope="module")
+def env():
+    return DistillCompressEnv(scenarios=[TINY], targets=["6x"])
+
+
+def test_anytime_points_and_curve_from_the_record_of_new_bests():
+    assert anytime_points(1) == [1] and anytime_points(8) == [1, 2, 4, 8] and anytime_points(5) == [1, 2, 4, 5]
+    rec = [{"episode": 0, "val_acc": 0.5, "val_score": 0, "test_acc": 0.4, "test_score": 0},
+           {"episode": 2, "val_acc": 0.7, "val_score": 0, "test_acc": 0.6, "test_score": 0},
+           {"episode": 4, "val_acc": 0.8, "val_score": 0, "test_acc": 0.5, "test_score": 0}]
+    curve = anytime_curve(rec, 5)
+    assert [(c["episodes"], c["best_episode"], c["test_acc"]) for c in curve] == \
+        [(1, 0, 0.4), (2, 0, 0.4), (4, 2, 0.6), (5, 4, 0.5)]
+
+
+def test_the_anytime_record_is_the_best_so_far_by_val(env):
+    r = run_tuner("random", env, 0, "6x", 0, 5 * S)
+    vals = r.episode_val_accs
+    assert r.episodes == 5 and [c["episodes"] for c in r.anytime] == [1, 2, 4, 5]
+    for c in r.anytime:  # best by val of the first N episodes, the first such on ties
+        assert c["val_acc"] == max(vals[:c["episodes"]])
+        assert c["best_episode"] == vals.index(max(vals[:c["episodes"]]))
+    assert all(a["val_acc"] <= b["val_acc"] for a, b in zip(r.anytime, r.anytime[1:]))
+    assert all(a["val_acc"] < b["val_acc"] for a, b in zip(r.improvements, r.improvements[1:]))
+    assert r.anytime[-1]["test_acc"] == r.test["test_acc"] and r.anytime[-1]["val_acc"] == r.val_acc
+    # the best student was not touched by the episodes after it: its report now is the recorded one
+    assert final_report(env.context(0), r.state, latency=False)["test_acc"] == r.improvements[-1]["test_acc"]
+    assert 0 < r.probe_stages < 100 and r.to_dict()["anytime"] == r.anytime
+
+
+def test_a_prefix_of_a_search_is_the_search_at_that_budget(env):
+    # random search draws its episodes in order, so its first 2 of 5 episodes are its 2-episode run
+    big = run_tuner("random", env, 0, "6x", 1, 5 * S)
+    small = run_tuner("random", env, 0, "6x", 1, 2 * S)
+    at2 = next(c for c in big.anytime if c["episodes"] == 2)
+    assert big.episode_val_accs[:2] == small.episode_val_accs
+    assert at2["val_acc"] == small.val_acc and at2["test_acc"] == small.test["test_acc"]
