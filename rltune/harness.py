@@ -151,8 +151,8 @@ def evaluate(
     results = out / "results.jsonl"
     scenarios = list(scenarios)
     tuners = list(tuners)
-    for t in ("ppo-replay", "ppo-finetune"):
-        if t in tuners and not agent:
+    for t in tuners:
+        if t.startswith("ppo") and not agent:
             raise RltuneError(f"the {t} tuner needs --agent")
     per_target = targets if isinstance(targets, dict) else {s: list(targets) for s in scenarios}
     cells = [Cell(s, t, tu, seed, b) for s in scenarios for t in per_target[s] for tu in tuners
@@ -185,7 +185,9 @@ def evaluate(
     done = {r["key"] for r in finished_rows}
     todo = [c for c in cells if c.key not in done and c.whole.key not in done]
     storage = storage or f"sqlite:///{(out / 'optuna.db').resolve()}"
-    if todo and any(t.startswith("optuna") for t in tuners):
+    from rltune.tuners import STUDY_TUNERS
+
+    if todo and any(t in STUDY_TUNERS for t in tuners):
         # create the schema here, once: workers creating a new database at the same moment race
         # on its version table (sqlite3.IntegrityError on alembic_version)
         import optuna

@@ -18,6 +18,9 @@ given ``budget_stages`` runs ``budget_stages // S`` episodes and never more (``s
 | sensitivity    | zero search: per-layer bits and sparsity from Hessian-trace damage, an exact 0/1    |
 |                | program under the budget, then the recipe's ramp and KD (1 episode)               |
 | ppo-replay     | a trained policy, one deterministic episode, zero-shot                            |
+| ppo-best-of-n  | the policy replayed deterministically once per episode of the budget, each with   |
+|                | its own training seed, best by val (the searchers' lottery over training noise)   |
+| ppo-warm-tpe   | optuna-tpe whose first trial is the policy's own episode (told to the study)      |
 | ppo-finetune   | the trained policy fine-tuned by PPO on this cell for the budget, then replayed   |
 """
 
@@ -391,9 +394,15 @@ def tune_optuna_schedule(s: Session, storage: str | None = None, batch: int = 1,
     """The schedule's parameters: the 5 action dimensions (bits, ramp shape, τ, α, when bits drop).
     ``batch`` > 1: trials asked ``batch`` at a time (TPE's constant liar keeps them apart), their
     episodes run as one batched computation, then told."""
+    study = _optuna_study(s, "optuna-tpe", storage, constant_liar=batch > 1, **study)
+    _schedule_trials(s, study, batch)
+
+
+def _schedule_trials(s: Session, study, batch: int = 1) -> None:
+    """optuna-tpe's trials until the budget is spent: one action vector in [-1, 1]^5 per trial
+    (params ``action_<name>``), held for every step of its episode."""
     from rltune.env import ACTION_LAYOUT
 
-    study = _optuna_study(s, "optuna-tpe", storage, constant_liar=batch > 1, **study)
     while batch > 1 and s.batch_room(batch) > 1:
         trials = [study.ask() for _ in range(s.batch_room(batch))]
         acts = [np.array([t.suggest_float(f"action_{n}", -1.0, 1.0) for n in ACTION_LAYOUT], np.float32)
@@ -413,6 +422,12 @@ def tune_optuna_schedule(s: Session, storage: str | None = None, batch: int = 1,
 def _trial_attrs(trial, s: Session, action: np.ndarray | None = None) -> None:
     """What the trial's episode did, decoded, as the trial's user attributes (its params are the
     searched values; for optuna-tpe raw actions in [-1, 1])."""
+    for k, v in _episode_attrs(s, action).items():
+        trial.set_user_attr(k, v)
+
+
+def _episode_attrs(s: Session, action: np.ndarray | None = None) -> dict[str, Any]:
+    """The last episode's figures for a trial's user attributes (non-finite values left out)."""
     from rltune.env import decode_action
 
     env = s.env
@@ -425,19 +440,80 @@ def _trial_attrs(trial, s: Session, action: np.ndarray | None = None) -> None:
     if m is not None:
         attrs.update({"packed_bytes": int(m.packed_bytes), "ratio": float(m.ratio), "sparsity": float(m.sparsity),
                       "bits": float(m.bits)})
-    for k, v in attrs.items():
-        if v is not None and not (isinstance(v, float) and not math.isfinite(v)):
-            trial.set_user_attr(k, v)
+    return {k: v for k, v in attrs.items() if v is not None and not (isinstance(v, float) and not math.isfinite(v))}
 
 
-def tune_ppo_replay(s: Session, agent_path: str | Path) -> None:
+def _load_agent(agent_path: str | Path):
+    """The agent's policy, refused unless its observation and action layouts are the env's."""
     from rltune.agentfile import check_layouts, load_policy
     from rltune.env import ACTION_LAYOUT, OBS_LAYOUT
     from rltune.shipped import resolve_agent
 
     agent = load_policy(resolve_agent(agent_path))
     check_layouts(agent, OBS_LAYOUT, ACTION_LAYOUT)
+    return agent
+
+
+def tune_ppo_replay(s: Session, agent_path: str | Path) -> None:
+    agent = _load_agent(agent_path)
     s.play_actions(lambda obs, k: agent.predict(obs, deterministic=True), {"agent": str(agent_path)})
+
+
+def tune_ppo_best_of_n(s: Session, agent_path: str | Path, batch: int = 1) -> None:
+    """The policy replayed deterministically as many episodes as the budget allows, each with its
+    own training seed (the Session's per-episode seed), best by val: the lottery over training
+    noise that every search trial gets, given to the policy. Its first episode is ``ppo-replay``'s.
+    ``batch`` > 1: the episodes run ``batch`` at a time as one batched computation."""
+    agent = _load_agent(agent_path)
+    act = lambda obs, k: agent.predict(obs, deterministic=True)  # noqa: E731
+    while batch > 1 and s.batch_room(batch) > 1:
+        k = s.batch_room(batch)
+        s.play_batch([act] * k, [{"agent": str(agent_path), "replay": len(s.val_accs) + j} for j in range(k)])
+    while s.can_run():
+        s.play_actions(act, {"agent": str(agent_path), "replay": len(s.val_accs)})
+
+
+def tune_ppo_warm_tpe(s: Session, agent_path: str | Path, storage: str | None = None, batch: int = 1,
+                      **study: Any) -> None:
+    """Optuna TPE over optuna-tpe's search space (the 5 action dimensions, one vector held for the
+    whole episode), its first trial the policy's own episode.
+
+    The policy acts per step (each action depends on what the stages so far measured), which one
+    held action vector cannot express: an enqueued trial would replay a different schedule. So
+    the first trial *is* the policy's deterministic episode (``ppo-replay``'s, at the same seed),
+    handed to the study with ``study.add_trial`` as a finished trial whose value is that episode's
+    val and whose params are the held action nearest it: ``final_bits`` and ``bits_drop`` as the
+    policy chose them at step 0 (they act only then), ``ramp_shape``, ``temperature`` and ``alpha``
+    averaged over its steps. Its per-step actions are the trial's user attribute
+    ``policy_actions``. TPE models from there; the rest is optuna-tpe's search (``batch`` > 1:
+    trials asked ``batch`` at a time with the constant liar, their episodes batched)."""
+    import optuna
+
+    from rltune.env import ACTION_LAYOUT
+
+    agent = _load_agent(agent_path)
+    study = _optuna_study(s, "ppo-warm-tpe", storage, constant_liar=batch > 1, **study)
+    if not s.can_run():
+        return  # less than one episode: Session.result says so
+    actions: list[np.ndarray] = []
+
+    def act(obs, k):
+        a = np.asarray(agent.predict(obs, deterministic=True), np.float32)
+        actions.append(np.clip(a, -1.0, 1.0))
+        return a
+
+    value = s.play_actions(act, {"agent": str(agent_path), "policy_trial": True})
+    steps = np.stack(actions)
+    held = steps.mean(axis=0)
+    for once in ("final_bits", "bits_drop"):
+        held[ACTION_LAYOUT.index(once)] = steps[0, ACTION_LAYOUT.index(once)]
+    attrs = _episode_attrs(s)
+    attrs.update(policy=str(agent_path), policy_actions=steps.astype(float).tolist())
+    dist = optuna.distributions.FloatDistribution(-1.0, 1.0)
+    study.add_trial(optuna.trial.create_trial(
+        params={f"action_{n}": float(np.clip(held[i], -1.0, 1.0)) for i, n in enumerate(ACTION_LAYOUT)},
+        distributions={f"action_{n}": dist for n in ACTION_LAYOUT}, value=value, user_attrs=attrs))
+    _schedule_trials(s, study, batch)
 
 
 class CellEnv(gym.Env):
@@ -512,7 +588,8 @@ def tune_ppo_finetune(s: Session, agent_path: str | Path, episodes_per_update: i
 
 
 TUNERS = ("recipe", "recipe-plus1", "sensitivity", "fixed-8bit", "adaptive-tau", "random", "optuna-const", "optuna-tpe", "ppo-replay",
-          "ppo-finetune")
+          "ppo-best-of-n", "ppo-warm-tpe", "ppo-finetune")
+STUDY_TUNERS = ("optuna-const", "optuna-tpe", "ppo-warm-tpe")  # tuners that keep an Optuna study
 
 
 def run_tuner(name: str, env: DistillCompressEnv, scenario: int, target: str, seed: int, budget_stages: int,
@@ -542,10 +619,15 @@ def run_tuner(name: str, env: DistillCompressEnv, scenario: int, target: str, se
     elif name == "optuna-tpe":
         tune_optuna_schedule(s, storage, batch=batch, sampler_seed=sampler_seed, study_episodes=study_episodes,
                              **(study or {}))
-    elif name in ("ppo-replay", "ppo-finetune"):
+    elif name in ("ppo-replay", "ppo-best-of-n", "ppo-warm-tpe", "ppo-finetune"):
         if agent is None:
             raise RltuneError(f"{name} needs an agent (--agent)")
-        (tune_ppo_replay if name == "ppo-replay" else tune_ppo_finetune)(s, agent)
+        if name == "ppo-best-of-n":
+            tune_ppo_best_of_n(s, agent, batch)
+        elif name == "ppo-warm-tpe":
+            tune_ppo_warm_tpe(s, agent, storage, batch=batch, study_episodes=study_episodes, **(study or {}))
+        else:
+            (tune_ppo_replay if name == "ppo-replay" else tune_ppo_finetune)(s, agent)
     else:
         raise RltuneError(f"unknown tuner {name!r} (expected one of {', '.join(TUNERS)})")
     assert s.stages_used <= budget_stages

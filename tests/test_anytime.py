@@ -1,4 +1,4 @@
-"""Anytime curves: the per-episode record of new bests."""
+"""Anytime curves: the per-episode record of new bests, and the policy-based tuners that spend N."""
 
 import numpy as np
 import pytest
@@ -20,6 +20,18 @@ S = 3
 @pytest.fixture(scope="module")
 def env():
     return DistillCompressEnv(scenarios=[TINY], targets=["6x"])
+
+
+@pytest.fixture(scope="module")
+def agent(env, tmp_path_factory):
+    from stable_baselines3 import PPO
+
+    from rltune.agentfile import save_agent
+    from rltune.env import ACTION_LAYOUT, OBS_LAYOUT
+
+    model = PPO("MlpPolicy", env, policy_kwargs={"net_arch": [8]}, n_steps=16, batch_size=16, seed=0)
+    return save_agent(model, tmp_path_factory.mktemp("agent") / "a", OBS_LAYOUT, ACTION_LAYOUT,
+                      {"scenarios": ["tiny-any"]})
 
 
 def test_anytime_points_and_curve_from_the_record_of_new_bests():
@@ -54,3 +66,45 @@ def test_a_prefix_of_a_search_is_the_search_at_that_budget(env):
     at2 = next(c for c in big.anytime if c["episodes"] == 2)
     assert big.episode_val_accs[:2] == small.episode_val_accs
     assert at2["val_acc"] == small.val_acc and at2["test_acc"] == small.test["test_acc"]
+
+
+def test_ppo_best_of_n_replays_the_policy_within_budget_best_by_val(env, agent):
+    counted = []
+    real = env.advance
+    env.advance = lambda *a, **k: (counted.append(1), real(*a, **k))[1]  # every stage goes through it
+    try:
+        r = run_tuner("ppo-best-of-n", env, 0, "6x", 0, 4 * S + 2, agent=agent)
+    finally:
+        del env.advance
+    counted = len(counted)
+    assert counted == r.stages_used == 4 * S and r.episodes == 4
+    assert r.val_acc == max(r.episode_val_accs)
+    assert r.config["replay"] == r.episode_val_accs.index(r.val_acc)
+    one = run_tuner("ppo-replay", env, 0, "6x", 0, 4 * S, agent=agent)
+    assert r.episode_val_accs[0] == one.val_acc  # its first episode is ppo-replay's
+    assert len(set(r.episode_val_accs)) > 1  # each replay trains with its own seed
+
+
+def test_ppo_best_of_n_in_batches_plays_the_same_episodes(env, agent):
+    seq = run_tuner("ppo-best-of-n", env, 0, "6x", 2, 4 * S, agent=agent)
+    bat = run_tuner("ppo-best-of-n", DistillCompressEnv(scenarios=[TINY], targets=["6x"]), 0, "6x", 2, 4 * S,
+                    agent=agent, batch=3)
+    assert bat.episodes == seq.episodes == 4 and bat.stages_used == 4 * S
+    # the same episodes (within a val sample or two: a batched matmul sums in another order)
+    assert np.allclose(seq.episode_val_accs, bat.episode_val_accs, atol=0.02)
+
+
+@pytest.mark.parametrize("batch", [1, 2])
+def test_ppo_warm_tpe_first_trial_is_the_policys_replay(env, agent, tmp_path, batch):
+    import optuna
+
+    storage = f"sqlite:///{tmp_path / 'o.db'}"
+    r = run_tuner("ppo-warm-tpe", env, 0, "6x", 0, 4 * S, agent=agent, storage=storage, batch=batch)
+    one = run_tuner("ppo-replay", env, 0, "6x", 0, S, agent=agent)
+    assert r.episodes == 4 and r.stages_used == 4 * S
+    assert r.episode_val_accs[0] == one.val_acc and r.anytime[0]["test_acc"] == one.test["test_acc"]
+    trials = optuna.load_study(study_name="rltune-ppo-warm-tpe-tiny-any-6x-0-4ep", storage=storage).trials
+    assert len(trials) == 4 and trials[0].value == one.val_acc
+    assert len(trials[0].user_attrs["policy_actions"]) == S
+    assert all(-1 <= v <= 1 for v in trials[0].params.values()) and len(trials[0].params) == 5
+    assert [t.value for t in trials] == r.episode_val_accs
