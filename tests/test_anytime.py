@@ -108,3 +108,65 @@ def test_ppo_warm_tpe_first_trial_is_the_policys_replay(env, agent, tmp_path, ba
     assert len(trials[0].user_attrs["policy_actions"]) == S
     assert all(-1 <= v <= 1 for v in trials[0].params.values()) and len(trials[0].params) == 5
     assert [t.value for t in trials] == r.episode_val_accs
+
+
+def _anytime_script():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "experiments" / "anytime.py"
+    spec = importlib.util.spec_from_file_location("anytime_script", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_the_anytime_script_writes_its_summary_and_plots_and_resumes(agent, tmp_path, monkeypatch):
+    import json
+
+    import yaml
+
+    import rltune.harness as H
+
+    f = tmp_path / "tiny-any.yaml"
+    f.write_text(yaml.safe_dump(TINY.to_dict()))
+    out = tmp_path / "any"
+    argv = ["--scenario-targets", f"{f}=6x", "--seeds", "1", "--max-episodes", "4", "--workers", "1",
+            "--batch", "2", "--no-progress", "--agent", str(agent), "--out", str(out),
+            "--tuners", "recipe", "ppo-replay", "random", "optuna-tpe", "ppo-best-of-n", "ppo-warm-tpe"]
+    script = _anytime_script()
+    assert script.main(argv) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    fields = {"scenario", "target", "tuner", "episodes", "budget_stages", "n_seeds", "test_acc_mean",
+              "test_acc_std", "in_agent_training_set"}
+    rows = summary["rows"]
+    assert rows and all(fields <= set(r) for r in rows)
+    eps = {t: sorted(r["episodes"] for r in rows if r["tuner"] == t) for t in {r["tuner"] for r in rows}}
+    assert eps["recipe"] == eps["ppo-replay"] == [1]
+    assert eps["random"] == eps["optuna-tpe"] == eps["ppo-best-of-n"] == eps["ppo-warm-tpe"] == [1, 2, 4]
+    cells = H.read_results(out / "cells" / "results.jsonl")
+    rnd = next(c for c in cells if c["tuner"] == "random")
+    at4 = next(r for r in rows if r["tuner"] == "random" and r["episodes"] == 4)
+    assert at4["test_acc_mean"] == rnd["test"]["test_acc"] and at4["n_seeds"] == 1
+    assert at4["budget_stages"] == pytest.approx(4 * S + rnd["probe_stages"], abs=1e-3)
+    # ppo-warm-tpe's and ppo-best-of-n's N = 1 is the policy's replay
+    at1 = {r["tuner"]: r["test_acc_mean"] for r in rows if r["episodes"] == 1}
+    assert at1["ppo-warm-tpe"] == at1["ppo-best-of-n"] == at1["ppo-replay"]
+    (ans,) = summary["answers"]
+    assert ans["best_zero_search_rule"] == "recipe" and ans["compared_at"] == [1, 2, 4]
+    assert isinstance(ans["policy_search_below_tpe_at"], list) and "tpe_first_beats_zero_search_at" in ans
+    assert (out / "anytime_tiny-any.png").stat().st_size > 1000
+    # rerunning resumes: no cell runs again, the same summary
+    monkeypatch.setattr(H, "run_cell", lambda *a, **k: pytest.fail("a finished cell was rerun"))
+    assert script.main(argv) == 0
+    assert json.loads((out / "summary.json").read_text())["rows"] == rows
+
+
+def test_the_anytime_answers():
+    rows = [{"scenario": "s", "target": "8x", "tuner": t, "episodes": n, "test_acc_mean": m}
+            for t, n, m in [("recipe", 1, 0.80), ("sensitivity", 1, 0.82), ("optuna-tpe", 1, 0.70),
+                            ("optuna-tpe", 2, 0.81), ("optuna-tpe", 4, 0.83), ("ppo-best-of-n", 1, 0.80),
+                            ("ppo-best-of-n", 2, 0.80), ("ppo-warm-tpe", 2, 0.82), ("ppo-best-of-n", 4, 0.82)]]
+    (a,) = _anytime_script().answers(rows)
+    assert a["best_zero_search_rule"] == "sensitivity" and a["tpe_first_beats_zero_search_at"] == 4
+    assert a["policy_search_ge_tpe_at_every_n"] is False and a["policy_search_below_tpe_at"] == [4]
