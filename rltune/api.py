@@ -102,8 +102,8 @@ def compress(problem: Problem | Scenario | str, target: str | float = "16x", tun
     """Compress ``problem``'s student to ``target`` (a ratio ``"16x"``, bytes ``"12KB"`` or energy
     ``"5nJ"``) with ``tuner`` (any of ``rltune.tuners.TUNERS``). One-episode tuners run one episode;
     searchers get ``episodes`` (default 16) or ``budget_stages`` stages of training. ``agent`` (a
-    shipped agent's name or a folder) for the ``ppo-*`` tuners. ``batch``: ``random`` and
-    ``optuna-tpe`` run that many episodes at once, trained as one batch (several times faster for
+    shipped agent's name or a folder) for the ``ppo-*`` tuners. ``batch``: ``random``,
+    ``optuna-tpe``, ``ppo-best-of-n`` and ``ppo-warm-tpe`` run that many episodes at once, trained as one batch (several times faster for
     small students on one core; Optuna asks for them together, with TPE's constant liar)."""
     from rltune.budget import Budget
     from rltune.env import DistillCompressEnv

@@ -22,7 +22,7 @@ from rltune import __version__
 from rltune.errors import RltuneError
 
 TUNER_CHOICES = ("recipe", "recipe-plus1", "sensitivity", "fixed-8bit", "adaptive-tau", "random", "optuna-const",
-                 "optuna-tpe", "ppo-replay", "ppo-finetune")  # rltune.tuners.TUNERS (tested equal)
+                 "optuna-tpe", "ppo-replay", "ppo-best-of-n", "ppo-warm-tpe", "ppo-finetune")  # rltune.tuners.TUNERS (tested equal)
 EVALUATE_DEFAULT_TUNERS = ["ppo-replay", "recipe", "fixed-8bit", "adaptive-tau", "random", "optuna-const", "optuna-tpe"]
 
 
@@ -480,7 +480,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="split each Optuna cell's trials over this many workers sharing one study")
     e.add_argument("--storage", help="Optuna storage URL shared by the workers (default: SQLite in --out)")
     e.add_argument("--batch", type=_whole(1, 1024), default=1,
-                   help="random and optuna-tpe run this many episodes at once, their stages trained as one batch")
+                   help="random, optuna-tpe, ppo-best-of-n and ppo-warm-tpe run this many episodes at once, their stages "
+                        "trained as one batch")
     e.add_argument("--study-prefix", type=_study_prefix, default="rltune",
                    help="prefix of the Optuna study names; a study this evaluation did not create is never "
                         "deleted or joined")

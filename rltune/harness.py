@@ -90,16 +90,44 @@ def run_cell(cell: Cell, agent: str | None = None, storage: str | None = None,
     return out
 
 
+def merge_improvements(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The record of new bests of a cell split over parts that ran side by side, in one episode
+    order: part ``p``'s episode ``i`` counted as the study's episode ``i * parts + p`` (the parts
+    take their trials in turn; with the split of :func:`split_episodes` these indices are exactly
+    0 .. episodes − 1). Each part's own record holds every episode that could be a new best of the
+    whole, so the running maximum over them (the earlier on ties) is the whole's record."""
+    events = sorted(({**e, "episode": e["episode"] * r["parts"] + r["part"], "part": r["part"]}
+                     for r in rows for e in r.get("improvements", [])), key=lambda e: e["episode"])
+    merged: list[dict[str, Any]] = []
+    for e in events:
+        if not merged or e["val_acc"] > merged[-1]["val_acc"]:
+            merged.append(e)
+    return merged
+
+
 def merge_parts(cell: Cell, rows: list[dict[str, Any]]) -> dict[str, Any]:
     """The cell's result from its parts: the best student by val accuracy (the harness's envs are in
-    budget mode, where the tuners also pick by val accuracy); stages and episodes summed."""
-    best = max(rows, key=lambda r: r["val_acc"])
-    return {**{k: v for k, v in best.items() if k not in ("part", "parts")},
-            "key": cell.key, "budget_stages": cell.budget_stages,
-            "stages_used": sum(r["stages_used"] for r in rows), "episodes": sum(r["episodes"] for r in rows),
-            "episode_val_accs": [a for r in sorted(rows, key=lambda r: r["part"]) for a in r["episode_val_accs"]],
-            "seconds": max(r["seconds"] for r in rows), "trial_workers": len(rows),
-            "config": {**best["config"], "best_part": best["part"]}}
+    budget mode, where the tuners also pick by val accuracy; on a tie the one found first in the
+    order of :func:`merge_improvements`); stages and episodes summed; the anytime curve over the
+    merged record."""
+    from rltune.tuners import anytime_curve
+
+    episodes = sum(r["episodes"] for r in rows)
+    merged = merge_improvements(rows) if all(r.get("improvements") for r in rows) else []
+    if merged:
+        best = next(r for r in rows if r["part"] == merged[-1]["part"])
+    else:  # rows written before the record existed
+        best = max(rows, key=lambda r: r["val_acc"])
+    out = {**{k: v for k, v in best.items() if k not in ("part", "parts")},
+           "key": cell.key, "budget_stages": cell.budget_stages,
+           "stages_used": sum(r["stages_used"] for r in rows), "episodes": episodes,
+           "episode_val_accs": [a for r in sorted(rows, key=lambda r: r["part"]) for a in r["episode_val_accs"]],
+           "seconds": max(r["seconds"] for r in rows), "trial_workers": len(rows),
+           "config": {**best["config"], "best_part": best["part"]}}
+    if merged:
+        out["improvements"] = merged
+        out["anytime"] = anytime_curve(merged, episodes)
+    return out
 
 
 def read_results(path: Path) -> list[dict[str, Any]]:
@@ -151,8 +179,8 @@ def evaluate(
     results = out / "results.jsonl"
     scenarios = list(scenarios)
     tuners = list(tuners)
-    for t in ("ppo-replay", "ppo-finetune"):
-        if t in tuners and not agent:
+    for t in tuners:
+        if t.startswith("ppo") and not agent:
             raise RltuneError(f"the {t} tuner needs --agent")
     per_target = targets if isinstance(targets, dict) else {s: list(targets) for s in scenarios}
     cells = [Cell(s, t, tu, seed, b) for s in scenarios for t in per_target[s] for tu in tuners
@@ -185,7 +213,9 @@ def evaluate(
     done = {r["key"] for r in finished_rows}
     todo = [c for c in cells if c.key not in done and c.whole.key not in done]
     storage = storage or f"sqlite:///{(out / 'optuna.db').resolve()}"
-    if todo and any(t.startswith("optuna") for t in tuners):
+    from rltune.tuners import STUDY_TUNERS
+
+    if todo and any(t in STUDY_TUNERS for t in tuners):
         # create the schema here, once: workers creating a new database at the same moment race
         # on its version table (sqlite3.IntegrityError on alembic_version)
         import optuna

@@ -18,6 +18,9 @@ given ``budget_stages`` runs ``budget_stages // S`` episodes and never more (``s
 | sensitivity    | zero search: per-layer bits and sparsity from Hessian-trace damage, an exact 0/1    |
 |                | program under the budget, then the recipe's ramp and KD (1 episode)               |
 | ppo-replay     | a trained policy, one deterministic episode, zero-shot                            |
+| ppo-best-of-n  | the policy replayed deterministically once per episode of the budget, each with   |
+|                | its own training seed, best by val (the searchers' lottery over training noise)   |
+| ppo-warm-tpe   | optuna-tpe whose first trial is the policy's own episode (told to the study)      |
 | ppo-finetune   | the trained policy fine-tuned by PPO on this cell for the budget, then replayed   |
 """
 
@@ -54,6 +57,14 @@ class TuneResult:
     episode_val_accs: list[float] = field(default_factory=list)
     seconds: float = 0.0
     state: Any = field(default=None, repr=False, compare=False)  # the best student (not serialised)
+    # every new best by val as it appeared: {"episode": 0-based index, "val_acc", "val_score",
+    # "test_acc", "test_score"} (the test figures are the report's; nothing chooses on them)
+    improvements: list[dict[str, Any]] = field(default_factory=list)
+    # the anytime curve: for N = 1, 2, 4, ... (and the episodes run), the best-by-val student of
+    # the first N episodes: {"episodes": N, "best_episode", "val_acc", "val_score", "test_acc", "test_score"}
+    anytime: list[dict[str, Any]] = field(default_factory=list)
+    # stage-equivalents of training spent on the cell's bit-width probe (once per cell, every tuner)
+    probe_stages: float = 0.0
 
     def to_dict(self) -> dict[str, Any]:
         return {f.name: copy.deepcopy(getattr(self, f.name)) for f in fields(self) if f.name != "state"}
@@ -67,6 +78,8 @@ class Session:
         self.budget_stages = budget_stages
         self.stages_used = 0
         self.best: tuple[float, Any, dict] | None = None
+        self.best_test: dict[str, Any] | None = None  # the test report of ``best``'s student
+        self.improvements: list[dict[str, Any]] = []  # every new best as it appeared (TuneResult.improvements)
         self.val_accs: list[float] = []
         self.val_scores: list[float] = []
 
@@ -100,7 +113,14 @@ class Session:
         if info.get("diverged"):
             config = dict(config, diverged=info["diverged"])
         if self.best is None or key > self.best[0]:
+            # env.reset gives every episode a new StudentState, so this one is never touched again;
+            # its test report is taken now (the test split read for the report only), so the best
+            # of every first N episodes is known without rerunning them
             self.best = (key, env.state, dict(config, val_acc=acc, val_score=score))
+            self.best_test = final_report(self.env.context(self.scenario), env.state, latency=False)
+            self.improvements.append({"episode": len(self.val_accs) - 1, "val_acc": acc, "val_score": score,
+                                      "test_acc": self.best_test["test_acc"],
+                                      "test_score": self.best_test["test_score"]})
         return key
 
     def batch_room(self, k: int) -> int:
@@ -168,10 +188,49 @@ class Session:
                               f"({self.stages_per_episode} stages)")
         _, state, config = self.best
         env = self.env
-        test = final_report(env.context(self.scenario), state, latency=False)
         return TuneResult(tuner, env.scenarios[self.scenario].name, str(self.target), self.seed,
                           self.budget_stages, self.stages_used, len(self.val_accs), config["val_acc"],
-                          config["val_score"], test, config, self.val_accs, time.perf_counter() - t0, state)
+                          config["val_score"], self.best_test, config, self.val_accs, time.perf_counter() - t0,
+                          state, improvements=list(self.improvements),
+                          anytime=anytime_curve(self.improvements, len(self.val_accs)),
+                          probe_stages=probe_stages(env))
+
+
+def anytime_points(episodes: int) -> list[int]:
+    """N = 1, 2, 4, ... up to ``episodes``, and ``episodes`` itself when it is not a power of two."""
+    ns, n = [], 1
+    while n <= episodes:
+        ns.append(n)
+        n *= 2
+    if episodes >= 1 and ns[-1] != episodes:
+        ns.append(episodes)
+    return ns
+
+
+def anytime_curve(improvements: list[dict[str, Any]], episodes: int) -> list[dict[str, Any]]:
+    """For each N of :func:`anytime_points`, the best by val of the first N episodes, from the
+    record of new bests (``improvements``, in episode order): no episode is rerun."""
+    out = []
+    for n in anytime_points(episodes):
+        seen = [r for r in improvements if r["episode"] < n]
+        if seen:
+            b = seen[-1]
+            out.append({"episodes": n, "best_episode": b["episode"], "val_acc": b["val_acc"],
+                        "val_score": b["val_score"], "test_acc": b["test_acc"], "test_score": b["test_score"]})
+    return out
+
+
+def probe_stages(env: DistillCompressEnv) -> float:
+    """What the env's bit-width probe trained for this cell, in stages: per feasible bit-width
+    ``probe_epochs`` epochs on at most ``probe_samples`` samples, against a stage's
+    ``epochs_per_stage`` epochs on the whole training set (sample-epochs over sample-epochs). The
+    probe runs once per cell (cached), whatever the tuner, so every tuner of a cell pays the same."""
+    p = getattr(env, "probe_result", None)
+    if p is None or env.ctx is None:
+        return 0.0
+    n = len(env.ctx.train_set.y)
+    feasible = sum(1 for r in p.required.values() if r is not None)
+    return feasible * env.probe_epochs * min(n, env.probe_samples) / (env.ctx.scenario.training["epochs_per_stage"] * n)
 
 
 def tune_recipe(s: Session, bits8: bool = False) -> None:
@@ -335,9 +394,15 @@ def tune_optuna_schedule(s: Session, storage: str | None = None, batch: int = 1,
     """The schedule's parameters: the 5 action dimensions (bits, ramp shape, τ, α, when bits drop).
     ``batch`` > 1: trials asked ``batch`` at a time (TPE's constant liar keeps them apart), their
     episodes run as one batched computation, then told."""
+    study = _optuna_study(s, "optuna-tpe", storage, constant_liar=batch > 1, **study)
+    _schedule_trials(s, study, batch)
+
+
+def _schedule_trials(s: Session, study, batch: int = 1) -> None:
+    """optuna-tpe's trials until the budget is spent: one action vector in [-1, 1]^5 per trial
+    (params ``action_<name>``), held for every step of its episode."""
     from rltune.env import ACTION_LAYOUT
 
-    study = _optuna_study(s, "optuna-tpe", storage, constant_liar=batch > 1, **study)
     while batch > 1 and s.batch_room(batch) > 1:
         trials = [study.ask() for _ in range(s.batch_room(batch))]
         acts = [np.array([t.suggest_float(f"action_{n}", -1.0, 1.0) for n in ACTION_LAYOUT], np.float32)
@@ -357,6 +422,12 @@ def tune_optuna_schedule(s: Session, storage: str | None = None, batch: int = 1,
 def _trial_attrs(trial, s: Session, action: np.ndarray | None = None) -> None:
     """What the trial's episode did, decoded, as the trial's user attributes (its params are the
     searched values; for optuna-tpe raw actions in [-1, 1])."""
+    for k, v in _episode_attrs(s, action).items():
+        trial.set_user_attr(k, v)
+
+
+def _episode_attrs(s: Session, action: np.ndarray | None = None) -> dict[str, Any]:
+    """The last episode's figures for a trial's user attributes (non-finite values left out)."""
     from rltune.env import decode_action
 
     env = s.env
@@ -369,19 +440,80 @@ def _trial_attrs(trial, s: Session, action: np.ndarray | None = None) -> None:
     if m is not None:
         attrs.update({"packed_bytes": int(m.packed_bytes), "ratio": float(m.ratio), "sparsity": float(m.sparsity),
                       "bits": float(m.bits)})
-    for k, v in attrs.items():
-        if v is not None and not (isinstance(v, float) and not math.isfinite(v)):
-            trial.set_user_attr(k, v)
+    return {k: v for k, v in attrs.items() if v is not None and not (isinstance(v, float) and not math.isfinite(v))}
 
 
-def tune_ppo_replay(s: Session, agent_path: str | Path) -> None:
+def _load_agent(agent_path: str | Path):
+    """The agent's policy, refused unless its observation and action layouts are the env's."""
     from rltune.agentfile import check_layouts, load_policy
     from rltune.env import ACTION_LAYOUT, OBS_LAYOUT
     from rltune.shipped import resolve_agent
 
     agent = load_policy(resolve_agent(agent_path))
     check_layouts(agent, OBS_LAYOUT, ACTION_LAYOUT)
+    return agent
+
+
+def tune_ppo_replay(s: Session, agent_path: str | Path) -> None:
+    agent = _load_agent(agent_path)
     s.play_actions(lambda obs, k: agent.predict(obs, deterministic=True), {"agent": str(agent_path)})
+
+
+def tune_ppo_best_of_n(s: Session, agent_path: str | Path, batch: int = 1) -> None:
+    """The policy replayed deterministically as many episodes as the budget allows, each with its
+    own training seed (the Session's per-episode seed), best by val: the lottery over training
+    noise that every search trial gets, given to the policy. Its first episode is ``ppo-replay``'s.
+    ``batch`` > 1: the episodes run ``batch`` at a time as one batched computation."""
+    agent = _load_agent(agent_path)
+    act = lambda obs, k: agent.predict(obs, deterministic=True)  # noqa: E731
+    while batch > 1 and s.batch_room(batch) > 1:
+        k = s.batch_room(batch)
+        s.play_batch([act] * k, [{"agent": str(agent_path), "replay": len(s.val_accs) + j} for j in range(k)])
+    while s.can_run():
+        s.play_actions(act, {"agent": str(agent_path), "replay": len(s.val_accs)})
+
+
+def tune_ppo_warm_tpe(s: Session, agent_path: str | Path, storage: str | None = None, batch: int = 1,
+                      **study: Any) -> None:
+    """Optuna TPE over optuna-tpe's search space (the 5 action dimensions, one vector held for the
+    whole episode), its first trial the policy's own episode.
+
+    The policy acts per step (each action depends on what the stages so far measured), which one
+    held action vector cannot express: an enqueued trial would replay a different schedule. So
+    the first trial *is* the policy's deterministic episode (``ppo-replay``'s, at the same seed),
+    handed to the study with ``study.add_trial`` as a finished trial whose value is that episode's
+    val and whose params are the held action nearest it: ``final_bits`` and ``bits_drop`` as the
+    policy chose them at step 0 (they act only then), ``ramp_shape``, ``temperature`` and ``alpha``
+    averaged over its steps. Its per-step actions are the trial's user attribute
+    ``policy_actions``. TPE models from there; the rest is optuna-tpe's search (``batch`` > 1:
+    trials asked ``batch`` at a time with the constant liar, their episodes batched)."""
+    import optuna
+
+    from rltune.env import ACTION_LAYOUT
+
+    agent = _load_agent(agent_path)
+    study = _optuna_study(s, "ppo-warm-tpe", storage, constant_liar=batch > 1, **study)
+    if not s.can_run():
+        return  # less than one episode: Session.result says so
+    actions: list[np.ndarray] = []
+
+    def act(obs, k):
+        a = np.asarray(agent.predict(obs, deterministic=True), np.float32)
+        actions.append(np.clip(a, -1.0, 1.0))
+        return a
+
+    value = s.play_actions(act, {"agent": str(agent_path), "policy_trial": True})
+    steps = np.stack(actions)
+    held = steps.mean(axis=0)
+    for once in ("final_bits", "bits_drop"):
+        held[ACTION_LAYOUT.index(once)] = steps[0, ACTION_LAYOUT.index(once)]
+    attrs = _episode_attrs(s)
+    attrs.update(policy=str(agent_path), policy_actions=steps.astype(float).tolist())
+    dist = optuna.distributions.FloatDistribution(-1.0, 1.0)
+    study.add_trial(optuna.trial.create_trial(
+        params={f"action_{n}": float(np.clip(held[i], -1.0, 1.0)) for i, n in enumerate(ACTION_LAYOUT)},
+        distributions={f"action_{n}": dist for n in ACTION_LAYOUT}, value=value, user_attrs=attrs))
+    _schedule_trials(s, study, batch)
 
 
 class CellEnv(gym.Env):
@@ -456,7 +588,8 @@ def tune_ppo_finetune(s: Session, agent_path: str | Path, episodes_per_update: i
 
 
 TUNERS = ("recipe", "recipe-plus1", "sensitivity", "fixed-8bit", "adaptive-tau", "random", "optuna-const", "optuna-tpe", "ppo-replay",
-          "ppo-finetune")
+          "ppo-best-of-n", "ppo-warm-tpe", "ppo-finetune")
+STUDY_TUNERS = ("optuna-const", "optuna-tpe", "ppo-warm-tpe")  # tuners that keep an Optuna study
 
 
 def run_tuner(name: str, env: DistillCompressEnv, scenario: int, target: str, seed: int, budget_stages: int,
@@ -486,10 +619,15 @@ def run_tuner(name: str, env: DistillCompressEnv, scenario: int, target: str, se
     elif name == "optuna-tpe":
         tune_optuna_schedule(s, storage, batch=batch, sampler_seed=sampler_seed, study_episodes=study_episodes,
                              **(study or {}))
-    elif name in ("ppo-replay", "ppo-finetune"):
+    elif name in ("ppo-replay", "ppo-best-of-n", "ppo-warm-tpe", "ppo-finetune"):
         if agent is None:
             raise RltuneError(f"{name} needs an agent (--agent)")
-        (tune_ppo_replay if name == "ppo-replay" else tune_ppo_finetune)(s, agent)
+        if name == "ppo-best-of-n":
+            tune_ppo_best_of_n(s, agent, batch)
+        elif name == "ppo-warm-tpe":
+            tune_ppo_warm_tpe(s, agent, storage, batch=batch, study_episodes=study_episodes, **(study or {}))
+        else:
+            (tune_ppo_replay if name == "ppo-replay" else tune_ppo_finetune)(s, agent)
     else:
         raise RltuneError(f"unknown tuner {name!r} (expected one of {', '.join(TUNERS)})")
     assert s.stages_used <= budget_stages

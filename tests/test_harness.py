@@ -105,6 +105,10 @@ def test_optuna_trials_of_one_study_run_on_several_workers(scenario, tmp_path, m
     assert m["stages_used"] == 15 and m["episodes"] == 5 and m["budget_stages"] == 15
     assert m["val_acc"] == max(p["val_acc"] for p in parts)
     assert _trials(tmp_path / "optuna.db", "rltune-optuna-tpe-tiny-h-6x-0-5ep") == 5  # one study holds every trial
+    # the anytime curve over the parts' records in one order: its last point is the merged result
+    assert [a["episodes"] for a in m["anytime"]] == [1, 2, 4, 5]
+    assert m["anytime"][-1]["test_acc"] == m["test"]["test_acc"] and m["anytime"][-1]["val_acc"] == m["val_acc"]
+    assert all(a["val_acc"] <= b["val_acc"] for a, b in zip(m["anytime"], m["anytime"][1:]))
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert len(summary) == 1 and summary[0]["episodes"] == 5
 
@@ -118,3 +122,13 @@ def test_parts_finished_before_an_interruption_are_merged_on_resume(scenario, tm
     evaluate([scenario], ["6x"], ["optuna-const"], [6], 1, tmp_path, trial_workers=2, progress=False)
     rows = read_results(tmp_path / "results.jsonl")
     assert len(rows) == 3 and json.loads(lines[2]) == rows[2]
+
+
+def test_split_cells_merge_their_records_of_new_bests_in_turn():
+    # part 0 ran episodes 0, 2, 4 of the study, part 1 episodes 1, 3
+    imp = lambda e, v: {"episode": e, "val_acc": v, "val_score": v, "test_acc": v / 2, "test_score": 0.0}  # noqa: E731
+    rows = [{"part": 0, "parts": 2, "episodes": 3, "improvements": [imp(0, 0.5), imp(2, 0.8)]},
+            {"part": 1, "parts": 2, "episodes": 2, "improvements": [imp(0, 0.6), imp(1, 0.8)]}]
+    merged = H.merge_improvements(rows)
+    # global order 0 (0.5), 1 (0.6), 3 (0.8, part 1), 4 (0.8, part 0: a tie, not a new best)
+    assert [(e["episode"], e["part"], e["val_acc"]) for e in merged] == [(0, 0, 0.5), (1, 1, 0.6), (3, 1, 0.8)]

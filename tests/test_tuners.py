@@ -69,7 +69,7 @@ def agent(env, tmp_path_factory):
                       {"scenarios": ["tiny"]})
 
 
-@pytest.mark.parametrize("tuner", ["ppo-replay", "ppo-finetune"])
+@pytest.mark.parametrize("tuner", ["ppo-replay", "ppo-best-of-n", "ppo-warm-tpe", "ppo-finetune"])
 @pytest.mark.parametrize("budget,used", [(3, 3), (8, 6), (15, 15)])
 def test_ppo_tuners_respect_their_stage_budget(env, agent, tuner, budget, used):
     r, counted = run_counting_stages(env, tuner, env, 0, "6x", 0, budget, agent=agent)

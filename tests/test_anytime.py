@@ -1,0 +1,172 @@
+"""Anytime curves: the per-episode record of new bests, and the policy-based tuners that spend N."""
+
+import numpy as np
+import pytest
+
+from rltune.env import DistillCompressEnv
+from rltune.scenario import parse_scenario
+from rltune.stage import final_report
+from rltune.tuners import anytime_curve, anytime_points, run_tuner
+
+TINY = parse_scenario({
+    "name": "tiny-any", "dataset": {"source": "wine", "transfer": 200},
+    "teacher": {"arch": "mlp", "hidden": [32], "epochs": 30},
+    "student": {"arch": "mlp", "hidden": [16], "pretrain_epochs": 5},
+    "training": {"stages": 3, "epochs_per_stage": 1, "batch_size": 64, "lr": 0.005},
+})
+S = 3
+
+
+@pytest.fixture(scope="module")
+def env():
+    return DistillCompressEnv(scenarios=[TINY], targets=["6x"])
+
+
+@pytest.fixture(scope="module")
+def agent(env, tmp_path_factory):
+    from stable_baselines3 import PPO
+
+    from rltune.agentfile import save_agent
+    from rltune.env import ACTION_LAYOUT, OBS_LAYOUT
+
+    model = PPO("MlpPolicy", env, policy_kwargs={"net_arch": [8]}, n_steps=16, batch_size=16, seed=0)
+    return save_agent(model, tmp_path_factory.mktemp("agent") / "a", OBS_LAYOUT, ACTION_LAYOUT,
+                      {"scenarios": ["tiny-any"]})
+
+
+def test_anytime_points_and_curve_from_the_record_of_new_bests():
+    assert anytime_points(1) == [1] and anytime_points(8) == [1, 2, 4, 8] and anytime_points(5) == [1, 2, 4, 5]
+    rec = [{"episode": 0, "val_acc": 0.5, "val_score": 0, "test_acc": 0.4, "test_score": 0},
+           {"episode": 2, "val_acc": 0.7, "val_score": 0, "test_acc": 0.6, "test_score": 0},
+           {"episode": 4, "val_acc": 0.8, "val_score": 0, "test_acc": 0.5, "test_score": 0}]
+    curve = anytime_curve(rec, 5)
+    assert [(c["episodes"], c["best_episode"], c["test_acc"]) for c in curve] == \
+        [(1, 0, 0.4), (2, 0, 0.4), (4, 2, 0.6), (5, 4, 0.5)]
+
+
+def test_the_anytime_record_is_the_best_so_far_by_val(env):
+    r = run_tuner("random", env, 0, "6x", 0, 5 * S)
+    vals = r.episode_val_accs
+    assert r.episodes == 5 and [c["episodes"] for c in r.anytime] == [1, 2, 4, 5]
+    for c in r.anytime:  # best by val of the first N episodes, the first such on ties
+        assert c["val_acc"] == max(vals[:c["episodes"]])
+        assert c["best_episode"] == vals.index(max(vals[:c["episodes"]]))
+    assert all(a["val_acc"] <= b["val_acc"] for a, b in zip(r.anytime, r.anytime[1:]))
+    assert all(a["val_acc"] < b["val_acc"] for a, b in zip(r.improvements, r.improvements[1:]))
+    assert r.anytime[-1]["test_acc"] == r.test["test_acc"] and r.anytime[-1]["val_acc"] == r.val_acc
+    # the best student was not touched by the episodes after it: its report now is the recorded one
+    assert final_report(env.context(0), r.state, latency=False)["test_acc"] == r.improvements[-1]["test_acc"]
+    assert 0 < r.probe_stages < 100 and r.to_dict()["anytime"] == r.anytime
+
+
+def test_a_prefix_of_a_search_is_the_search_at_that_budget(env):
+    # random search draws its episodes in order, so its first 2 of 5 episodes are its 2-episode run
+    big = run_tuner("random", env, 0, "6x", 1, 5 * S)
+    small = run_tuner("random", env, 0, "6x", 1, 2 * S)
+    at2 = next(c for c in big.anytime if c["episodes"] == 2)
+    assert big.episode_val_accs[:2] == small.episode_val_accs
+    assert at2["val_acc"] == small.val_acc and at2["test_acc"] == small.test["test_acc"]
+
+
+def test_ppo_best_of_n_replays_the_policy_within_budget_best_by_val(env, agent):
+    counted = []
+    real = env.advance
+    env.advance = lambda *a, **k: (counted.append(1), real(*a, **k))[1]  # every stage goes through it
+    try:
+        r = run_tuner("ppo-best-of-n", env, 0, "6x", 0, 4 * S + 2, agent=agent)
+    finally:
+        del env.advance
+    counted = len(counted)
+    assert counted == r.stages_used == 4 * S and r.episodes == 4
+    assert r.val_acc == max(r.episode_val_accs)
+    assert r.config["replay"] == r.episode_val_accs.index(r.val_acc)
+    one = run_tuner("ppo-replay", env, 0, "6x", 0, 4 * S, agent=agent)
+    assert r.episode_val_accs[0] == one.val_acc  # its first episode is ppo-replay's
+    assert len(set(r.episode_val_accs)) > 1  # each replay trains with its own seed
+
+
+def test_ppo_best_of_n_in_batches_plays_the_same_episodes(env, agent):
+    seq = run_tuner("ppo-best-of-n", env, 0, "6x", 2, 4 * S, agent=agent)
+    bat = run_tuner("ppo-best-of-n", DistillCompressEnv(scenarios=[TINY], targets=["6x"]), 0, "6x", 2, 4 * S,
+                    agent=agent, batch=3)
+    assert bat.episodes == seq.episodes == 4 and bat.stages_used == 4 * S
+    # the same episodes (within a val sample or two: a batched matmul sums in another order)
+    assert np.allclose(seq.episode_val_accs, bat.episode_val_accs, atol=0.02)
+
+
+@pytest.mark.parametrize("batch", [1, 2])
+def test_ppo_warm_tpe_first_trial_is_the_policys_replay(env, agent, tmp_path, batch):
+    import optuna
+
+    storage = f"sqlite:///{tmp_path / 'o.db'}"
+    r = run_tuner("ppo-warm-tpe", env, 0, "6x", 0, 4 * S, agent=agent, storage=storage, batch=batch)
+    one = run_tuner("ppo-replay", env, 0, "6x", 0, S, agent=agent)
+    assert r.episodes == 4 and r.stages_used == 4 * S
+    assert r.episode_val_accs[0] == one.val_acc and r.anytime[0]["test_acc"] == one.test["test_acc"]
+    trials = optuna.load_study(study_name="rltune-ppo-warm-tpe-tiny-any-6x-0-4ep", storage=storage).trials
+    assert len(trials) == 4 and trials[0].value == one.val_acc
+    assert len(trials[0].user_attrs["policy_actions"]) == S
+    assert all(-1 <= v <= 1 for v in trials[0].params.values()) and len(trials[0].params) == 5
+    assert [t.value for t in trials] == r.episode_val_accs
+
+
+def _anytime_script():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "experiments" / "anytime.py"
+    spec = importlib.util.spec_from_file_location("anytime_script", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_the_anytime_script_writes_its_summary_and_plots_and_resumes(agent, tmp_path, monkeypatch):
+    import json
+
+    import yaml
+
+    import rltune.harness as H
+
+    f = tmp_path / "tiny-any.yaml"
+    f.write_text(yaml.safe_dump(TINY.to_dict()))
+    out = tmp_path / "any"
+    argv = ["--scenario-targets", f"{f}=6x", "--seeds", "1", "--max-episodes", "4", "--workers", "1",
+            "--batch", "2", "--no-progress", "--agent", str(agent), "--out", str(out),
+            "--tuners", "recipe", "ppo-replay", "random", "optuna-tpe", "ppo-best-of-n", "ppo-warm-tpe"]
+    script = _anytime_script()
+    assert script.main(argv) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    fields = {"scenario", "target", "tuner", "episodes", "budget_stages", "n_seeds", "test_acc_mean",
+              "test_acc_std", "in_agent_training_set"}
+    rows = summary["rows"]
+    assert rows and all(fields <= set(r) for r in rows)
+    eps = {t: sorted(r["episodes"] for r in rows if r["tuner"] == t) for t in {r["tuner"] for r in rows}}
+    assert eps["recipe"] == eps["ppo-replay"] == [1]
+    assert eps["random"] == eps["optuna-tpe"] == eps["ppo-best-of-n"] == eps["ppo-warm-tpe"] == [1, 2, 4]
+    cells = H.read_results(out / "cells" / "results.jsonl")
+    rnd = next(c for c in cells if c["tuner"] == "random")
+    at4 = next(r for r in rows if r["tuner"] == "random" and r["episodes"] == 4)
+    assert at4["test_acc_mean"] == rnd["test"]["test_acc"] and at4["n_seeds"] == 1
+    assert at4["budget_stages"] == pytest.approx(4 * S + rnd["probe_stages"], abs=1e-3)
+    # ppo-warm-tpe's and ppo-best-of-n's N = 1 is the policy's replay
+    at1 = {r["tuner"]: r["test_acc_mean"] for r in rows if r["episodes"] == 1}
+    assert at1["ppo-warm-tpe"] == at1["ppo-best-of-n"] == at1["ppo-replay"]
+    (ans,) = summary["answers"]
+    assert ans["best_zero_search_rule"] == "recipe" and ans["compared_at"] == [1, 2, 4]
+    assert isinstance(ans["policy_search_below_tpe_at"], list) and "tpe_first_beats_zero_search_at" in ans
+    assert (out / "anytime_tiny-any.png").stat().st_size > 1000
+    # rerunning resumes: no cell runs again, the same summary
+    monkeypatch.setattr(H, "run_cell", lambda *a, **k: pytest.fail("a finished cell was rerun"))
+    assert script.main(argv) == 0
+    assert json.loads((out / "summary.json").read_text())["rows"] == rows
+
+
+def test_the_anytime_answers():
+    rows = [{"scenario": "s", "target": "8x", "tuner": t, "episodes": n, "test_acc_mean": m}
+            for t, n, m in [("recipe", 1, 0.80), ("sensitivity", 1, 0.82), ("optuna-tpe", 1, 0.70),
+                            ("optuna-tpe", 2, 0.81), ("optuna-tpe", 4, 0.83), ("ppo-best-of-n", 1, 0.80),
+                            ("ppo-best-of-n", 2, 0.80), ("ppo-warm-tpe", 2, 0.82), ("ppo-best-of-n", 4, 0.82)]]
+    (a,) = _anytime_script().answers(rows)
+    assert a["best_zero_search_rule"] == "sensitivity" and a["tpe_first_beats_zero_search_at"] == 4
+    assert a["policy_search_ge_tpe_at_every_n"] is False and a["policy_search_below_tpe_at"] == [4]
