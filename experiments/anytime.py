@@ -45,9 +45,9 @@ DEFAULT_TARGETS = {  # the held-out scenarios, at two targets each where compres
     "breast-cancer-mlp": ["24x", "32x"],
     "mnist-cnn2d": ["24x", "32x"],
 }
-TUNERS = ["recipe", "recipe-plus1", "sensitivity", "ppo-replay", "ppo-best-of-n", "ppo-warm-tpe", "random",
+TUNERS = ["recipe", "recipe-plus1", "sensitivity", "owl", "ppo-replay", "ppo-best-of-n", "ppo-warm-tpe", "random",
           "optuna-tpe"]
-ZERO_SEARCH = ("recipe", "recipe-plus1", "sensitivity")
+ZERO_SEARCH = ("recipe", "recipe-plus1", "sensitivity", "owl")
 POLICY_SEARCH = ("ppo-best-of-n", "ppo-warm-tpe")
 PER_BUDGET = ("ppo-finetune",)  # run at each N on its own
 

@@ -277,3 +277,45 @@ def allocate(model: nn.Module, traces: dict[str, float] | None, cost, limit: flo
             raise RltuneError("the allocator found no per-layer assignment under the budget")
         best = chosen
     return best[0], best[1], {"cost": best[2], "limit": limit, "predicted_damage": best[3]}
+
+
+def owl_allocate(model: nn.Module, cost, limit: float, bits: int, lam: float = 0.08, m: float = 5.0,
+                 iters: int = 24) -> tuple[tuple[float, ...], dict[str, Any]]:
+    """OWL's per-layer sparsity (Yin et al., "Outlier Weighed Layerwise Sparsity", ICML 2024) for
+    a plain float ``model`` at a uniform ``bits``: each compressible layer's outlier ratio ``D_l``
+    (the share of its weights with ``|w| > m ×`` the layer's mean ``|w|``) maps linearly onto
+    offsets in ``[-lam, +lam]`` (the most outliers the least sparse), and one shift common to all
+    layers is bisected so that the one-shot student's real ``cost`` sits under ``limit``. No
+    training, no val data: a zero-search rule. Returns the sparsities (module order) and the ratios."""
+    prepared = C.prepare_(copy.deepcopy(model))
+    ls = C.layers(prepared)
+    ratios = []
+    for layer in ls:
+        w = layer.weight.detach().abs().flatten()
+        ratios.append(float((w > m * w.mean()).float().mean()) if w.numel() else 0.0)
+    lo_r, hi_r = min(ratios), max(ratios)
+    span = hi_r - lo_r
+    offs = [lam - 2 * lam * (r - lo_r) / span if span > 0 else 0.0 for r in ratios]
+
+    def sps_at(c: float) -> tuple[float, ...]:
+        return tuple(min(max(c + o, 0.0), 0.999) for o in offs)
+
+    def cost_at(c: float) -> float:
+        probe = C.prepare_(copy.deepcopy(model))
+        C.prune_layers_(probe, sps_at(c))
+        C.set_bits_(probe, bits)
+        return float(cost(probe))
+
+    lo, hi = -lam, 1.0 + lam
+    if cost_at(lo) <= limit:
+        hi = lo
+    elif cost_at(hi) > limit:
+        raise RltuneError(f"OWL: the budget cannot be met at {bits} bits even at 99.9 % sparsity")
+    else:
+        for _ in range(iters):
+            mid = (lo + hi) / 2
+            if cost_at(mid) <= limit:
+                hi = mid
+            else:
+                lo = mid
+    return sps_at(hi), {"outlier_ratios": ratios, "offsets": offs, "shift": hi}

@@ -17,6 +17,8 @@ given ``budget_stages`` runs ``budget_stages // S`` episodes and never more (``s
 | optuna-tpe     | Optuna TPE over the schedule's parameters (the 5 action dimensions, held per episode) |
 | sensitivity    | zero search: per-layer bits and sparsity from Hessian-trace damage, an exact 0/1    |
 |                | program under the budget, then the recipe's ramp and KD (1 episode)               |
+| owl            | zero search: OWL's per-layer sparsity from outlier ratios, shifted to the budget, |
+|                | the sensitivity rule's bit-width, the recipe's ramp and KD (1 episode)            |
 | ppo-replay     | a trained policy, one deterministic episode, zero-shot                            |
 | ppo-best-of-n  | the policy replayed deterministically once per episode of the budget, each with   |
 |                | its own training seed, best by val (the searchers' lottery over training noise)   |
@@ -281,7 +283,6 @@ def tune_sensitivity(s: Session) -> None:
     the recipe's cubic ramp per layer, 8 bits until the last quarter of the stages, τ 4, α 0.9.
     Costs one episode; its probes are evaluations only (no training, no stages)."""
     from rltune.layer_sensitivity import allocate
-    from rltune.stage import cubic_sparsity
 
     s._reset()
     env = s.env
@@ -293,6 +294,15 @@ def tune_sensitivity(s: Session) -> None:
     d = env.ctx.data
     bits, sps, info = allocate(fs, None, env.meter.cost, env.meter.limit * 0.97, bits=(width,),
                                val=(d.x_val, d.y_val))
+    _play_per_layer(s, bits, sps, {"bits": list(bits), "sparsity": list(sps), "predicted_damage": info["predicted_damage"]})
+
+
+def _play_per_layer(s: Session, bits: tuple[int, ...], sps: tuple[float, ...], config: dict) -> None:
+    """One episode reaching per-layer final sparsities ``sps`` and bit-widths ``bits`` (after the
+    reset): the recipe's cubic ramp per layer, 8 bits until the last quarter, τ 4, α 0.9."""
+    from rltune.stage import cubic_sparsity
+
+    env = s.env
     env.commit(max(bits))
     S = s.stages_per_episode
     ramp_n = max(1, int(round(0.75 * S)))
@@ -304,7 +314,25 @@ def tune_sensitivity(s: Session) -> None:
                       tuple(b if k > S - late else 8 for b in bits))
         _, _, term, trunc, last = env.advance(knobs)
         done = term or trunc
-    s._finish(last, {"bits": list(bits), "sparsity": list(sps), "predicted_damage": info["predicted_damage"]})
+    s._finish(last, config)
+
+
+def tune_owl(s: Session) -> None:
+    """OWL-style zero-search rule (:func:`rltune.layer_sensitivity.owl_allocate`): per-layer
+    sparsity from each layer's outlier ratio (λ 0.08, M 5, OWL's defaults), a common shift bisected
+    to the budget, at the probe's pick plus one bit (as ``sensitivity``), then the same ramp and KD.
+    One episode; no probes beyond the env's."""
+    from rltune.layer_sensitivity import owl_allocate
+
+    s._reset()
+    env = s.env
+    fs, _ = env.float_student(s.scenario, env.float_seed)
+    req = env.probe_result.required
+    feasible = [x for x in req if req[x] is not None]
+    width = min(feasible, key=lambda x: (abs(x - (env.probe_result.recipe_bits + 1)), x))
+    sps, info = owl_allocate(fs, env.meter.cost, env.meter.limit * 0.97, width)
+    bits = tuple(width for _ in sps)
+    _play_per_layer(s, bits, sps, {"bits": list(bits), "sparsity": list(sps), "outlier_ratios": info["outlier_ratios"]})
 
 
 def tune_random(s: Session, batch: int = 1) -> None:
@@ -587,7 +615,7 @@ def tune_ppo_finetune(s: Session, agent_path: str | Path, episodes_per_update: i
                    {"agent": str(agent_path), "finetuned_episodes": cell.episodes})
 
 
-TUNERS = ("recipe", "recipe-plus1", "sensitivity", "fixed-8bit", "adaptive-tau", "random", "optuna-const", "optuna-tpe", "ppo-replay",
+TUNERS = ("recipe", "recipe-plus1", "sensitivity", "owl", "fixed-8bit", "adaptive-tau", "random", "optuna-const", "optuna-tpe", "ppo-replay",
           "ppo-best-of-n", "ppo-warm-tpe", "ppo-finetune")
 STUDY_TUNERS = ("optuna-const", "optuna-tpe", "ppo-warm-tpe")  # tuners that keep an Optuna study
 
@@ -610,6 +638,8 @@ def run_tuner(name: str, env: DistillCompressEnv, scenario: int, target: str, se
         tune_recipe(s, bits8=True)
     elif name == "sensitivity":
         tune_sensitivity(s)
+    elif name == "owl":
+        tune_owl(s)
     elif name == "adaptive-tau":
         tune_adaptive_tau(s)
     elif name == "random":

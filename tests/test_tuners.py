@@ -39,7 +39,7 @@ def run_counting_stages(env, *args, **kw):
 def test_every_tuner_respects_its_stage_budget(env, tuner, budget):
     r, counted = run_counting_stages(env, tuner, env, 0, "6x", 0, budget)
     assert counted == r.stages_used <= budget
-    assert r.stages_used == (3 if tuner in ("recipe", "recipe-plus1", "sensitivity", "fixed-8bit", "adaptive-tau") else 3 * (budget // 3))
+    assert r.stages_used == (3 if tuner in ("recipe", "recipe-plus1", "sensitivity", "owl", "fixed-8bit", "adaptive-tau") else 3 * (budget // 3))
     assert r.test["ratio"] >= 6.0  # the target is met whatever the tuner chose
 
 
@@ -101,3 +101,34 @@ def test_sensitivity_allocates_per_layer_and_meets_the_budget(env):
     assert len(r.config["bits"]) == len(r.config["sparsity"]) == 2          # one per layer of the 13-16-3 MLP
     assert len(set(r.config["bits"])) == 1                                  # one width: per-layer widths measured worse
     assert r.test["packed_bytes"] <= env.meter.limit and r.stages_used == 3
+
+
+def test_owl_tilts_sparsity_away_from_the_outlier_heavy_layer_and_meets_the_budget(env):
+    r = run_tuner("owl", env, 0, "6x", 0, 3)
+    sps, ratios = r.config["sparsity"], r.config["outlier_ratios"]
+    assert len(sps) == len(ratios) == 2
+    if ratios[0] != ratios[1]:   # the layer with more outliers is pruned less, by 2λ
+        more = max(range(2), key=lambda i: ratios[i])
+        assert sps[more] < sps[1 - more]
+        assert abs(sps[1 - more] - sps[more]) == pytest.approx(0.16, abs=1e-6) or min(sps) == 0.0
+    assert r.test["packed_bytes"] <= env.meter.limit and r.stages_used == 3
+
+
+def test_owl_allocation_meets_the_limit_it_is_given():
+    import torch
+    from torch import nn
+
+    from rltune import compression as C
+    from rltune.layer_sensitivity import owl_allocate
+
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(20, 64), nn.ReLU(), nn.Linear(64, 5))
+    with torch.no_grad():
+        m[2].weight[:, :4] *= 20          # outliers in the second layer
+    cost = lambda model: sum(int((l.compressor.mask).sum()) for l in C.layers(model))  # noqa: E731 - kept weights
+    limit = 0.3 * sum(p.numel() for n, p in m.named_parameters() if n.endswith("weight"))
+    sps, info = owl_allocate(m, cost, limit, 4)
+    assert info["outlier_ratios"][1] > info["outlier_ratios"][0] and sps[1] < sps[0]
+    probe = C.prepare_(m)
+    C.prune_layers_(probe, sps)
+    assert cost(probe) <= limit
