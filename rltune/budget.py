@@ -99,6 +99,18 @@ def _restore(model: nn.Module, masks: list[torch.Tensor]) -> None:
         l.compressor.mask.copy_(m)
 
 
+def lowest_fitting(fits, lo: float, hi: float, iters: int) -> float:
+    """Bisection, ``iters`` halvings: the smallest value in ``[lo, hi]`` for which ``fits`` holds,
+    given that it holds at ``hi`` (returns a value at which it holds)."""
+    for _ in range(iters):
+        mid = (lo + hi) / 2
+        if fits(mid):
+            hi = mid
+        else:
+            lo = mid
+    return hi
+
+
 def required_sparsity(model: nn.Module, bits: int, meter: Meter, max_sparsity: float, scope: str,
                       margin: float = 0.97, iters: int = 12) -> float | None:
     """Smallest sparsity (one-shot magnitude pruning of ``model`` at ``bits``) whose cost is under
@@ -120,14 +132,7 @@ def required_sparsity(model: nn.Module, bits: int, meter: Meter, max_sparsity: f
             return 0.0
         if cost_at(max_sparsity) > limit:
             return None
-        lo, hi = 0.0, max_sparsity
-        for _ in range(iters):
-            mid = (lo + hi) / 2
-            if cost_at(mid) <= limit:
-                hi = mid
-            else:
-                lo = mid
-        return hi
+        return lowest_fitting(lambda x: cost_at(x) <= limit, 0.0, max_sparsity, iters)
     finally:
         _restore(model, saved_masks)
         C.set_bits_(model, saved_bits)
@@ -152,14 +157,7 @@ def enforce_(model: nn.Module, meter: Meter, max_sparsity: float, scope: str, it
         if not met_at(top):
             _restore(model, saved)
             raise RltuneError(f"budget {meter.budget} cannot be met even at {top:.1%} sparsity")
-    lo, hi = start, top
-    for _ in range(iters):
-        mid = (lo + hi) / 2
-        if met_at(mid):
-            hi = mid
-        else:
-            lo = mid
-    met_at(hi)
+    met_at(lowest_fitting(met_at, start, top, iters))
     return True
 
 

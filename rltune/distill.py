@@ -140,40 +140,34 @@ def train_epochs(
     n = len(y_all)
     model.train()
     with gc_paused():
-        return _train_loop(model, data, y_all, epochs, opt, n, batch_size, generator, targets, teacher,
-                           temperature, alpha, use_hint, hint, hint_weight)
-
-
-def _train_loop(model, data, y_all, epochs, opt, n, batch_size, generator, targets, teacher, temperature,
-                alpha, use_hint, hint, hint_weight) -> float:
-    last = math.nan
-    for _ in range(epochs):
-        perm = torch.randperm(n, generator=generator)
-        total, count = 0.0, 0
-        for start in range(0, n, batch_size):
-            idx = perm[start:start + batch_size]
-            xb, yb = data.x[idx], y_all[idx]
-            out = model(xb)
-            if targets == "soft":
-                if teacher is not None:
-                    with torch.no_grad():
-                        tb = teacher(xb)
+        last = math.nan
+        for _ in range(epochs):
+            perm = torch.randperm(n, generator=generator)
+            total, count = 0.0, 0
+            for start in range(0, n, batch_size):
+                idx = perm[start:start + batch_size]
+                xb, yb = data.x[idx], y_all[idx]
+                out = model(xb)
+                if targets == "soft":
+                    if teacher is not None:
+                        with torch.no_grad():
+                            tb = teacher(xb)
+                    else:
+                        tb = data.t_logits[idx]
+                    loss = kd_loss(out, tb, yb, temperature, alpha)
                 else:
-                    tb = data.t_logits[idx]
-                loss = kd_loss(out, tb, yb, temperature, alpha)
-            else:
-                loss = F.cross_entropy(out, yb)
-            if use_hint:
-                loss = loss + hint_weight * hint(model.features(xb), data.t_feats[idx])
-            if not torch.isfinite(loss):
-                model.eval()
-                raise DivergedError(f"training diverged: loss became {float(loss.detach())}")
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            total += float(loss.detach()) * len(idx)
-            count += len(idx)
-        last = total / max(count, 1)
+                    loss = F.cross_entropy(out, yb)
+                if use_hint:
+                    loss = loss + hint_weight * hint(model.features(xb), data.t_feats[idx])
+                if not torch.isfinite(loss):
+                    model.eval()
+                    raise DivergedError(f"training diverged: loss became {float(loss.detach())}")
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                total += float(loss.detach()) * len(idx)
+                count += len(idx)
+            last = total / max(count, 1)
     model.eval()
     return last
 

@@ -287,6 +287,8 @@ def owl_allocate(model: nn.Module, cost, limit: float, bits: int, lam: float = 0
     offsets in ``[-lam, +lam]`` (the most outliers the least sparse), and one shift common to all
     layers is bisected so that the one-shot student's real ``cost`` sits under ``limit``. No
     training, no val data: a zero-search rule. Returns the sparsities (module order) and the ratios."""
+    from rltune.budget import lowest_fitting
+
     prepared = C.prepare_(copy.deepcopy(model))
     ls = C.layers(prepared)
     ratios = []
@@ -312,10 +314,5 @@ def owl_allocate(model: nn.Module, cost, limit: float, bits: int, lam: float = 0
     elif cost_at(hi) > limit:
         raise RltuneError(f"OWL: the budget cannot be met at {bits} bits even at 99.9 % sparsity")
     else:
-        for _ in range(iters):
-            mid = (lo + hi) / 2
-            if cost_at(mid) <= limit:
-                hi = mid
-            else:
-                lo = mid
+        hi = lowest_fitting(lambda c: cost_at(c) <= limit, lo, hi, iters)
     return sps_at(hi), {"outlier_ratios": ratios, "offsets": offs, "shift": hi}
