@@ -418,7 +418,7 @@ def run_stages_batched(ctx, states: list, knobs: list, epochs: int | None = None
         kn.prune_(st.model, tr["pruning_scope"])
         C.unshare_all_(st.model)
         C.set_bits_(st.model, list(kn.bits) if isinstance(kn.bits, tuple) else kn.bits)
-        fill_before_training(st)
+        fill_before_training(ctx, st, kn)
         before.append(accuracy(predict(st.model, ctx.data.x_val), ctx.data.y_val))
     t1 = time.perf_counter()
     losses = train_epochs_batched(models, ctx.train_set, epochs if epochs is not None else tr["epochs_per_stage"],

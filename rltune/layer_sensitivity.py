@@ -186,6 +186,7 @@ def sensitivity(problem: Any, seed: int = 0, bits: Sequence[int] = BITS, sparsit
 
 ALLOC_BITS = (2, 3, 4, 5, 6, 7, 8)
 ALLOC_SPARSITIES = tuple(round(0.05 * i, 2) for i in range(20)) + (0.97, 0.98, 0.99)
+TRUST_RADIUS = 0.05  # how far a layer's sparsity may move from its centre (OWL's lambda: 0.08)
 
 
 def _est_bits(n: int, b: int, s: float) -> float:
@@ -198,25 +199,46 @@ def _est_bits(n: int, b: int, s: float) -> float:
 
 def allocate(model: nn.Module, traces: dict[str, float] | None, cost, limit: float,
              bits: Sequence[int] = ALLOC_BITS, sparsities: Sequence[float] = ALLOC_SPARSITIES,
-             rounds: int = 4, val: tuple[torch.Tensor, torch.Tensor] | None = None
+             rounds: int = 6, val: tuple[torch.Tensor, torch.Tensor] | None = None,
+             around: float | None = None, radius: float = TRUST_RADIUS
              ) -> tuple[tuple[int, ...], tuple[float, ...], dict[str, Any]]:
     """Per-layer (bits, sparsity) of a plain float ``model`` minimising the summed predicted damage
     ``tr(H_l)/n_l · ‖Q_b(P_s(w_l)) − w_l‖²`` under ``cost(prepared) <= limit`` (an exact 0/1
     program: one option per layer, ``scipy.optimize.milp``). The byte model is calibrated against
     the real ``cost`` of the chosen one-shot student over a few rounds. Returns the bits, the
-    sparsities (one per compressible layer, in module order) and what the solver saw."""
+    sparsities (one per compressible layer, in module order) and what the solver saw.
+
+    ``around`` (one sparsity, or one per layer: where the uniform rule puts each layer) keeps every
+    layer's sparsity within ``radius`` of it, on a finer grid there: one-layer damage is measured with every other layer
+    intact and says nothing of how the damages add up, so without a trust region the program can
+    hand one layer 98-99 % (measured: mnist1d-cnn @16x, a hidden conv layer at 0.98-0.99, test
+    58.3 ± 15.1 % against the recipe's 85-88 %). If no assignment meets the budget, every layer
+    gets its centre, never the last infeasible pick."""
     import numpy as np
     from scipy.optimize import Bounds, LinearConstraint, milp
 
     prepared = C.prepare_(copy.deepcopy(model))
     ls = C.layers(prepared)
+    centres = None if around is None else (
+        [float(around)] * len(ls) if isinstance(around, (int, float)) else [float(x) for x in around])
+    if centres is not None and len(centres) != len(ls):
+        raise RltuneError(f"allocate: {len(centres)} centre sparsities for {len(ls)} layers")
+
+    def options(li: int) -> list[float]:
+        if centres is None:
+            return list(sparsities)
+        c = centres[li]
+        fine = [c + radius * j / 4 for j in range(-4, 5)]
+        return sorted({round(min(max(x, 0.0), 0.99), 4) for x in list(sparsities) + fine
+                       if abs(x - c) <= radius + 1e-9})
+
     opts, damage, est = [], [], []
     for li, layer in enumerate(ls):
         w = layer.weight.detach()
         n = w.numel()
         t = max(float((traces or {}).get(layer.name, 0.0)), 0.0)
         order = w.abs().flatten().argsort()
-        for s in sparsities:
+        for s in options(li):
             k = int(round(s * n))
             pruned = w.clone().flatten()
             pruned[order[:k]] = 0
@@ -236,8 +258,20 @@ def allocate(model: nn.Module, traces: dict[str, float] | None, cost, limit: flo
     damage_a, est_a = np.array(damage), np.array(est)
     owner = np.array([o[0] for o in opts])
     one_each = LinearConstraint(np.stack([(owner == li).astype(float) for li in range(len(ls))]), 1, 1)
-    scale = 1.0   # real bytes per estimated bit (plus a fixed part), refined each round
-    fixed = 0.0
+    def real_and_est(b_t, s_t) -> tuple[float, float]:
+        probe = C.prepare_(copy.deepcopy(model))
+        C.prune_layers_(probe, s_t)
+        C.set_bits_(probe, list(b_t))
+        return float(cost(probe)), float(sum(_est_bits(l.weight.numel(), b, s) for l, b, s in zip(ls, b_t, s_t)))
+
+    # real cost ≈ fixed + scale · estimated bits: a line through two one-shot students (dense at the
+    # most bits; at the centres, or 90 % sparse, at the fewest), then each round re-fits the fixed
+    # part so the line passes through the pick just measured
+    hi_b, lo_b = max(bits), min(bits)
+    r_a, e_a = real_and_est(tuple(hi_b for _ in ls), tuple(0.0 for _ in ls))
+    r_b, e_b = real_and_est(tuple(lo_b for _ in ls), tuple(centres) if centres is not None else tuple(0.9 for _ in ls))
+    scale = (r_a - r_b) / (e_a - e_b) if e_a - e_b > 1e-9 and r_a > r_b else max(r_a, 1e-9) / max(e_a, 1e-9)
+    fixed = r_a - scale * e_a
     best = None
     chosen = None
     for _ in range(rounds):
@@ -245,34 +279,27 @@ def allocate(model: nn.Module, traces: dict[str, float] | None, cost, limit: flo
         res = milp(damage_a, constraints=[one_each, LinearConstraint(est_a[None], -np.inf, budget)],
                    integrality=np.ones(len(opts)), bounds=Bounds(0, 1))
         if res.x is None:
-            scale *= 0.8
+            fixed -= 0.1 * abs(limit)   # nothing fits the line's budget: loosen it
             continue
         pick = [opts[i] for i in np.flatnonzero(res.x > 0.5)]
         pick.sort()
         b_t = tuple(int(b) for _, b, _ in pick)
         s_t = tuple(float(s) for _, _, s in pick)
-        probe = C.prepare_(copy.deepcopy(model))
-        C.prune_layers_(probe, s_t)
-        C.set_bits_(probe, list(b_t))
-        real = float(cost(probe))
-        est_bits = float(sum(_est_bits(ls[li].weight.numel(), b, s) for li, b, s in pick))
+        real, est_bits = real_and_est(b_t, s_t)
         chosen = (b_t, s_t, real, float(res.fun))
         if real <= limit and (best is None or res.fun < best[3]):
             best = chosen
-        if fixed == 0.0:   # the first round: the fixed part (headers, biases, exponents) from dense 8-bit
-            dense = C.prepare_(copy.deepcopy(model))
-            C.set_bits_(dense, 8)
-            d_bits = float(sum(_est_bits(l.weight.numel(), 8, 0.0) for l in C.layers(dense)))
-            d_real = float(cost(dense))
-            scale = max((d_real - real) / max(d_bits - est_bits, 1.0), 1e-6) if d_bits > est_bits else real / est_bits
-            fixed = max(real - scale * est_bits, 0.0)
-        else:
-            scale *= real / max(limit, 1e-9) if real > limit else 1.0
-            if real <= limit and real >= 0.97 * limit:
-                break
-            if real < 0.97 * limit:
-                scale *= max(real / limit, 0.5)
+        if 0.97 * limit <= real <= limit:
+            break
+        fixed = real - scale * est_bits
     if best is None:
+        if centres is not None:
+            b_u = max(bits)
+            probe = C.prepare_(copy.deepcopy(model))
+            C.prune_layers_(probe, centres)
+            C.set_bits_(probe, b_u)
+            return (tuple(b_u for _ in ls), tuple(centres),
+                    {"cost": float(cost(probe)), "limit": limit, "predicted_damage": None, "fallback": "uniform"})
         if chosen is None:
             raise RltuneError("the allocator found no per-layer assignment under the budget")
         best = chosen

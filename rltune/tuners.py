@@ -120,6 +120,7 @@ class Session:
             # of every first N episodes is known without rerunning them
             self.best = (key, env.state, dict(config, val_acc=acc, val_score=score))
             self.best_test = final_report(self.env.context(self.scenario), env.state, latency=False)
+            self.best_test["budget_used"] = env.meter.cost(env.state.model) / env.meter.limit
             self.improvements.append({"episode": len(self.val_accs) - 1, "val_acc": acc, "val_score": score,
                                       "test_acc": self.best_test["test_acc"],
                                       "test_score": self.best_test["test_score"]})
@@ -281,6 +282,8 @@ def tune_sensitivity(s: Session) -> None:
     probe's pick plus one, uniform (per-layer widths chosen the same way measured worse: 87.8 vs
     88.2 on synthetic-10class @32x, 72.9 vs 76.4 on synthetic-8class @24x, 3 seeds). Reached by
     the recipe's cubic ramp per layer, 8 bits until the last quarter of the stages, τ 4, α 0.9.
+    Every layer's sparsity stays within ``TRUST_RADIUS`` of where the recipe's magnitude pruning at
+    the same width puts it: the rule starts from ``recipe-plus1``'s split and tilts it.
     Costs one episode; its probes are evaluations only (no training, no stages)."""
     from rltune.layer_sensitivity import allocate
 
@@ -293,8 +296,19 @@ def tune_sensitivity(s: Session) -> None:
     width = min(feasible, key=lambda x: (abs(x - want), x))
     d = env.ctx.data
     bits, sps, info = allocate(fs, None, env.meter.cost, env.meter.limit * 0.97, bits=(width,),
-                               val=(d.x_val, d.y_val))
+                               val=(d.x_val, d.y_val), around=magnitude_split(fs, req[width], env.ctx.scenario))
     _play_per_layer(s, bits, sps, {"bits": list(bits), "sparsity": list(sps), "predicted_damage": info["predicted_damage"]})
+
+
+def magnitude_split(model, sparsity: float, scenario) -> list[float]:
+    """Each compressible layer's sparsity when ``model`` is magnitude-pruned to ``sparsity`` the
+    way the recipe prunes it (the scenario's pruning scope): where ``recipe-plus1`` puts each layer."""
+    from rltune import compression as C
+
+    m = C.prepare_(copy.deepcopy(model))
+    if sparsity > 0:
+        C.prune_(m, sparsity=sparsity, scope=scenario.training["pruning_scope"])
+    return [float(1.0 - l.compressor.mask.float().mean()) for l in C.layers(m)]
 
 
 def _play_per_layer(s: Session, bits: tuple[int, ...], sps: tuple[float, ...], config: dict) -> None:

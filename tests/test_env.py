@@ -164,3 +164,25 @@ def test_recipe_baseline_pays_zero_for_the_zero_action_with_the_same_seed():
     e.state.generator.manual_seed(0)  # the baseline's training seed: the same episode exactly
     rewards = [e.step(np.zeros(5, dtype=np.float32))[1] for _ in range(e.stages)]
     assert e.last_metrics.val_acc == base and rewards[-1] == 0.0
+
+
+@pytest.mark.parametrize("init", ["step", "zero"])
+def test_gradient_fill_stays_under_the_budget_and_brings_weights_back_one_step_or_at_zero(env, init):
+    from rltune.budget import effective_grads, fill_gradient_
+    from rltune.stage import fill_loss
+
+    env.reset(seed=0, options={"scenario": 0, "target": "10x"})
+    fs, ref = env.float_student(0, env.float_seed)
+    model = C.prepare_(copy.deepcopy(fs))
+    C.set_bits_(model, 4)
+    C.prune_(model, sparsity=0.95, scope="global")
+    before = [l.effective_weight.detach().clone() for l in C.layers(model)]
+    n = fill_gradient_(model, env.meter, effective_grads(model, fill_loss(env.ctx, None)), init=init)
+    assert n > 0 and env.meter.cost(model) <= env.meter.limit
+    for l, b in zip(C.layers(model), before):
+        back = (b == 0) & (l.effective_weight.detach() != 0)
+        if init == "zero":
+            assert not back.any()        # at zero: nothing changes until training moves them
+        else:                            # one step of their row: the smallest nonzero code
+            codes, e = C.quantize_codes(l.weight.detach() * l.compressor.mask, 4)
+            assert codes[back].abs().max() == 1

@@ -1,5 +1,8 @@
+import copy
+
 import pytest
 
+from rltune import compression as C
 from rltune.env import DistillCompressEnv
 from rltune.errors import RltuneError
 from rltune.scenario import parse_scenario
@@ -132,3 +135,52 @@ def test_owl_allocation_meets_the_limit_it_is_given():
     probe = C.prepare_(m)
     C.prune_layers_(probe, sps)
     assert cost(probe) <= limit
+
+
+def _mlp_and_val():
+    import torch
+    from torch import nn
+
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(20, 64), nn.ReLU(), nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 5))
+    x = torch.randn(256, 20)
+    y = m(x).argmax(dim=1)
+    return m, (x, y)
+
+
+def test_allocator_keeps_every_layer_within_its_trust_region_and_under_the_limit():
+    from rltune import compression as C
+    from rltune.layer_sensitivity import allocate
+
+    m, val = _mlp_and_val()
+    cost = lambda model: sum(int(l.compressor.mask.sum()) for l in C.layers(model))  # noqa: E731 - kept weights
+    total = sum(l.weight.numel() for l in C.layers(C.prepare_(copy.deepcopy(m))))
+    centres = [0.6, 0.8, 0.4]
+    bits, sps, info = allocate(m, None, cost, 0.35 * total, bits=(4,), val=val, around=centres, radius=0.05)
+    assert bits == (4, 4, 4) and info.get("fallback") is None
+    assert all(abs(s - c) <= 0.05 + 1e-9 for s, c in zip(sps, centres))
+    probe = C.prepare_(copy.deepcopy(m))
+    C.prune_layers_(probe, sps)
+    assert cost(probe) <= 0.35 * total
+
+
+def test_allocator_falls_back_to_its_centres_never_to_an_infeasible_pick():
+    from rltune import compression as C
+    from rltune.layer_sensitivity import allocate
+
+    m, val = _mlp_and_val()
+    cost = lambda model: sum(int(l.compressor.mask.sum()) for l in C.layers(model))  # noqa: E731
+    total = sum(l.weight.numel() for l in C.layers(C.prepare_(copy.deepcopy(m))))
+    # 5 % of the weights cannot be reached within 0.05 of 50 % sparsity: the centres come back
+    bits, sps, info = allocate(m, None, cost, 0.05 * total, bits=(4,), val=val, around=0.5, radius=0.05)
+    assert info["fallback"] == "uniform" and sps == (0.5, 0.5, 0.5) and bits == (4, 4, 4)
+
+
+def test_sensitivity_starts_from_the_recipes_magnitude_split(env):
+    from rltune.tuners import magnitude_split
+
+    env.reset(seed=0, options={"scenario": 0, "target": "6x"})
+    fs, _ = env.float_student(0, env.float_seed)
+    split = magnitude_split(fs, 0.7, env.ctx.scenario)
+    n = [l.weight.numel() for l in C.layers(C.prepare_(copy.deepcopy(fs)))]
+    assert len(split) == len(n) and sum(s * k for s, k in zip(split, n)) / sum(n) == pytest.approx(0.7, abs=0.01)
