@@ -333,8 +333,9 @@ def _play_per_layer(s: Session, bits: tuple[int, ...], sps: tuple[float, ...], c
 
 def tune_owl(s: Session) -> None:
     """OWL-style zero-search rule (:func:`rltune.layer_sensitivity.owl_allocate`): per-layer
-    sparsity from each layer's outlier ratio (λ 0.08, M 5, OWL's defaults), a common shift bisected
-    to the budget, at the probe's pick plus one bit (as ``sensitivity``), then the same ramp and KD.
+    sparsity from each layer's outlier ratio (λ 0.08, M 5, OWL's defaults) around where the recipe's
+    magnitude pruning puts each layer, a common shift bisected to the budget, at the probe's pick
+    plus one bit (as ``sensitivity``), then the same ramp and KD.
     One episode; no probes beyond the env's."""
     from rltune.layer_sensitivity import owl_allocate
 
@@ -344,9 +345,11 @@ def tune_owl(s: Session) -> None:
     req = env.probe_result.required
     feasible = [x for x in req if req[x] is not None]
     width = min(feasible, key=lambda x: (abs(x - (env.probe_result.recipe_bits + 1)), x))
-    sps, info = owl_allocate(fs, env.meter.cost, env.meter.limit * 0.97, width)
+    sps, info = owl_allocate(fs, env.meter.cost, env.meter.limit * 0.97, width,
+                             centres=magnitude_split(fs, req[width], env.ctx.scenario))
     bits = tuple(width for _ in sps)
-    _play_per_layer(s, bits, sps, {"bits": list(bits), "sparsity": list(sps), "outlier_ratios": info["outlier_ratios"]})
+    _play_per_layer(s, bits, sps, {"bits": list(bits), "sparsity": list(sps), "outlier_ratios": info["outlier_ratios"],
+                                   "centres": info["centres"]})
 
 
 def tune_random(s: Session, batch: int = 1) -> None:
