@@ -191,10 +191,14 @@ def fill_(model: nn.Module, meter: Meter, margin: float = 1.0, iters: int = 20) 
             l.compressor.mask.view(-1)[idx] = True
         return meter.cost(model)
 
-    # the packed size is not monotone in the count (a layer's layout switches between gap-coded,
-    # bitmap and dense; entropy-coded streams): a coarse scan first, then bisection past the
-    # largest count that fits
-    total = int(order.shape[0])
+    return largest_fitting_count(cost_with, int(order.shape[0]), limit, iters)
+
+
+def largest_fitting_count(cost_with, total: int, limit: float, iters: int = 20) -> int:
+    """The largest ``n`` in ``[0, total]`` (nearly) with ``cost_with(n) <= limit``, left applied
+    (``cost_with(n)`` is called last). The packed size is not monotone in the count (a layer's
+    layout switches between gap-coded, bitmap and dense; entropy-coded streams): a coarse scan
+    first, then bisection past the largest count that fits."""
     grid = sorted({round(total * j / 32) for j in range(33)})
     fits = [n for n in grid if cost_with(n) <= limit]
     lo = max(fits) if fits else 0
@@ -282,21 +286,7 @@ def fill_gradient_(model: nn.Module, meter: Meter, grads: list[torch.Tensor], ma
             l.weight.view(-1)[idx] = values_t[:n][sel]
         return meter.cost(model)
 
-    total = int(where_t.shape[0])
-    grid = sorted({round(total * j / 32) for j in range(33)})
-    fits = [n for n in grid if cost_with(n) <= limit]
-    lo = max(fits) if fits else 0
-    above = [n for n in grid if n > lo]
-    hi = above[0] if above else lo
-    for _ in range(iters):
-        if hi - lo <= 1:
-            break
-        mid = (lo + hi) // 2
-        if cost_with(mid) <= limit:
-            lo = mid
-        else:
-            hi = mid
-    cost_with(lo)
+    lo = largest_fitting_count(cost_with, int(where_t.shape[0]), limit, iters)
     if init == "zero":   # RigL's regrowth: sized as if at one step, they start at zero and training decides
         for i, l in enumerate(ls):
             sel = where_t[:lo, 0] == i
@@ -311,12 +301,10 @@ def fill_if_better_(model: nn.Module, meter: Meter, score, margin: float = 1.0) 
     3 pt). Bringing weights back at one step along the gradient instead (:func:`fill_gradient_`)
     is no better without training: 84 of them took mnist1d-lenet @24x from 83.6 % val to 24.5 %.
     Returns how many weights came back (0 if the fill was undone)."""
-    saved, saved_w = _masks(model), [l.weight.detach().clone() for l in C.layers(model)]
+    saved = _masks(model)
     before = score(model)
     n = fill_(model, meter, margin)
     if n and score(model) < before:
         _restore(model, saved)
-        _restore_latent(model, saved_w)
         return 0
     return n
-

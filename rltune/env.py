@@ -368,8 +368,7 @@ class DistillCompressEnv(gym.Env):
                     run_stage(ctx, state, knobs)
                 enforced = enforce_(state.model, meter, sc.knobs["sparsity"][1], sc.training["pruning_scope"])
                 score = lambda m: self._val_acc(m, ctx)  # noqa: E731
-                filled = fill_if_better_(state.model, meter, score) if self.fill_budget else 0
-                if filled or enforced:
+                if (fill_if_better_(state.model, meter, score) if self.fill_budget else 0) or enforced:
                     from rltune.stage import measure
 
                     state.history[-1] = measure(ctx, state)
@@ -480,8 +479,7 @@ class DistillCompressEnv(gym.Env):
         if terminated:
             t0 = time.perf_counter()
             enforced = enforce_(self.state.model, self.meter, sc.knobs["sparsity"][1], sc.training["pruning_scope"])
-            filled = (fill_if_better_(self.state.model, self.meter, self._val_acc)
-                      if self.fill_budget else 0)
+            filled = fill_if_better_(self.state.model, self.meter, self._val_acc) if self.fill_budget else 0
             if enforced or filled:
                 from rltune.stage import measure
 

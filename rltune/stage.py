@@ -226,6 +226,7 @@ def run_stage(ctx: Context, state: StudentState, knobs: Knobs, epochs: int | Non
 # the budget (synthetic-10class @24x: every weight back is 86 % of it). After the last stage
 # :func:`rltune.budget.fill_if_better_` tops up (kept only if val accuracy does not fall).
 FILL_BEFORE_TRAINING: float | None = None
+FILL_INIT = "zero"   # how those weights start: "zero" (RigL) or "step" (one quantization step)
 
 
 def fill_before_training(ctx: Context, state: StudentState, knobs: Knobs) -> int:
@@ -233,14 +234,9 @@ def fill_before_training(ctx: Context, state: StudentState, knobs: Knobs) -> int
         return 0
     from rltune.budget import effective_grads, fill_gradient_
 
-    model = state.model
-    if any(l.compressor.shared for l in C.layers(model)):
-        return 0
+    model = state.model   # (weight-shared layers: fill_gradient_ gives nothing back)
     return fill_gradient_(model, state.fill, effective_grads(model, fill_loss(ctx, knobs)), margin=FILL_BEFORE_TRAINING,
                           init=FILL_INIT)
-
-
-FILL_INIT = "zero"
 
 
 FILL_ROWS = 8192   # training rows the fill's gradient is taken on
@@ -248,7 +244,7 @@ FILL_ROWS = 8192   # training rows the fill's gradient is taken on
 
 def fill_loss(ctx: Context, knobs: "Knobs | None"):
     """The distillation loss of the last stage's knobs on (up to ``FILL_ROWS``) training rows: the
-    gradient :func:`rltune.budget.fill_if_better_` gives bytes back along. Taken in eval mode."""
+    gradient :func:`fill_before_training` gives bytes back along. Taken in eval mode."""
     from rltune.distill import kd_loss
 
     ts = ctx.train_set
