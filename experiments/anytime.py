@@ -13,7 +13,12 @@ trials at a time. The one-episode tuners (``recipe``, ``recipe-plus1``, ``sensit
 ``ppo-finetune``, run at every N on its own (its PPO rollouts and its final replay depend on the
 budget, so a prefix of a longer run is not what it does with N).
 
-Writes ``OUT/summary.json``: ``{"command", "scenario_targets", "max_episodes", "rows", "answers",
+A run of some scenarios keeps the others in the summary: ``scenario_targets`` is the union over
+this folder's runs (this run's targets win), ``commands`` every command that filled it. ``--rerun
+NAME=TUNER,...`` drops those tuners' finished cells of NAME at the targets given and runs them again
+(after a change to the tuner's code; the command records it).
+
+Writes ``OUT/summary.json``: ``{"command", "commands", "scenario_targets", "max_episodes", "rows", "answers",
 "notes"}``; a row per scenario × target × tuner × N with ``scenario``, ``target``, ``tuner``,
 ``episodes`` (N), ``budget_stages`` (N · stages per episode + the bit-width probe's training in
 stage-equivalents, which every tuner of a cell pays once), ``n_seeds``, ``test_acc_mean``,
@@ -213,6 +218,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--workers", type=int, default=2, help="parallel processes")
     p.add_argument("--agent", default="agents/ppo-v0", help="agent for the ppo-* tuners")
     p.add_argument("--out", default="experiments/results/anytime", help="results folder (rerunning resumes)")
+    p.add_argument("--rerun", nargs="+", default=[], metavar="NAME=T1,T2",
+                   help="drop these tuners' finished cells of scenario NAME (at its targets here) and run them "
+                        "again, e.g. after the tuner's code changed")
     p.add_argument("--no-progress", action="store_true")
     a = p.parse_args(argv)
 
@@ -233,6 +241,10 @@ def main(argv: list[str] | None = None) -> int:
     if a.max_episodes < 1 or a.seeds < 1 or a.batch < 1 or a.workers < 1:
         raise SystemExit("--max-episodes, --seeds, --batch and --workers take whole numbers >= 1")
     cap = _pairs(a.max_episodes_for, "--max-episodes-for", int)
+    rerun = _pairs(a.rerun, "--rerun", lambda v: v.split(","))
+    bad = [f"{n}={t}" for n, ts in rerun.items() for t in ts if n not in scenario_targets or t not in tuners]
+    if bad:
+        raise SystemExit(f"--rerun {' '.join(bad)}: name a scenario of --scenario-targets and a tuner of --tuners")
     max_episodes = {s: min(a.max_episodes, cap.get(s, a.max_episodes)) for s in scenario_targets}
     stages = {s: load_scenario(resolve_scenario(s)).training["stages"] for s in scenario_targets}
     agent = None
@@ -244,6 +256,13 @@ def main(argv: list[str] | None = None) -> int:
         check_layouts(load_policy(agent), OBS_LAYOUT, ACTION_LAYOUT)  # before any training
     out = Path(a.out)
     cells = out / "cells"
+    if rerun and (cells / "results.jsonl").exists():
+        kept = [r for r in read_results(cells / "results.jsonl")
+                if not (r["scenario"] in rerun and r["tuner"] in rerun[r["scenario"]]
+                        and r["target"] in scenario_targets[r["scenario"]])]
+        tmp = cells / "results.jsonl.tmp"
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
+        os.replace(tmp, cells / "results.jsonl")
     once = [t for t in tuners if t not in PER_BUDGET]
     per_budget = [t for t in tuners if t in PER_BUDGET]
     for scenario, targets in scenario_targets.items():
@@ -255,6 +274,24 @@ def main(argv: list[str] | None = None) -> int:
         if per_budget:
             evaluate([scenario], {scenario: targets}, per_budget, [n * S for n in anytime_points(M)], **common)
 
+    # the summary covers every scenario a run of this folder gave (a run of some scenarios keeps the others)
+    commands = [recorded_command()]
+    previous = out / "summary.json"
+    if previous.exists():
+        try:
+            old = json.loads(previous.read_text())
+            old_targets, old_max = dict(old["scenario_targets"]), dict(old["max_episodes"])
+            commands = [c for c in old.get("commands", [old.get("command")]) if c] + commands
+            tuners = list(dict.fromkeys([*old.get("tuners", []), *tuners]))
+        except (ValueError, KeyError, TypeError) as e:
+            raise SystemExit(f"{previous}: not a summary this script wrote ({e}); move it away to start afresh")
+        for s_ in old_targets:
+            if s_ not in scenario_targets:
+                scenario_targets = {s_: old_targets[s_], **scenario_targets}
+                max_episodes[s_] = int(old_max[s_])
+                stages[s_] = load_scenario(resolve_scenario(s_)).training["stages"]
+        scenario_targets = {s_: scenario_targets[s_] for s_ in [*old_targets, *scenario_targets]}
+    commands = list(dict.fromkeys(commands))
     rows = build_rows(read_results(cells / "results.jsonl"), scenario_targets, tuners, stages, max_episodes, a.seeds)
     notes = [
         "Searchers (random, optuna-tpe, ppo-best-of-n, ppo-warm-tpe) ran once per seed at the largest N; a "
@@ -278,7 +315,7 @@ def main(argv: list[str] | None = None) -> int:
         notes.append("Default targets of wine-mlp (16x, 24x) and breast-cancer-mlp (24x, 32x) were chosen from one "
                      "recipe episode each (seed 0: 2.8 and 8.3 pt below the float student on wine, 1.8 and 2.7 pt on "
                      "breast-cancer; their test sets are 36 and 114 samples); 32x is infeasible for wine-mlp.")
-    summary = {"command": recorded_command(), "scenario_targets": scenario_targets, "max_episodes": max_episodes,
+    summary = {"command": recorded_command(), "commands": commands, "scenario_targets": scenario_targets, "max_episodes": max_episodes,
                "seeds": a.seeds, "tuners": tuners, "agent": a.agent if agent else None, "rows": rows,
                "answers": answers(rows), "notes": notes}
     out.mkdir(parents=True, exist_ok=True)

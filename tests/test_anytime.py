@@ -160,6 +160,23 @@ def test_the_anytime_script_writes_its_summary_and_plots_and_resumes(agent, tmp_
     monkeypatch.setattr(H, "run_cell", lambda *a, **k: pytest.fail("a finished cell was rerun"))
     assert script.main(argv) == 0
     assert json.loads((out / "summary.json").read_text())["rows"] == rows
+    # --rerun drops one tuner's cells and runs only those again; a run of another scenario keeps this one
+    monkeypatch.undo()
+    ran = []
+    real = H.run_cell
+    monkeypatch.setattr(H, "run_cell", lambda c, *a, **k: ran.append(c.tuner) or real(c, *a, **k))
+    assert script.main([*argv, "--rerun", f"{f}=recipe"]) == 0
+    assert ran == ["recipe"]
+    g = tmp_path / "tiny-other.yaml"
+    g.write_text(yaml.safe_dump({**TINY.to_dict(), "name": "tiny-other"}))
+    assert script.main(["--scenario-targets", f"{g}=6x", "--seeds", "1", "--max-episodes", "4", "--workers", "1",
+                        "--no-progress", "--out", str(out), "--tuners", "recipe"]) == 0
+    both = json.loads((out / "summary.json").read_text())
+    assert list(both["scenario_targets"]) == [str(f), str(g)] and both["commands"]
+    assert {r["scenario"] for r in both["rows"]} == {str(f), str(g)}
+    assert [r for r in both["rows"] if r["scenario"] == str(f)] == [r for r in rows]  # the first kept whole
+    with pytest.raises(SystemExit):
+        script.main([*argv, "--rerun", f"{g}=recipe"])  # not a scenario of this run
 
 
 def test_the_anytime_answers():
