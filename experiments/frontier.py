@@ -14,6 +14,15 @@ reported; the τ choice and the epochs are selected on val.
 
     python experiments/frontier.py                       # all shipped training scenarios, 5 seeds
     python experiments/frontier.py --scenarios digits-mlp --seeds 2 --out /tmp/f   # quick look
+    python experiments/frontier.py --scenarios mnist1d-lenet --allocator 48x,56x,64x --allocator-only --workers 2
+
+``--allocator T1,T2,...`` adds the zero-search per-layer allocator (the harness's ``sensitivity``
+tuner: per-layer bits and sparsity from the measured sensitivity, under the byte budget of each
+target ratio, the recipe's schedule and KD) as more points of the same frontier, run through
+:func:`rltune.harness.evaluate` (cells in ``OUT/frontier_allocator/results.jsonl``, so a rerun
+resumes); ``max_ratio_within_1pt`` is then the best over the recipe grid *and* the allocator points,
+the grid's own figure kept as ``recipe_max_ratio_within_1pt``. ``--allocator-only`` keeps a
+scenario's distillation table and recipe grid from ``OUT/frontier.json`` instead of recomputing them.
 """
 
 from __future__ import annotations
@@ -63,6 +72,12 @@ class Args:
     """sparsity:bits points of the gradual recipe; auto: SMALL_GRID below 10k parameters, else LARGE_GRID"""
     out: str = str(ROOT / "results")
     """folder for frontier.json and frontier.md"""
+    allocator: list[str] = field(default_factory=list)
+    """target ratios (or byte budgets) at which the per-layer allocator runs, e.g. 16x,24x"""
+    allocator_only: bool = False
+    """keep the distillation table and recipe grid already in frontier.json; only add allocator points"""
+    workers: int = 1
+    """worker processes for the allocator cells"""
 
 
 def parse_args() -> Args:
@@ -76,12 +91,29 @@ def parse_args() -> Args:
     p.add_argument("--grid", default=d.grid)
     p.add_argument("--out", default=d.out)
     p.add_argument("--render", action="store_true", help="only re-render frontier.md from frontier.json")
+    p.add_argument("--allocator", default="", help="target ratios for the per-layer allocator, comma-separated")
+    p.add_argument("--allocator-only", action="store_true",
+                   help="keep the distillation table and recipe grid in frontier.json; add allocator points")
+    p.add_argument("--workers", type=int, default=d.workers)
     a = p.parse_args()
+    allocator = [t for t in a.allocator.split(",") if t]
+    from rltune.budget import Budget
+
+    for t in allocator:
+        try:
+            Budget.parse(t)
+        except Exception as e:  # noqa: BLE001 - one clear line, before any training
+            p.exit(2, f"frontier.py: --allocator: {e}\n")
+    if a.allocator_only and not allocator:
+        p.exit(2, "frontier.py: --allocator-only needs --allocator\n")
+    if a.seeds < 1 or a.workers < 1:
+        p.exit(2, "frontier.py: --seeds and --workers must be at least 1\n")
     if a.render:
         path = Path(a.out)
         (path / "frontier.md").write_text(to_markdown(json.loads((path / "frontier.json").read_text())))
         sys.exit(0)
-    return Args(a.scenarios, a.seeds, a.taus, a.float_epochs, a.labeled_epochs, a.grid, a.out)
+    return Args(a.scenarios, a.seeds, a.taus, a.float_epochs, a.labeled_epochs, a.grid, a.out, allocator,
+                a.allocator_only, a.workers)
 
 
 def ms(xs: list[float]) -> dict:
@@ -170,6 +202,53 @@ def compression_table(ctx: Context, a: Args) -> dict:
     }
 
 
+def allocator_points(scenario: str, a: Args, command: str) -> list[dict]:
+    """The ``sensitivity`` tuner at each target of ``a.allocator``, ``a.seeds`` seeds, via the harness."""
+    from rltune.harness import ONE_EPISODE, evaluate, read_results
+
+    folder = Path(a.out) / "frontier_allocator"
+    evaluate([scenario], {scenario: a.allocator}, ["sensitivity"], [8], a.seeds, folder, workers=a.workers,
+             progress=False)
+    assert "sensitivity" in ONE_EPISODE
+    rows = [r for r in read_results(folder / "results.jsonl") if r["scenario"] == scenario and r["tuner"] == "sensitivity"
+            and r["target"] in a.allocator and r["seed"] < a.seeds]
+    points = []
+    for target in a.allocator:
+        rs = sorted((r for r in rows if r["target"] == target), key=lambda r: r["seed"])
+        tests = [r["test"] for r in rs]
+        pt = {"allocator": "sensitivity", "target": target, "test_acc": ms([t["test_acc"] for t in tests]),
+              "ratio": ms([t["ratio"] for t in tests]), "bytes": ms([t["packed_bytes"] for t in tests]),
+              "energy_pj": ms([t["energy_pj"] for t in tests]), "bits": ms([t["bits"] for t in tests]),
+              "sparsity": ms([t["sparsity"] for t in tests]),
+              "budget_used": ms(used) if (used := [t["budget_used"] for t in tests if t.get("budget_used") is not None]) else None,
+              "float_student_acc": ms([t["float_test_acc"] for t in tests]),
+              "layers": [t.get("layers") for t in tests], "command": command}
+        points.append(pt)
+        print(f"  allocator @{target}: test {100 * pt['test_acc']['mean']:.2f} ± {100 * pt['test_acc']['std']:.2f} "
+              f"ratio {pt['ratio']['mean']:.1f}× ({pt['bytes']['mean']:.0f} B, mean bits {pt['bits']['mean']:.2f}, "
+              f"sparsity {pt['sparsity']['mean']:.3f})", flush=True)
+    return points
+
+
+def best_within_1pt(c: dict) -> None:
+    """``max_ratio_within_1pt`` over the recipe grid and the allocator points (the grid's own kept)."""
+    float_mean = c["float_student_acc"]["mean"]
+    rec = [p for p in c["recipe_points"] if p["test_acc"]["mean"] >= float_mean - 0.01]
+    alloc = [p for p in c.get("allocator_points", []) if p["test_acc"]["mean"] >= float_mean - 0.01]
+    best_rec = max(rec, key=lambda p: p["ratio"]["mean"]) if rec else None
+    c["recipe_max_ratio_within_1pt"] = best_rec["ratio"]["mean"] if best_rec else None
+    best = max(rec + alloc, key=lambda p: p["ratio"]["mean"]) if rec + alloc else None
+    c["max_ratio_within_1pt"] = best["ratio"]["mean"] if best else None
+    if best is None:
+        c["max_ratio_setting"] = None
+    elif "allocator" in best:
+        c["max_ratio_setting"] = {"allocator": best["allocator"], "target": best["target"],
+                                  "sparsity": best["sparsity"]["mean"], "bits": best["bits"]["mean"],
+                                  "test_acc": best["test_acc"]}
+    else:
+        c["max_ratio_setting"] = {k: best[k] for k in ("sparsity", "bits")} | {"test_acc": best["test_acc"]}
+
+
 def ctx_float_test(ctx: Context, seed: int) -> float:
     return accuracy(predict(ctx.float_student(seed), ctx.data.x_test), ctx.data.y_test)
 
@@ -217,8 +296,29 @@ def to_markdown(results: dict) -> str:
                   "| sparsity | bits | test acc | ratio (packed) | bytes |", "|---|---|---|---|---|"]
         for p in c["recipe_points"]:
             lines.append(f"| {p['sparsity']:.2f} | {p['bits']} | {f(p['test_acc'])} | {p['ratio']['mean']:.1f}× | {p['bytes']['mean']:.0f} |")
+        if c.get("allocator_points"):
+            cmd = c["allocator_points"][0]["command"]
+            lines += ["", f"Per-layer allocator (`sensitivity`, zero search), `{cmd}`:", "",
+                      "| target | test acc | ratio (packed) | bytes | mean bits | sparsity | budget used |",
+                      "|---|---|---|---|---|---|---|"]
+            for p in c["allocator_points"]:
+                used = p["budget_used"]["mean"] if p["budget_used"] else float("nan")
+                lines.append(f"| {p['target']} | {f(p['test_acc'])} | {p['ratio']['mean']:.1f}× | {p['bytes']['mean']:.0f} "
+                             f"| {p['bits']['mean']:.2f} | {p['sparsity']['mean']:.3f} | "
+                             f"{'-' if used != used else format(100 * used, '.1f') + ' %'} |")
         best = c["max_ratio_within_1pt"]
-        lines += ["", f"max_ratio_within_1pt: **{best:.1f}×** at {c['max_ratio_setting']['sparsity']:.2f} / {c['max_ratio_setting']['bits']} bits" if best else "max_ratio_within_1pt: none of the grid points stayed within 1 pt", ""]
+        st = c["max_ratio_setting"]
+        if not best:
+            where = "max_ratio_within_1pt: none of the points stayed within 1 pt"
+        elif "allocator" in st:
+            where = (f"max_ratio_within_1pt: **{best:.1f}×** by the allocator at {st['target']} (mean sparsity "
+                     f"{st['sparsity']:.3f}, mean bits {st['bits']:.2f}); recipe grid alone: "
+                     f"{c['recipe_max_ratio_within_1pt'] or 0:.1f}×")
+        else:
+            where = f"max_ratio_within_1pt: **{best:.1f}×** at {st['sparsity']:.2f} / {st['bits']} bits"
+            if c.get("allocator_points"):
+                where += " (the recipe grid; no allocator point within 1 pt went further)"
+        lines += ["", where, ""]
     lines += ["## Cost of a stage", "", "| scenario | cached logits (s) | teacher per batch (s) | speed-up | outside training |", "|---|---|---|---|---|"]
     for name, r in results["scenarios"].items():
         t = r["stage_seconds"]
@@ -244,6 +344,19 @@ def main() -> None:
     for name in a.scenarios:
         scenario = load_scenario(resolve_scenario(name))
         t0 = time.perf_counter()
+        if a.allocator_only:
+            r = results["scenarios"].get(scenario.name)
+            if r is None:
+                print(f"frontier.py: {scenario.name} has no entry in {previous} to add allocator points to; "
+                      "run it without --allocator-only first", file=sys.stderr)
+                sys.exit(2)
+            r["compression"]["allocator_points"] = allocator_points(name, a, command)
+            best_within_1pt(r["compression"])
+            r["max_ratio_within_1pt"] = r["compression"]["max_ratio_within_1pt"]
+            r["max_ratio_setting"] = r["compression"]["max_ratio_setting"]
+            print(f"  max_ratio_within_1pt {r['max_ratio_within_1pt']}", flush=True)
+            (out / "frontier.json").write_text(json.dumps(results, indent=1))
+            continue
         ctx = Context.build(scenario)
         print(f"{scenario.name}: teacher {100 * ctx.teacher_info['test_acc']:.2f} % test "
               f"({'cached' if ctx.teacher_cache_hit else 'trained'} in {time.perf_counter() - t0:.1f} s)", flush=True)
@@ -254,6 +367,9 @@ def main() -> None:
         print(f"  hard {100 * d['hard_acc']['mean']:.2f}  KD {100 * d['kd_acc']['mean']:.2f} (τ {d['kd_acc']['tau']:g})"
               f"  pseudo {100 * d['pseudo_acc']['mean']:.2f}" if "pseudo_acc" in d else "", flush=True)
         r["compression"] = compression_table(ctx, a)
+        if a.allocator:
+            r["compression"]["allocator_points"] = allocator_points(name, a, command)
+            best_within_1pt(r["compression"])
         r.update({k: d[k] for k in ("hard_acc", "kd_acc", "gap_closed")})
         if "pseudo_acc" in d:
             r["pseudo_acc"] = d["pseudo_acc"]

@@ -164,6 +164,22 @@ def test_allocator_keeps_every_layer_within_its_trust_region_and_under_the_limit
     assert cost(probe) <= 0.35 * total
 
 
+def test_allocator_keeps_the_head_no_sparser_than_the_model_and_8_weights_a_row():
+    from rltune import compression as C
+    from rltune.layer_sensitivity import allocate
+
+    m, val = _mlp_and_val()
+    cost = lambda model: sum(int(l.compressor.mask.sum()) for l in C.layers(model))  # noqa: E731
+    total = sum(l.weight.numel() for l in C.layers(C.prepare_(copy.deepcopy(m))))
+    centres = [0.5, 0.5, 0.9]  # the head (32 -> 5) asked to be far sparser than the rest
+    sizes = [20 * 64, 64 * 32, 32 * 5]
+    overall = sum(c * n for c, n in zip(centres, sizes)) / sum(sizes)
+    _, sps, _ = allocate(m, None, cost, 0.6 * total, bits=(4,), val=val, around=centres, radius=0.05)
+    assert sps[-1] <= overall + 1e-6 and sps[-1] <= 1 - 8 / 32
+    _, free, _ = allocate(m, None, cost, 0.6 * total, bits=(4,), val=val, around=centres, radius=0.05, head_keep=0)
+    assert free[-1] >= 0.85  # without the rule the head stays near its centre
+
+
 def test_allocator_falls_back_to_its_centres_never_to_an_infeasible_pick():
     from rltune import compression as C
     from rltune.layer_sensitivity import allocate
