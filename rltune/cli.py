@@ -243,6 +243,17 @@ def cmd_train(args: argparse.Namespace) -> int:
     for key in ("total_timesteps", "n_envs", "seed", "vec_env"):
         if getattr(args, key) is not None:
             cfg[key] = getattr(args, key)
+    if args.backend == "ray":
+        if args.vec_env not in (None, "ray"):
+            raise RltuneError(f"--backend ray steps the envs on Ray actors; it does not take --vec-env {args.vec_env}")
+        cfg["vec_env"] = "ray"
+    elif args.address or args.ray_workers:
+        raise RltuneError("--address and --ray-workers need --backend ray")
+    if args.address:
+        cfg["ray_address"] = args.address
+    if args.ray_workers:
+        cfg["ray_workers"] = args.ray_workers
+    check_config(cfg, "train")
     run_dir = Path(args.run_dir) if args.run_dir else Path("runs/train") / f"{args.set}-{time.strftime('%Y%m%d-%H%M%S')}"
     logging.getLogger("rltune").info("training run folder %s: building the environments (teachers, float "
                                      "students, probes; cached after the first run)", run_dir)
@@ -442,6 +453,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="how the --n-envs episodes run: auto (subproc when several), subproc (one process "
                         "each), dummy (one process, one after another), batched (one process, their stages "
                         "trained as one batch: several times faster for small students on one core)")
+    t.add_argument("--backend", choices=["local", "ray"], default="local",
+                   help="local: the envs run on this machine as --vec-env says; ray: on Ray actors, each "
+                        "stepping its share of the --n-envs episodes as one batch (local Ray by default)")
+    t.add_argument("--address", help="with --backend ray: an existing Ray cluster to join (ray://host:10001)")
+    t.add_argument("--ray-workers", type=_whole(1, 4096), help="with --backend ray: env actors (default: one per CPU)")
     t.add_argument("--ship", metavar="NAME", help="copy the agent to agents/NAME if it passes the gate")
     t.add_argument("--no-progress", action="store_true", help="no progress bar")
     t.set_defaults(func=cmd_train)

@@ -44,8 +44,8 @@ PPO_KEYS = {"learning_rate", "n_steps", "batch_size", "n_epochs", "gamma", "gae_
 ENV_KEYS = {"targets", "mode", "reward_scale", "action_penalty", "divergence_penalty", "n_float_students",
             "probe_samples", "probe_epochs", "probe_tolerance", "reward_baseline", "epochs_per_stage", "stages"}
 TOP_KEYS = {"scenarios", "val_scenarios", "total_timesteps", "n_envs", "seed", "checkpoint_every",
-            "policy_kwargs", "ppo", "env", "gate_episodes", "vec_env"}
-VEC_ENVS = ("auto", "dummy", "subproc", "batched")
+            "policy_kwargs", "ppo", "env", "gate_episodes", "vec_env", "ray_address", "ray_workers"}
+VEC_ENVS = ("auto", "dummy", "subproc", "batched", "ray")
 
 
 def load_hyperparams(path: str | Path, key: str = "default") -> dict[str, Any]:
@@ -83,6 +83,13 @@ def check_config(cfg: Any, where: str) -> dict[str, Any]:
         raise RltuneError(f"{where}: scenarios: at least one training scenario is needed")
     if cfg.get("vec_env", "auto") not in VEC_ENVS:
         raise RltuneError(f"{where}: vec_env: expected one of {', '.join(VEC_ENVS)}, got {cfg.get('vec_env')!r}")
+    addr, rw = cfg.get("ray_address"), cfg.get("ray_workers")
+    if addr is not None and not (isinstance(addr, str) and addr.strip()):
+        raise RltuneError(f"{where}: ray_address: expected a Ray address such as ray://head:10001, got {addr!r}")
+    if rw is not None and not (isinstance(rw, int) and not isinstance(rw, bool) and 1 <= rw <= 4096):
+        raise RltuneError(f"{where}: ray_workers: expected a whole number in 1..4096, got {rw!r}")
+    if (addr is not None or rw is not None) and cfg.get("vec_env", "auto") != "ray":
+        raise RltuneError(f"{where}: ray_address and ray_workers need vec_env: ray (--backend ray)")
     overlap = set(cfg.get("scenarios", [])) & set(cfg.get("val_scenarios", []) or [])
     if overlap:
         raise RltuneError(f"{where}: val_scenarios: {sorted(overlap)[0]} is also a training scenario")
@@ -145,8 +152,9 @@ def train(cfg: dict[str, Any], run_dir: str | Path, resume: bool = False, progre
     kind = cfg.get("vec_env", "auto")
     if kind == "auto":
         kind = "subproc" if n_envs > 1 else "dummy"
-    if kind == "batched":
-        # K episodes in this process, their stages trained as one batch (rltune.vecenv); one
+    if kind in ("batched", "ray"):
+        # K episodes in this process (batched), or over Ray actors each stepping its share as one
+        # batch (ray: rltune.rayvec, local Ray unless ray_address names a cluster), their stages trained as one batch (rltune.vecenv); one
         # VecMonitor logs them all (per-env Monitors would see no steps)
         from stable_baselines3.common.vec_env import VecMonitor
 
@@ -154,11 +162,17 @@ def train(cfg: dict[str, Any], run_dir: str | Path, resume: bool = False, progre
 
         from stable_baselines3.common.monitor import ResultsWriter
 
-        venv = VecMonitor(BatchedVecEnv([make_env_fn(cfg, r, None) for r in range(n_envs)]), None,
-                          info_keywords=INFO_KEYWORDS)
+        fns = [make_env_fn(cfg, r, None) for r in range(n_envs)]
+        if kind == "ray":
+            from rltune.rayvec import RayVecEnv
+
+            inner = RayVecEnv(fns, n_workers=cfg.get("ray_workers"), address=cfg.get("ray_address"))
+        else:
+            inner = BatchedVecEnv(fns)
+        venv = VecMonitor(inner, None, info_keywords=INFO_KEYWORDS)
         # its CSV is appended to on --resume (VecMonitor itself would truncate it)
         venv.results_writer = ResultsWriter(str(run / "monitor" / "batched"), extra_keys=INFO_KEYWORDS,
-                                            header={"t_start": venv.t_start, "env_id": "rltune/BatchedVecEnv"},
+                                            header={"t_start": venv.t_start, "env_id": f"rltune/{type(inner).__name__}"},
                                             override_existing=not ckpts)
     else:
         fns = [make_env_fn(cfg, r, run / "monitor", append=bool(ckpts)) for r in range(n_envs)]

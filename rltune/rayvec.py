@@ -1,0 +1,212 @@
+"""Rollouts on Ray: SB3's ``VecEnv`` interface over env workers that are Ray actors.
+
+``RayVecEnv(env_fns, n_workers, address)`` splits the ``len(env_fns)`` environments over
+``n_workers`` Ray actors (one CPU each). Each actor holds its share as one
+:class:`rltune.vecenv.BatchedVecEnv`, so it steps its episodes' stages as one batched computation;
+the driver sends each actor its slice of the actions and gathers observations, rewards, dones and
+infos in env order. What SB3 sees is exactly what :class:`~stable_baselines3.common.vec_env.SubprocVecEnv`
+gives (auto-reset, ``terminal_observation``, ``TimeLimit.truncated``, per-env seeds and options
+at reset), so ``rltune train --backend ray --n-envs 64 --address ray://head:10001`` on a cluster is
+the same run as ``--n-envs 2`` here, only wider. Local Ray is started (and owned) when no
+``address`` is given and Ray is not already running; ``close()`` ends the actors and a Ray it started.
+
+Example usage::
+
+    from stable_baselines3 import PPO
+    from stable_baselines3.common.vec_env import VecMonitor
+    venv = VecMonitor(RayVecEnv([lambda: DistillCompressEnv(scenarios=["digits-mlp"])] * 8, n_workers=2))
+    PPO("MlpPolicy", venv, n_steps=8).learn(256)
+    venv.close()
+
+The env factories are sent to the actors with cloudpickle (closures are fine); an actor that dies
+raises :class:`rltune.errors.RltuneError` naming it, not a Ray traceback.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Sequence
+
+import gymnasium as gym
+import numpy as np
+from stable_baselines3.common.vec_env.base_vec_env import VecEnv, VecEnvIndices
+
+from rltune.errors import RltuneError
+
+
+class _Worker:
+    """One Ray actor: a BatchedVecEnv over its share of the environments."""
+
+    def __init__(self, env_fns: list[Callable[[], gym.Env]]):
+        import torch
+
+        from rltune.vecenv import BatchedVecEnv
+
+        torch.set_num_threads(1)
+        self.error = None
+        try:  # an env that cannot be built is reported as one line by the driver, not an actor death
+            self.venv = BatchedVecEnv(env_fns)
+        except Exception as e:  # noqa: BLE001
+            msg = str(e).splitlines()[0] if str(e) else ""
+            self.error = msg if isinstance(e, RltuneError) else f"{type(e).__name__}: {msg}"
+
+    def spaces(self):
+        if self.error is not None:
+            return None, self.error
+        return self.venv.observation_space, self.venv.action_space
+
+    def reset(self, seeds: list, options: list) -> tuple[np.ndarray, list[dict]]:
+        self.venv._seeds = list(seeds)
+        self.venv._options = list(options)
+        obs = self.venv.reset()
+        return obs, list(self.venv.reset_infos)
+
+    def step(self, actions: np.ndarray):
+        return self.venv.step(actions)
+
+    def get_attr(self, name: str, idx: list[int]):
+        return self.venv.get_attr(name, idx)
+
+    def set_attr(self, name: str, value: Any, idx: list[int]) -> None:
+        self.venv.set_attr(name, value, idx)
+
+    def env_method(self, name: str, args, kwargs, idx: list[int]):
+        return self.venv.env_method(name, *args, indices=idx, **kwargs)
+
+    def env_is_wrapped(self, wrapper_class, idx: list[int]):
+        return self.venv.env_is_wrapped(wrapper_class, idx)
+
+    def close(self) -> None:
+        self.venv.close()
+
+
+class RayVecEnv(VecEnv):
+    """``len(env_fns)`` environments stepped by ``n_workers`` Ray actors, each a batched group."""
+
+    def __init__(self, env_fns: Sequence[Callable[[], gym.Env]], n_workers: int | None = None,
+                 address: str | None = None, num_cpus_per_worker: float = 1.0):
+        try:
+            import ray
+        except ImportError:
+            raise RltuneError("the ray backend needs Ray: pip install 'rltune[ray]'") from None
+        env_fns = list(env_fns)
+        if not env_fns:
+            raise RltuneError("RayVecEnv needs at least one environment")
+        self._owns_ray = False
+        if not ray.is_initialized():
+            try:
+                ray.init(address=address, include_dashboard=False, log_to_driver=False)
+            except Exception as e:  # noqa: BLE001 - one clear line: a cluster that is not there
+                raise RltuneError(f"cannot start or join Ray{f' at {address}' if address else ''}: "
+                                  f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+            self._owns_ray = True
+        if n_workers is None:
+            n_workers = max(1, int(ray.cluster_resources().get("CPU", 1) // num_cpus_per_worker))
+        if not (isinstance(n_workers, int) and n_workers >= 1):
+            raise RltuneError(f"RayVecEnv: n_workers must be a whole number >= 1, got {n_workers!r}")
+        n_workers = min(n_workers, len(env_fns))
+        # contiguous, as even as possible: worker w holds envs [start[w], start[w+1])
+        sizes = [len(env_fns) // n_workers + (1 if w < len(env_fns) % n_workers else 0) for w in range(n_workers)]
+        self._start = np.concatenate([[0], np.cumsum(sizes)]).astype(int)
+        actor = ray.remote(num_cpus=num_cpus_per_worker)(_Worker)
+        self._ray = ray
+        self.workers = [actor.remote(env_fns[self._start[w]:self._start[w + 1]]) for w in range(n_workers)]
+        for got in self._get([w.spaces.remote() for w in self.workers], "start"):
+            if got[0] is None:
+                for w in self.workers:
+                    self._ray.kill(w)
+                if self._owns_ray:
+                    ray.shutdown()
+                raise RltuneError(f"an env worker could not build its environments: {got[1]}")
+        obs_space, act_space = self._get(self.workers[0].spaces.remote(), "start")
+        super().__init__(len(env_fns), obs_space, act_space)
+        self._pending = None
+        self.closed = False
+
+    def _get(self, refs, what: str):
+        try:
+            return self._ray.get(refs)
+        except self._ray.exceptions.RayActorError as e:
+            raise RltuneError(f"a Ray env worker died during {what}: {str(e).splitlines()[0]}") from None
+        except self._ray.exceptions.RayTaskError as e:
+            cause = e.cause if getattr(e, "cause", None) is not None else e
+            if isinstance(cause, RltuneError):
+                raise cause from None
+            raise RltuneError(f"a Ray env worker failed during {what}: {type(cause).__name__}: "
+                              f"{str(cause).splitlines()[0] if str(cause) else ''}") from None
+
+    def _slices(self):
+        return [(w, self._start[w], self._start[w + 1]) for w in range(len(self.workers))]
+
+    def reset(self):
+        refs = [self.workers[w].reset.remote(self._seeds[a:b], self._options[a:b]) for w, a, b in self._slices()]
+        out = self._get(refs, "reset")
+        self._reset_seeds()
+        self._reset_options()
+        self.reset_infos = [info for _, infos in out for info in infos]
+        return np.concatenate([o for o, _ in out])
+
+    def step_async(self, actions: np.ndarray) -> None:
+        actions = np.asarray(actions)
+        self._pending = [self.workers[w].step.remote(actions[a:b]) for w, a, b in self._slices()]
+
+    def step_wait(self):
+        out = self._get(self._pending, "step")
+        self._pending = None
+        obs = np.concatenate([o[0] for o in out])
+        rews = np.concatenate([o[1] for o in out]).astype(np.float32)
+        dones = np.concatenate([o[2] for o in out])
+        infos = [i for o in out for i in o[3]]
+        return obs, rews, dones, infos
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        try:
+            self._ray.get([w.close.remote() for w in self.workers], timeout=30)
+        except Exception:  # noqa: BLE001 - closing: a dead worker has nothing left to close
+            pass
+        for w in self.workers:
+            self._ray.kill(w)
+        if self._owns_ray:
+            self._ray.shutdown()
+        self.closed = True
+
+    def _by_worker(self, indices: VecEnvIndices) -> list[tuple[int, list[int], list[int]]]:
+        """(worker, local indices, their positions in ``indices``) for each worker holding some."""
+        idx = list(self._get_indices(indices))
+        out = []
+        for w, a, b in self._slices():
+            pos = [k for k, i in enumerate(idx) if a <= i < b]
+            if pos:
+                out.append((w, [idx[k] - a for k in pos], pos))
+        return out
+
+    def _gather(self, per_worker: list[tuple[int, list[int], list[int]]], refs: list, n: int, what: str) -> list:
+        results = self._get(refs, what)
+        out: list[Any] = [None] * n
+        for (_, _, pos), res in zip(per_worker, results):
+            for k, r in zip(pos, res):
+                out[k] = r
+        return out
+
+    def get_attr(self, attr_name: str, indices: VecEnvIndices = None) -> list[Any]:
+        per = self._by_worker(indices)
+        refs = [self.workers[w].get_attr.remote(attr_name, loc) for w, loc, _ in per]
+        return self._gather(per, refs, len(list(self._get_indices(indices))), "get_attr")
+
+    def set_attr(self, attr_name: str, value: Any, indices: VecEnvIndices = None) -> None:
+        per = self._by_worker(indices)
+        self._get([self.workers[w].set_attr.remote(attr_name, value, loc) for w, loc, _ in per], "set_attr")
+
+    def env_method(self, method_name: str, *method_args, indices: VecEnvIndices = None, **method_kwargs) -> list[Any]:
+        per = self._by_worker(indices)
+        refs = [self.workers[w].env_method.remote(method_name, method_args, method_kwargs, loc) for w, loc, _ in per]
+        return self._gather(per, refs, len(list(self._get_indices(indices))), "env_method")
+
+    def env_is_wrapped(self, wrapper_class: type[gym.Wrapper], indices: VecEnvIndices = None) -> list[bool]:
+        per = self._by_worker(indices)
+        refs = [self.workers[w].env_is_wrapped.remote(wrapper_class, loc) for w, loc, _ in per]
+        return self._gather(per, refs, len(list(self._get_indices(indices))), "env_is_wrapped")
+
+    def get_images(self):  # no rendering
+        return [None] * self.num_envs
