@@ -190,7 +190,7 @@ TRUST_RADIUS = 0.05  # how far a layer's sparsity may move from its centre (OWL'
 # the last compressible layer is the classifier head, one row per class: the allocator leaves it at
 # least this many weights per row on average, and no sparser than the model as a whole (measured,
 # mnist1d-lenet, its 300x10 head, 5 seeds: at 48x / 56x / 64x the program set it to 0.99 on 1 / 4 / 4
-# seeds, which collapsed to 59-67 % test (85.1, 69.4, 66.4 % mean); capped at 8 per row it went to
+# seeds, which collapsed to 59-70 % test (85.1, 69.4, 66.4 % mean); capped at 8 per row it went to
 # 0.973 and seed 0 still fell to 80 %; no sparser than the whole: 88.9, 89.1, 87.9 %, no collapse)
 HEAD_KEEP = 8
 
