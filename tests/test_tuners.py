@@ -178,6 +178,9 @@ def test_allocator_keeps_the_head_no_sparser_than_the_model_and_8_weights_a_row(
     assert sps[-1] <= overall + 1e-6 and sps[-1] <= 1 - 8 / 32
     _, free, _ = allocate(m, None, cost, 0.6 * total, bits=(4,), val=val, around=centres, radius=0.05, head_keep=0)
     assert free[-1] >= 0.85  # without the rule the head stays near its centre
+    # a budget only the sparse head can meet: the rule gives way rather than break the budget
+    _, tight, info = allocate(m, None, cost, 1540, bits=(4,), val=val, around=centres, radius=0.05)
+    assert info.get("fallback") is None and tight[-1] >= 0.85 and info["cost"] <= 1540
 
 
 def test_allocator_falls_back_to_its_centres_never_to_an_infeasible_pick():
