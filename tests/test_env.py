@@ -37,7 +37,13 @@ def test_checkers_pass_on_every_registered_id(env_id):
     e = gym.make(env_id, scenarios=[TINY], targets=["8x"])
     check_env(e.unwrapped)
     sb3_check_env(e.unwrapped)
-    assert len(OBS_LAYOUT) == e.observation_space.shape[0] and len(ACTION_LAYOUT) == e.action_space.shape[0]
+    if env_id.endswith("-v1"):
+        from rltune.env_v1 import ACTION_LAYOUT_V1, OBS_LAYOUT_V1
+
+        obs_layout, action_layout = OBS_LAYOUT_V1, ACTION_LAYOUT_V1
+    else:
+        obs_layout, action_layout = OBS_LAYOUT, ACTION_LAYOUT
+    assert len(obs_layout) == e.observation_space.shape[0] and len(action_layout) == e.action_space.shape[0]
 
 
 def test_decode_zero_action_is_the_recipe_and_extremes_stay_in_range():

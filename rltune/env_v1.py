@@ -1,0 +1,266 @@
+"""``rltune/DistillCompress-v1``: per-layer state and actions, paid for what the policy adds.
+
+v0 (:class:`rltune.env.DistillCompressEnv`) stays for the agents trained on it. v1 differs in four
+ways (issue 12):
+
+* **The zero action is ``recipe-plus1``**, the strongest zero-search rule measured on the held-out
+  cells (the per-layer allocator measured 0.09 pt below it on average,
+  ``experiments/results/allocator-v3``): one bit more than the probe's pick, global magnitude
+  pruning on the cubic ramp, τ 4, α 0.9. A policy that outputs zeros plays exactly that rule.
+* **Observation** = v0's 39 features (:data:`rltune.env.OBS_LAYOUT`) followed by a block of
+  :data:`LAYER_FEATURES` for each of :data:`L_MAX` layers (module order; absent layers all zeros,
+  ``present`` = 0 is the mask). Per layer:
+
+  =================  ============================================================================
+  feature            meaning
+  =================  ============================================================================
+  present            1 for a real compressible layer, 0 for padding
+  linear, conv1d,    its kind, one-hot
+  conv2d
+  param_share        its weights / all compressible weights
+  log_fan_in         log10(fan-in) / 4 (a row's inputs: in_features, or in_channels × kernel)
+  position           its index / (number of layers − 1); the head is 1
+  is_head            1 for the last compressible layer (the classifier head)
+  centre_sparsity    where the zero action's global magnitude pruning puts it at the plan's width
+  dacc_bits_b        val accuracy change with only this layer at b bits (b = 2, 3, 4), one-shot
+  dacc_sp_s          val accuracy change with only this layer s-sparse (s = 0.5, 0.8, 0.95)
+  log_trace          sign(t) · log10(1 + 10⁴ |t|) / 4, t = Hutchinson trace of its loss Hessian
+                     (4 probes, ≤ 1,024 train rows) / its weights
+  =================  ============================================================================
+
+  The table is measured once per scenario × float student (no training; cached).
+* **Actions** = v0's 5 (:data:`rltune.env.ACTION_LAYOUT`, decoded around the plus-one width) then,
+  per layer, a bit offset (``round(a)`` ∈ {−1, 0, +1} bits on the plan's width) and a sparsity
+  tilt (``a × TRUST_RADIUS`` on the layer's centre), read at step 0 only. While every per-layer
+  entry is within ``DEADZONE`` of 0 the episode prunes globally as the zero action does; otherwise
+  each layer reaches its own final sparsity on the cubic ramp, the tilted centres shifted together
+  (bisected on the real packed size) so the budget holds, and its own width in the late stages.
+  Entries for padding layers are ignored.
+* **Reward** (mode ``budget``): at the last stage, ``reward_scale × (val_acc − val_acc of the zero
+  action on the same task and float student)``, the zero action's episode run once per task with a
+  fixed training seed and cached; minus the action penalty as in v0. A **collapse** — val accuracy
+  at most a quarter of the way from chance to the float student after any stage from the second
+  on — ends the episode as diverged (``info["diverged"] = "collapsed"``), with v0's divergence
+  penalty.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from typing import Any
+
+import numpy as np
+from gymnasium import spaces
+from torch import nn
+
+from rltune import compression as C
+from rltune.budget import Budget
+from rltune.env import ACTION_LAYOUT, BITS, OBS_LAYOUT, DistillCompressEnv, decode_action, ramp
+from rltune.errors import DivergedError
+from rltune.stage import Knobs
+
+L_MAX = 8
+TABLE_BITS = (2, 3, 4)
+TABLE_SPARSITIES = (0.5, 0.8, 0.95)
+LAYER_FEATURES = (["present", "linear", "conv1d", "conv2d", "param_share", "log_fan_in", "position", "is_head",
+                   "centre_sparsity"] + [f"dacc_bits_{b}" for b in TABLE_BITS]
+                  + [f"dacc_sp_{int(round(100 * s))}" for s in TABLE_SPARSITIES] + ["log_trace"])
+OBS_LAYOUT_V1 = list(OBS_LAYOUT) + [f"layer{i}_{f}" for i in range(L_MAX) for f in LAYER_FEATURES]
+ACTION_LAYOUT_V1 = (list(ACTION_LAYOUT) + [f"bit_offset_{i}" for i in range(L_MAX)]
+                    + [f"sparsity_tilt_{i}" for i in range(L_MAX)])
+DEADZONE = 0.05
+COLLAPSE_SHARE = 0.25
+
+
+class DistillCompressEnvV1(DistillCompressEnv):
+    """See the module docstring. Takes every argument of :class:`rltune.env.DistillCompressEnv`;
+    ``reward_baseline`` defaults to ``"zero"`` (the zero action's val accuracy on the same task)."""
+
+    def __init__(self, *args: Any, reward_baseline: str = "zero", **kwargs: Any):
+        base = "float" if reward_baseline == "zero" else reward_baseline
+        super().__init__(*args, reward_baseline=base, **kwargs)
+        self.reward_baseline = reward_baseline
+        self.observation_space = spaces.Box(-5.0, 5.0, (len(OBS_LAYOUT_V1),), np.float32)
+        self.action_space = spaces.Box(-1.0, 1.0, (len(ACTION_LAYOUT_V1),), np.float32)
+        self._tables: dict[tuple, list[dict[str, float]]] = {}
+        self._zero: dict[tuple, float] = {}
+        self.layer_plan: dict[str, Any] | None = None
+        self._centres: list[float] | None = None
+
+    def share_caches(self, other: "DistillCompressEnv") -> None:
+        super().share_caches(other)
+        if isinstance(other, DistillCompressEnvV1):
+            self._tables, self._zero = other._tables, other._zero
+
+    # -- the per-layer table ---------------------------------------------------------------------
+
+    def layer_features(self, i: int, seed: int, budget: Budget) -> list[dict[str, float]]:
+        """The per-layer block of scenario ``i``'s float student ``seed`` (cached per scenario × seed;
+        the centres depend on the budget, so they are filled in per episode)."""
+        key = (i, seed)
+        if key not in self._tables:
+            from rltune.layer_sensitivity import layer_table
+
+            ctx = self.context(i)
+            fs, _ = self.float_student(i, seed)
+            d = ctx.data
+            n_fit = min(1024, len(d.y_train))
+            t = layer_table(fs, d.x_val, d.y_val, d.x_train[:n_fit], d.y_train[:n_fit], bits=TABLE_BITS,
+                            sparsities=TABLE_SPARSITIES, probes=4, seed=seed)
+            prepared = C.prepare_(copy.deepcopy(fs))
+            ls = C.layers(prepared)
+            total = sum(l.weight.numel() for l in ls)
+            rows = []
+            for j, (layer, row) in enumerate(zip(ls, t["layers"])):
+                w = layer.weight
+                mod = layer.module
+                feats = {"present": 1.0, "linear": float(isinstance(mod, nn.Linear)),
+                         "conv1d": float(isinstance(mod, nn.Conv1d)), "conv2d": float(isinstance(mod, nn.Conv2d)),
+                         "param_share": w.numel() / total,
+                         "log_fan_in": math.log10(max(1, w[0].numel())) / 4,
+                         "position": j / max(1, len(ls) - 1), "is_head": float(j == len(ls) - 1)}
+                for b in TABLE_BITS:
+                    feats[f"dacc_bits_{b}"] = float(row["bits"][b])
+                for s in TABLE_SPARSITIES:
+                    feats[f"dacc_sp_{int(round(100 * s))}"] = float(row["sparsity"][float(s)])
+                tr = row["trace"]
+                # a 4-probe Hutchinson estimate can be negative (the loss is not at a minimum in every
+                # direction): a signed log keeps its size and its sign
+                feats["log_trace"] = (math.copysign(math.log10(1 + 1e4 * abs(tr) / w.numel()) / 4, tr)
+                                      if math.isfinite(tr) else 0.0)
+                rows.append(feats)
+            self._tables[key] = rows
+        return self._tables[key]
+
+    # -- the MDP ---------------------------------------------------------------------------------
+
+    def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None):
+        self.layer_plan = None
+        self._centres = None
+        return super().reset(seed=seed, options=options)
+
+    def _plus1(self) -> int:
+        p = self.probe_result
+        feasible = [x for x in BITS if p.required.get(x) is not None]
+        want = p.recipe_bits + 1
+        return min(feasible, key=lambda x: (abs(x - want), x))
+
+    def centres(self) -> list[float]:
+        """Each layer's sparsity under the zero action's global magnitude pruning at its width."""
+        if self._centres is None:
+            from rltune.tuners import magnitude_split
+
+            fs, _ = self.float_student(self.scenario_index, self.float_seed)
+            b = self.plan["final_bits"] if self.plan else self._plus1()
+            self._centres = magnitude_split(fs, self.probe_result.required[b], self.ctx.scenario)
+        return self._centres
+
+    def knobs_for(self, action) -> tuple[Knobs, dict[str, float]]:
+        from rltune.errors import RltuneError
+
+        if self.state is None:
+            raise RltuneError("call reset() before step()")
+        a = np.clip(np.asarray(action, dtype=np.float64).reshape(-1), -1.0, 1.0)
+        if a.shape != (len(ACTION_LAYOUT_V1),):
+            raise RltuneError(f"action: expected {len(ACTION_LAYOUT_V1)} numbers, got {a.shape[0]}")
+        head = a[: len(ACTION_LAYOUT)]
+        dec = decode_action(head, self._plus1(), self.stages, self.ctx.scenario.knobs)
+        if self.plan is None:
+            self.commit(dec["final_bits"], dec["late_stages"])
+            self._centres = None
+            self._commit_layers(a)
+        k = self.k + 1
+        late = k > self.stages - self.plan["late_stages"]
+        if self.layer_plan is None:
+            sparsity: float | tuple[float, ...] = min(ramp(k, self.stages, self.plan["final_sparsity"],
+                                                           dec["exponent"]), 0.999)
+            bits: int | tuple[int, ...] = self.plan["final_bits"] if late else 8
+        else:
+            sparsity = tuple(min(ramp(k, self.stages, s, dec["exponent"]), 0.999) for s in self.layer_plan["sparsity"])
+            bits = tuple(self.layer_plan["bits"]) if late else 8
+        knobs = Knobs(dec["temperature"], dec["alpha"], sparsity, bits)
+        penalty = -self.action_penalty * self.reward_scale * float(np.mean(a ** 2))
+        return knobs, {"reward_action": penalty}
+
+    def _commit_layers(self, a: np.ndarray) -> None:
+        """Step 0: the per-layer plan, or None (global pruning, as the zero action) in the deadzone."""
+        n = len(C.layers(self.state.model))
+        m = min(n, L_MAX)
+        off = a[len(ACTION_LAYOUT): len(ACTION_LAYOUT) + L_MAX][:m]
+        tilt = a[len(ACTION_LAYOUT) + L_MAX:][:m]
+        if np.all(np.abs(off) < 0.5) and np.all(np.abs(tilt) < DEADZONE):
+            self.layer_plan = None
+            return
+        from rltune.budget import lowest_fitting
+        from rltune.layer_sensitivity import TRUST_RADIUS
+
+        lo_b, hi_b = self.ctx.scenario.knobs["bits"]
+        b0 = self.plan["final_bits"]
+        bits = [int(np.clip(b0 + (int(np.round(off[j])) if j < m else 0), lo_b, hi_b)) for j in range(n)]
+        base = [c + (float(tilt[j]) * TRUST_RADIUS if j < m else 0.0) for j, c in enumerate(self.centres())]
+        fs, _ = self.float_student(self.scenario_index, self.float_seed)
+        limit = self.meter.limit * 0.97
+
+        def sps_at(c: float) -> tuple[float, ...]:
+            return tuple(min(max(x + c, 0.0), 0.99) for x in base)
+
+        def fits(c: float) -> bool:
+            probe = C.prepare_(copy.deepcopy(fs))
+            C.prune_layers_(probe, sps_at(c))
+            C.set_bits_(probe, bits)
+            return self.meter.cost(probe) <= limit
+
+        shift = lowest_fitting(fits, -1.0, 1.0, 16) if fits(1.0) else 1.0
+        sps = sps_at(shift)
+        self.layer_plan = {"bits": bits, "sparsity": list(sps), "shift": shift}
+
+    def end_stage(self, m, parts: dict[str, float] | None = None):
+        obs, reward, terminated, truncated, info = super().end_stage(m, parts)
+        if isinstance(m, DivergedError):
+            return obs, reward, terminated, truncated, info
+        ref = self.state.ref
+        chance = 1.0 / self.ctx.n_classes
+        floor = chance + COLLAPSE_SHARE * (ref.val_acc - chance)
+        if not terminated and self.k >= 2 and info["val_acc"] <= floor:
+            parts = {k: info[k] for k in ("reward_action",)}
+            parts["reward_diverged"] = -self.divergence_penalty * self.reward_scale
+            info.update(parts)
+            info["diverged"] = "collapsed"
+            return obs, float(sum(parts.values())), True, False, info
+        if terminated and self.mode == "budget" and self.reward_baseline == "zero":
+            base = self.zero_val_acc(self.scenario_index, self.float_seed, self.budget)
+            info["reward_accuracy"] = self.reward_scale * (info["val_acc"] - base)
+            info["zero_action_val_acc"] = base
+            reward = info["reward_accuracy"] + info["reward_action"]
+        return obs, float(reward), terminated, truncated, info
+
+    def zero_val_acc(self, i: int, seed: int, budget: Budget) -> float:
+        """Val accuracy of the zero action (recipe-plus1) on this task and float student at a fixed
+        training seed: an env of its own plays it once; cached."""
+        key = (i, seed, budget)
+        if key not in self._zero:
+            twin = DistillCompressEnvV1(scenarios=self.scenarios, targets=[str(budget)], mode=self.mode,
+                                        reward_baseline="float", n_float_students=self.n_float_students)
+            twin.share_caches(self)
+            twin.reset(seed=0, options={"scenario": i, "target": str(budget), "float_seed": seed})
+            zero = np.zeros(len(ACTION_LAYOUT_V1), np.float32)
+            done, info = False, {}
+            while not done:
+                _, _, term, trunc, info = twin.step(zero)
+                done = term or trunc
+            self._zero[key] = float(info["val_acc"]) if not info.get("diverged") else twin.state.ref.val_acc
+        return self._zero[key]
+
+    # -- observation -------------------------------------------------------------------------------
+
+    def _obs(self) -> np.ndarray:
+        head = super()._obs()
+        block = np.zeros((L_MAX, len(LAYER_FEATURES)), np.float32)
+        rows = self.layer_features(self.scenario_index, self.float_seed, self.budget)
+        centres = self.centres()
+        for j, row in enumerate(rows[:L_MAX]):
+            row = dict(row, centre_sparsity=centres[j])
+            block[j] = [row[f] for f in LAYER_FEATURES]
+        obs = np.concatenate([head, block.reshape(-1)])
+        return np.clip(np.nan_to_num(obs, nan=0.0), -5.0, 5.0).astype(np.float32)

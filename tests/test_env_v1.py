@@ -1,0 +1,94 @@
+"""DistillCompress-v1: per-layer observation and actions; the zero action is recipe-plus1."""
+
+import gymnasium as gym
+import numpy as np
+import pytest
+
+import rltune.env_v1 as V1
+from rltune.env import ACTION_LAYOUT, OBS_LAYOUT, DistillCompressEnv
+from rltune.env_v1 import ACTION_LAYOUT_V1, L_MAX, LAYER_FEATURES, OBS_LAYOUT_V1, DistillCompressEnvV1
+from rltune.scenario import parse_scenario
+
+TINY = parse_scenario({
+    "name": "tiny-v1", "dataset": {"source": "wine", "transfer": 200},
+    "teacher": {"arch": "mlp", "hidden": [32], "epochs": 30},
+    "student": {"arch": "mlp", "hidden": [16, 8], "pretrain_epochs": 5},
+    "training": {"stages": 3, "epochs_per_stage": 1, "batch_size": 64, "lr": 0.005},
+})
+
+
+@pytest.fixture(scope="module")
+def env():
+    return DistillCompressEnvV1(scenarios=[TINY], targets=["6x"])
+
+
+def _play(env, action, seed):
+    env.reset(seed=seed)
+    done, info, total = False, {}, 0.0
+    while not done:
+        _, r, term, trunc, info = env.step(action)
+        total += r
+        done = term or trunc
+    return total, info
+
+
+def test_spaces_and_the_per_layer_block(env):
+    obs, _ = env.reset(seed=0)
+    assert env.observation_space.shape == (len(OBS_LAYOUT) + L_MAX * len(LAYER_FEATURES),) == obs.shape
+    assert env.action_space.shape == (len(ACTION_LAYOUT) + 2 * L_MAX,) == (len(ACTION_LAYOUT_V1),)
+    block = obs[len(OBS_LAYOUT):].reshape(L_MAX, len(LAYER_FEATURES))
+    col = {f: i for i, f in enumerate(LAYER_FEATURES)}
+    assert block[:3, col["present"]].tolist() == [1, 1, 1] and not block[3:].any()  # 3 layers, the rest padding
+    assert block[:3, col["linear"]].tolist() == [1, 1, 1] and block[:3, col["is_head"]].tolist() == [0, 0, 1]
+    assert block[:3, col["param_share"]].sum() == pytest.approx(1.0, abs=1e-5)
+    assert (block[:3, col["dacc_sp_95"]] <= block[:3, col["dacc_sp_50"]] + 1e-6).all()
+    assert len(OBS_LAYOUT_V1) == obs.shape[0]
+
+
+def test_the_zero_action_is_recipe_plus1(env):
+    v0 = DistillCompressEnv(scenarios=[TINY], targets=["6x"])
+    plus1 = np.zeros(len(ACTION_LAYOUT), np.float32)
+    plus1[0] = 0.5  # the recipe-plus1 tuner's step-0 action
+    v0.reset(seed=3)
+    done, k = False, 0
+    while not done:
+        _, _, term, trunc, info0 = v0.step(plus1 if k == 0 else np.zeros_like(plus1))
+        k += 1
+        done = term or trunc
+    reward, info1 = _play(env, np.zeros(len(ACTION_LAYOUT_V1), np.float32), seed=3)
+    assert env.layer_plan is None
+    assert info1["plan_final_bits"] == info0["plan_final_bits"] and info1["val_acc"] == info0["val_acc"]
+    assert info1["packed_bytes"] == info0["packed_bytes"]
+    # paid relative to the zero action on the same task: its own episode at a fixed training seed
+    assert info1["zero_action_val_acc"] == env.zero_val_acc(0, env.float_seed, env.budget)
+    assert reward == pytest.approx(info1["reward_accuracy"])
+
+
+def test_per_layer_actions_set_each_layers_bits_and_sparsity_within_the_budget(env):
+    a = np.zeros(len(ACTION_LAYOUT_V1), np.float32)
+    a[5:8] = [1.0, 0.0, -1.0]            # bit offsets of the 3 real layers
+    a[5 + L_MAX: 8 + L_MAX] = [0.8, -0.8, 0.0]  # sparsity tilts
+    a[8:5 + L_MAX] = 1.0                 # padding layers' entries are ignored
+    _, info = _play(env, a, seed=1)
+    plan = env.layer_plan
+    b = info["plan_final_bits"]
+    assert plan["bits"] == [min(b + 1, 8), b, max(b - 1, 2)]
+    assert info["budget_met"] and not info["diverged"]
+    layers = env.state.model
+    from rltune import compression as C
+
+    got = [1 - float(l.compressor.mask.float().mean()) for l in C.layers(layers)]
+    assert got[0] > got[1] - 0.2 and all(0 <= x < 1 for x in got)
+
+
+def test_a_collapse_ends_the_episode_as_diverged(env, monkeypatch):
+    monkeypatch.setattr(V1, "COLLAPSE_SHARE", 1.5)  # the floor above the float student: any stage collapses
+    _, info = _play(env, np.zeros(len(ACTION_LAYOUT_V1), np.float32), seed=2)
+    assert info["diverged"] == "collapsed" and info["stage"] == 2 and info["reward_diverged"] < 0
+
+
+def test_registered_id():
+    import rltune  # noqa: F401 - registers the ids
+
+    e = gym.make("rltune/DistillCompress-v1", scenarios=[TINY], targets=["6x"])
+    assert isinstance(e.unwrapped, DistillCompressEnvV1)
