@@ -75,11 +75,34 @@ COLLAPSE_SHARE = 0.25
 
 class DistillCompressEnvV1(DistillCompressEnv):
     """See the module docstring. Takes every argument of :class:`rltune.env.DistillCompressEnv`;
-    ``reward_baseline`` defaults to ``"zero"`` (the zero action's val accuracy on the same task)."""
+    ``reward_baseline`` defaults to ``"zero"`` (the zero action's val accuracy on the same task).
 
-    def __init__(self, *args: Any, reward_baseline: str = "zero", **kwargs: Any):
+    ``tasks``: generated tasks instead of ``scenarios`` and ``targets`` — a
+    :class:`rltune.tasks.TaskSpec` (or its dict) or a list of :class:`rltune.tasks.Task`; each
+    episode draws one task and plays it at its own budget. ``held_out=False`` (training) keeps the
+    tasks not flagged held out, ``True`` (evaluation) only those."""
+
+    def __init__(self, *args: Any, reward_baseline: str = "zero", tasks: Any = None, held_out: bool = False,
+                 **kwargs: Any):
+        from rltune.errors import RltuneError
+
         base = "float" if reward_baseline == "zero" else reward_baseline
+        self.tasks = None
+        if tasks is not None:
+            from rltune.tasks import Task, TaskSpec, generate_tasks
+
+            if isinstance(tasks, (TaskSpec, dict)):
+                tasks = generate_tasks(tasks)
+            tasks = [t for t in tasks if isinstance(t, Task) and t.held_out == bool(held_out)]
+            if not tasks:
+                raise RltuneError(f"tasks: no {'held-out' if held_out else 'training'} task in what was given")
+            if args or kwargs.get("scenarios") is not None or kwargs.get("problems") is not None:
+                raise RltuneError("give either tasks or scenarios / problems, not both")
+            self.tasks = tasks
+            kwargs["scenarios"] = [t.load() for t in tasks]
+            kwargs["targets"] = list(dict.fromkeys(t.target for t in tasks))
         super().__init__(*args, reward_baseline=base, **kwargs)
+        self.task_budgets = [Budget.parse(t.target) for t in self.tasks] if self.tasks else None
         self.reward_baseline = reward_baseline
         self.observation_space = spaces.Box(-5.0, 5.0, (len(OBS_LAYOUT_V1),), np.float32)
         self.action_space = spaces.Box(-1.0, 1.0, (len(ACTION_LAYOUT_V1),), np.float32)
@@ -138,6 +161,15 @@ class DistillCompressEnvV1(DistillCompressEnv):
     def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None):
         self.layer_plan = None
         self._centres = None
+        if self.task_budgets is not None:  # a task is a scenario and its own budget
+            import gymnasium as gym
+
+            gym.Env.reset(self, seed=seed)
+            options = dict(options or {})
+            i = int(options.get("scenario", self.np_random.integers(len(self.scenarios))))
+            options.setdefault("scenario", i)
+            options.setdefault("target", str(self.task_budgets[i]))
+            return super().reset(seed=None, options=options)
         return super().reset(seed=seed, options=options)
 
     def _plus1(self) -> int:

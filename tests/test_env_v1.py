@@ -92,3 +92,20 @@ def test_registered_id():
 
     e = gym.make("rltune/DistillCompress-v1", scenarios=[TINY], targets=["6x"])
     assert isinstance(e.unwrapped, DistillCompressEnvV1)
+
+
+def test_generated_tasks_each_at_its_own_budget():
+    from rltune.errors import RltuneError
+    from rltune.tasks import TaskSpec, generate_tasks
+
+    tasks = [t for t in generate_tasks(TaskSpec(seed=0, n_tasks=240)) if t.family == "tabular"][:6]
+    train = [t for t in tasks if not t.held_out]
+    env = DistillCompressEnvV1(tasks=train)
+    assert [s.name for s in env.scenarios] == [t.name for t in train]
+    for seed in range(3):
+        env.reset(seed=seed)
+        assert str(env.budget) == str(env.task_budgets[env.scenario_index])
+    with pytest.raises(RltuneError, match="held-out"):
+        DistillCompressEnvV1(tasks=train, held_out=True)
+    with pytest.raises(RltuneError, match="not both"):
+        DistillCompressEnvV1(tasks=train, scenarios=[TINY])
