@@ -259,13 +259,24 @@ def cmd_train(args: argparse.Namespace) -> int:
                                      "students, probes; cached after the first run)", run_dir)
     run = train(cfg, run_dir, resume=args.resume, progress_bar=not (args.no_progress or args.quiet))
     print(f"agent: {run / 'agent'}")
-    if cfg.get("val_scenarios"):
+    g = None
+    if cfg.get("tasks") is not None:
+        from rltune.train import gate_tasks
+
+        g = gate_tasks(run / "agent", cfg["tasks"], int(cfg.get("gate_tasks", 8)),
+                       episodes=int(cfg.get("gate_episodes", 1)), env_kwargs=cfg.get("env"))
+        (run / "gate.json").write_text(json.dumps(g, indent=1))
+        print(f"gate ({g['tasks']} held-out generated tasks): policy − zero action val accuracy "
+              f"{100 * g['mean_diff']:+.2f} ± {100 * g['std_diff']:.2f} pt over {len(g['rows'])} episodes: "
+              f"{'PASSED' if g['passed'] else 'FAILED'}")
+    elif cfg.get("val_scenarios"):
         g = gate(run / "agent", cfg["val_scenarios"], (cfg.get("env") or {}).get("targets", ["10x"]),
                  episodes=int(cfg.get("gate_episodes", 2)), env_kwargs=cfg.get("env"))
         (run / "gate.json").write_text(json.dumps(g, indent=1))
         print(f"gate (held-out {', '.join(cfg['val_scenarios'])}): policy − recipe val accuracy "
               f"{100 * g['mean_diff']:+.2f} ± {100 * g['std_diff']:.2f} pt over {len(g['rows'])} episodes: "
               f"{'PASSED' if g['passed'] else 'FAILED'}")
+    if g is not None:
         if args.ship and g["passed"]:
             import shutil
 

@@ -532,6 +532,10 @@ class DistillCompressEnv(gym.Env):
                 f"{m.ratio:.1f}x, final plan {plan.get('final_bits')} bits")
 
     def _obs(self) -> np.ndarray:
+        return self.global_features()
+
+    def global_features(self) -> np.ndarray:
+        """The v0 observation (:data:`OBS_LAYOUT`): what v1 puts its per-layer block after."""
         ctx, ref, p = self.ctx, self.state.ref, self.probe_result
         d = ctx.data
         model = self.state.model

@@ -287,7 +287,7 @@ class DistillCompressEnvV1(DistillCompressEnv):
     # -- observation -------------------------------------------------------------------------------
 
     def _obs(self) -> np.ndarray:
-        head = super()._obs()
+        head = self.global_features()
         block = np.zeros((L_MAX, len(LAYER_FEATURES)), np.float32)
         rows = self.layer_features(self.scenario_index, self.float_seed, self.budget)
         centres = self.centres()

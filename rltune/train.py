@@ -44,7 +44,7 @@ PPO_KEYS = {"learning_rate", "n_steps", "batch_size", "n_epochs", "gamma", "gae_
 ENV_KEYS = {"targets", "mode", "reward_scale", "action_penalty", "divergence_penalty", "n_float_students",
             "probe_samples", "probe_epochs", "probe_tolerance", "reward_baseline", "epochs_per_stage", "stages"}
 TOP_KEYS = {"scenarios", "val_scenarios", "total_timesteps", "n_envs", "seed", "checkpoint_every",
-            "policy_kwargs", "ppo", "env", "gate_episodes", "vec_env", "ray_address", "ray_workers"}
+            "policy_kwargs", "ppo", "env", "gate_episodes", "vec_env", "ray_address", "ray_workers", "env_id", "tasks", "gate_tasks"}
 VEC_ENVS = ("auto", "dummy", "subproc", "batched", "ray")
 
 
@@ -79,8 +79,25 @@ def check_config(cfg: Any, where: str) -> dict[str, Any]:
     for k in cfg.get("env", {}) or {}:
         if k not in ENV_KEYS:
             raise RltuneError(f"{where}: env.{k}: unknown environment argument")
-    if not cfg.get("scenarios"):
-        raise RltuneError(f"{where}: scenarios: at least one training scenario is needed")
+    env_id = cfg.get("env_id", "rltune/DistillCompress-v0")
+    from rltune.registration import ENV_IDS
+
+    if env_id not in (ENV_IDS[0], ENV_IDS[2]):
+        raise RltuneError(f"{where}: env_id: expected {ENV_IDS[0]} or {ENV_IDS[2]}, got {env_id!r} "
+                          "(the trade-off env is env: {mode: tradeoff})")
+    if cfg.get("tasks") is not None:
+        from rltune.tasks import TaskSpec
+
+        if env_id != ENV_IDS[2]:
+            raise RltuneError(f"{where}: tasks: generated tasks need env_id: {ENV_IDS[2]}")
+        if cfg.get("scenarios"):
+            raise RltuneError(f"{where}: give tasks or scenarios, not both")
+        TaskSpec.from_dict(cfg["tasks"])  # an impossible spec fails here, before any training
+    elif not cfg.get("scenarios"):
+        raise RltuneError(f"{where}: scenarios: at least one training scenario (or a tasks: spec) is needed")
+    gt = cfg.get("gate_tasks")
+    if gt is not None and not (isinstance(gt, int) and not isinstance(gt, bool) and gt >= 1):
+        raise RltuneError(f"{where}: gate_tasks: expected a whole number >= 1, got {gt!r}")
     if cfg.get("vec_env", "auto") not in VEC_ENVS:
         raise RltuneError(f"{where}: vec_env: expected one of {', '.join(VEC_ENVS)}, got {cfg.get('vec_env')!r}")
     addr, rw = cfg.get("ray_address"), cfg.get("ray_workers")
@@ -117,9 +134,15 @@ def make_env_fn(cfg: dict[str, Any], rank: int, monitor_dir: Path | None, append
         from rltune.registration import ENV_IDS
 
         env_kwargs = dict(cfg.get("env") or {})
-        env_id = ENV_IDS[1] if env_kwargs.get("mode") == "tradeoff" else ENV_IDS[0]
-        env_kwargs.pop("mode", None)
-        env = gym.make(env_id, scenarios=cfg["scenarios"], **env_kwargs)
+        env_id = cfg.get("env_id", ENV_IDS[0])
+        if env_id == ENV_IDS[0] and env_kwargs.get("mode") == "tradeoff":
+            env_id = ENV_IDS[1]
+            env_kwargs.pop("mode", None)
+        if cfg.get("tasks") is not None:  # generated tasks, each at its own budget
+            env_kwargs.pop("targets", None)
+            env = gym.make(env_id, tasks=cfg["tasks"], **env_kwargs)
+        else:
+            env = gym.make(env_id, scenarios=cfg["scenarios"], **env_kwargs)
         if monitor_dir is not None:  # on --resume the episodes logged before stay: append
             env = Monitor(env, str(monitor_dir / f"env{rank}"), info_keywords=INFO_KEYWORDS,
                           override_existing=not append)
@@ -137,7 +160,8 @@ def train(cfg: dict[str, Any], run_dir: str | Path, resume: bool = False, progre
     from stable_baselines3.common.vec_env import DummyVecEnv, SubprocVecEnv
 
     from rltune.agentfile import load_optimizer, load_ppo, save_agent, save_optimizer
-    from rltune.env import ACTION_LAYOUT, OBS_LAYOUT
+
+    OBS_LAYOUT, ACTION_LAYOUT = layouts(cfg.get("env_id"))
 
     run = Path(run_dir)
     make_folder(run, "run folder")
@@ -178,9 +202,16 @@ def train(cfg: dict[str, Any], run_dir: str | Path, resume: bool = False, progre
         fns = [make_env_fn(cfg, r, run / "monitor", append=bool(ckpts)) for r in range(n_envs)]
         venv = SubprocVecEnv(fns, start_method="fork") if kind == "subproc" else DummyVecEnv(fns)
     total = int(cfg["total_timesteps"])
-    training_meta = {"scenarios": list(cfg["scenarios"]), "val_scenarios": list(cfg.get("val_scenarios") or []),
+    training_meta = {"scenarios": list(cfg.get("scenarios") or []), "val_scenarios": list(cfg.get("val_scenarios") or []),
                      "env": cfg.get("env") or {}, "total_timesteps": total, "seed": int(cfg.get("seed", 0)),
-                     "command": (run / "command.txt").read_text().strip()}
+                     "command": (run / "command.txt").read_text().strip(),
+                     "env_id": cfg.get("env_id", "rltune/DistillCompress-v0")}
+    if cfg.get("tasks") is not None:  # what the policy was trained on: the spec, its seed, how many tasks
+        from rltune.tasks import TaskSpec, generate_tasks
+
+        spec = TaskSpec.from_dict(cfg["tasks"])
+        training_meta.update({"task_spec": spec.to_dict(), "task_seed": spec.seed,
+                              "tasks": sum(not t.held_out for t in generate_tasks(spec))})
     t0 = time.perf_counter()
     done_steps = 0
     model = None
@@ -249,6 +280,49 @@ def train(cfg: dict[str, Any], run_dir: str | Path, resume: bool = False, progre
     (run / "train_summary.json").write_text(json.dumps({"wall_seconds": wall, "total_timesteps": total,
                                                         "steps_per_second": remaining / wall if wall else None}, indent=1))
     return run
+
+
+def layouts(env_id: str | None) -> tuple[list[str], list[str]]:
+    """The observation and action layouts of an env id (v0 unless it names v1)."""
+    if env_id == "rltune/DistillCompress-v1":
+        from rltune.env_v1 import ACTION_LAYOUT_V1, OBS_LAYOUT_V1
+
+        return list(OBS_LAYOUT_V1), list(ACTION_LAYOUT_V1)
+    from rltune.env import ACTION_LAYOUT, OBS_LAYOUT
+
+    return list(OBS_LAYOUT), list(ACTION_LAYOUT)
+
+
+def gate_tasks(agent_path: str | Path, spec: dict[str, Any], n_tasks: int = 8, episodes: int = 1,
+               env_kwargs: dict | None = None) -> dict[str, Any]:
+    """A v1 policy against the zero action (recipe-plus1) on held-out generated tasks (the first
+    ``n_tasks`` of the spec's held-out slice), val split, same seeds; ``passed`` when its mean val
+    accuracy is above the zero action's."""
+    from rltune.agentfile import check_layouts, load_policy
+    from rltune.env_v1 import DistillCompressEnvV1
+    from rltune.tasks import generate_tasks
+
+    agent = load_policy(agent_path)
+    obs_l, act_l = layouts("rltune/DistillCompress-v1")
+    check_layouts(agent, obs_l, act_l)
+    held = [t for t in generate_tasks(spec) if t.held_out][:n_tasks]
+    if not held:
+        raise RltuneError("gate: the task spec has no held-out task")
+    kw = {k: v for k, v in (env_kwargs or {}).items() if k not in ("targets",)}
+    env = DistillCompressEnvV1(tasks=held, held_out=True, **kw)
+    rows = []
+    for i, t in enumerate(held):
+        for ep in range(episodes):
+            opts = {"scenario": i, "float_seed": 0}
+            pol = run_episode(env, agent, seed=ep, options=opts)
+            zero = run_episode(env, None, seed=ep, options=opts)
+            rows.append({"task": t.name, "family": t.family, "target": t.target, "episode": ep,
+                         "policy_val_acc": pol["val_acc"], "zero_action_val_acc": zero["val_acc"],
+                         "policy_bits": pol["plan_final_bits"], "zero_action_bits": zero["plan_final_bits"]})
+    diffs = [r["policy_val_acc"] - r["zero_action_val_acc"] for r in rows]
+    return {"rows": rows, "mean_diff": statistics.fmean(diffs),
+            "std_diff": statistics.stdev(diffs) if len(diffs) > 1 else 0.0,
+            "passed": statistics.fmean(diffs) > 0, "episodes": episodes, "tasks": len(held)}
 
 
 def _checkpoints(run: Path) -> list[Path]:

@@ -109,3 +109,36 @@ def test_generated_tasks_each_at_its_own_budget():
         DistillCompressEnvV1(tasks=train, held_out=True)
     with pytest.raises(RltuneError, match="not both"):
         DistillCompressEnvV1(tasks=train, scenarios=[TINY])
+
+
+def test_train_v1_on_generated_tasks_records_them_and_gates_on_held_out_ones(tmp_path, capsys):
+    import json
+
+    import yaml
+
+    from rltune.cli import main
+
+    from rltune.tasks import generate_tasks
+
+    def spec_of(seed):
+        return {"seed": seed, "n_tasks": 8, "families": ["tabular"], "held_out_share": 0.5, "students_per_dataset": 2}
+
+    spec = next(spec_of(s) for s in range(50) if 0 < sum(t.held_out for t in generate_tasks(spec_of(s))) < 8)
+    hp = tmp_path / "ppo.yml"
+    hp.write_text(yaml.safe_dump({"default": {
+        "env_id": "rltune/DistillCompress-v1", "tasks": spec, "total_timesteps": 4, "n_envs": 1, "seed": 0,
+        "checkpoint_every": 4, "policy_kwargs": {"net_arch": [8]}, "ppo": {"n_steps": 4, "batch_size": 4, "n_epochs": 1},
+        "env": {"stages": 2, "epochs_per_stage": 1}, "gate_tasks": 1, "gate_episodes": 1}}))
+    run = tmp_path / "run"
+    assert main(["train", "--hyperparams", str(hp), "--run-dir", str(run), "--no-progress", "-q"]) in (0, None)
+    meta = json.loads((run / "agent" / "agent.json").read_text())
+
+    n_train = sum(not t.held_out for t in generate_tasks(spec))
+    tr = meta["training"]
+    assert tr["env_id"] == "rltune/DistillCompress-v1" and tr["task_seed"] == spec["seed"]
+    assert tr["tasks"] == n_train and isinstance(tr["tasks"], int) and tr["task_spec"]["n_tasks"] == 8
+    gate = json.loads((run / "gate.json").read_text())
+    assert gate["tasks"] == 1 and {"policy_val_acc", "zero_action_val_acc"} <= set(gate["rows"][0])
+    held = {t.name for t in generate_tasks(spec) if t.held_out}
+    assert gate["rows"][0]["task"] in held
+    assert "held-out generated tasks" in capsys.readouterr().out
