@@ -57,7 +57,7 @@ class Budget:
         if self.kind == "ratio":
             return f"{self.value:.12g}x"
         if self.kind == "bytes":
-            return f"{self.value:.0f}B"
+            return f"{self.value:.12g}B"  # parses back to the same budget
         return f"{self.value / 1e3:.12g}nJ"
 
 

@@ -8,8 +8,9 @@ ways (issue 12):
   ``experiments/results/allocator-v3``): one bit more than the probe's pick, global magnitude
   pruning on the cubic ramp, τ 4, α 0.9. A policy that outputs zeros plays exactly that rule.
 * **Observation** = v0's 39 features (:data:`rltune.env.OBS_LAYOUT`) followed by a block of
-  :data:`LAYER_FEATURES` for each of :data:`L_MAX` layers (module order; absent layers all zeros,
-  ``present`` = 0 is the mask). Per layer:
+  :data:`LAYER_FEATURES` for each of :data:`L_MAX` slots (module order; absent layers all zeros,
+  ``present`` = 0 is the mask; a model of more than 8 layers gets its first 7 and its head,
+  :func:`layer_slots`). Per layer:
 
   =================  ============================================================================
   feature            meaning
@@ -34,13 +35,14 @@ ways (issue 12):
   tilt (``a × TRUST_RADIUS`` on the layer's centre), read at step 0 only. While every per-layer
   entry is within ``DEADZONE`` of 0 the episode prunes globally as the zero action does; otherwise
   each layer reaches its own final sparsity on the cubic ramp, the tilted centres shifted together
-  (bisected on the real packed size) so the budget holds, and its own width in the late stages.
-  Entries for padding layers are ignored.
+  (bisected on the real packed size, each capped at the scenario's sparsity maximum) so the budget
+  holds, and its own width in the late stages. If no shift fits, the offsets that add bits are
+  dropped, and if that fails too the episode prunes globally. Entries for padding slots are ignored.
 * **Reward** (mode ``budget``): at the last stage, ``reward_scale × (val_acc − val_acc of the zero
   action on the same task and float student)``, the zero action's episode run once per task with a
   fixed training seed and cached; minus the action penalty as in v0. A **collapse** — val accuracy
   at most a quarter of the way from chance to the float student after any stage from the second
-  on — ends the episode as diverged (``info["diverged"] = "collapsed"``), with v0's divergence
+  to the one before last — ends the episode as diverged (``info["diverged"] = "collapsed"``), with v0's divergence
   penalty.
 """
 
@@ -61,6 +63,13 @@ from rltune.errors import DivergedError
 from rltune.stage import Knobs
 
 L_MAX = 8
+
+
+def layer_slots(n: int) -> list[int]:
+    """The layers the per-layer block and actions cover, slot by slot: all of them up to L_MAX, else
+    the first L_MAX - 1 and the head (the last layer, the one the allocator found most sensitive)."""
+    return list(range(n)) if n <= L_MAX else list(range(L_MAX - 1)) + [n - 1]
+
 TABLE_BITS = (2, 3, 4)
 TABLE_SPARSITIES = (0.5, 0.8, 0.95)
 LAYER_FEATURES = (["present", "linear", "conv1d", "conv2d", "param_share", "log_fan_in", "position", "is_head",
@@ -166,8 +175,8 @@ class DistillCompressEnvV1(DistillCompressEnv):
 
             gym.Env.reset(self, seed=seed)
             options = dict(options or {})
-            i = int(options.get("scenario", self.np_random.integers(len(self.scenarios))))
-            options.setdefault("scenario", i)
+            i = int(options["scenario"]) if "scenario" in options else int(self.np_random.integers(len(self.scenarios)))
+            options["scenario"] = i
             options.setdefault("target", str(self.task_budgets[i]))
             return super().reset(seed=None, options=options)
         return super().reset(seed=seed, options=options)
@@ -218,32 +227,45 @@ class DistillCompressEnvV1(DistillCompressEnv):
     def _commit_layers(self, a: np.ndarray) -> None:
         """Step 0: the per-layer plan, or None (global pruning, as the zero action) in the deadzone."""
         n = len(C.layers(self.state.model))
-        m = min(n, L_MAX)
-        off = a[len(ACTION_LAYOUT): len(ACTION_LAYOUT) + L_MAX][:m]
-        tilt = a[len(ACTION_LAYOUT) + L_MAX:][:m]
+        slots = layer_slots(n)
+        off_all = a[len(ACTION_LAYOUT): len(ACTION_LAYOUT) + L_MAX]
+        tilt_all = a[len(ACTION_LAYOUT) + L_MAX:]
+        off, tilt = np.zeros(n), np.zeros(n)
+        for slot, j in enumerate(slots):  # layers without a slot keep the plan's width and centre
+            off[j], tilt[j] = off_all[slot], tilt_all[slot]
         if np.all(np.abs(off) < 0.5) and np.all(np.abs(tilt) < DEADZONE):
             self.layer_plan = None
             return
         from rltune.budget import lowest_fitting
         from rltune.layer_sensitivity import TRUST_RADIUS
 
-        lo_b, hi_b = self.ctx.scenario.knobs["bits"]
+        sc = self.ctx.scenario
+        lo_b, hi_b = sc.knobs["bits"]
+        top = min(0.99, float(sc.knobs["sparsity"][1]))
         b0 = self.plan["final_bits"]
-        bits = [int(np.clip(b0 + (int(np.round(off[j])) if j < m else 0), lo_b, hi_b)) for j in range(n)]
-        base = [c + (float(tilt[j]) * TRUST_RADIUS if j < m else 0.0) for j, c in enumerate(self.centres())]
+        base = [c + float(tilt[j]) * TRUST_RADIUS for j, c in enumerate(self.centres())]
         fs, _ = self.float_student(self.scenario_index, self.float_seed)
         limit = self.meter.limit * 0.97
 
         def sps_at(c: float) -> tuple[float, ...]:
-            return tuple(min(max(x + c, 0.0), 0.99) for x in base)
+            return tuple(min(max(x + c, 0.0), top) for x in base)
 
-        def fits(c: float) -> bool:
+        def fits(bits: list[int], c: float) -> bool:
             probe = C.prepare_(copy.deepcopy(fs))
             C.prune_layers_(probe, sps_at(c))
             C.set_bits_(probe, bits)
             return self.meter.cost(probe) <= limit
 
-        shift = lowest_fitting(fits, -1.0, 1.0, 16) if fits(1.0) else 1.0
+        # the offsets as asked; if no common shift fits them, the offsets that add bits are dropped;
+        # if that fails too, the episode prunes globally as the zero action does
+        asked = [int(np.clip(b0 + int(np.round(off[j])), lo_b, hi_b)) for j in range(n)]
+        for bits in (asked, [min(b, b0) for b in asked]):
+            if fits(bits, 1.0):
+                break
+        else:
+            self.layer_plan = None
+            return
+        shift = lowest_fitting(lambda c: fits(bits, c), -1.0, 1.0, 16)
         sps = sps_at(shift)
         self.layer_plan = {"bits": bits, "sparsity": list(sps), "shift": shift}
 
@@ -273,7 +295,11 @@ class DistillCompressEnvV1(DistillCompressEnv):
         key = (i, seed, budget)
         if key not in self._zero:
             twin = DistillCompressEnvV1(scenarios=self.scenarios, targets=[str(budget)], mode=self.mode,
-                                        reward_baseline="float", n_float_students=self.n_float_students)
+                                        reward_baseline="float", n_float_students=self.n_float_students,
+                                        probe_samples=self.probe_samples, probe_epochs=self.probe_epochs,
+                                        probe_tolerance=self.probe_tolerance, fill_budget=self.fill_budget,
+                                        reward_scale=self.reward_scale, action_penalty=self.action_penalty,
+                                        divergence_penalty=self.divergence_penalty)
             twin.share_caches(self)
             twin.reset(seed=0, options={"scenario": i, "target": str(budget), "float_seed": seed})
             zero = np.zeros(len(ACTION_LAYOUT_V1), np.float32)
@@ -291,8 +317,8 @@ class DistillCompressEnvV1(DistillCompressEnv):
         block = np.zeros((L_MAX, len(LAYER_FEATURES)), np.float32)
         rows = self.layer_features(self.scenario_index, self.float_seed, self.budget)
         centres = self.centres()
-        for j, row in enumerate(rows[:L_MAX]):
-            row = dict(row, centre_sparsity=centres[j])
-            block[j] = [row[f] for f in LAYER_FEATURES]
+        for slot, j in enumerate(layer_slots(len(rows))):
+            row = dict(rows[j], centre_sparsity=centres[j])
+            block[slot] = [row[f] for f in LAYER_FEATURES]
         obs = np.concatenate([head, block.reshape(-1)])
         return np.clip(np.nan_to_num(obs, nan=0.0), -5.0, 5.0).astype(np.float32)

@@ -61,7 +61,8 @@ class _Worker:
         return obs, list(self.venv.reset_infos)
 
     def step(self, actions: np.ndarray):
-        return self.venv.step(actions)
+        obs, rews, dones, infos = self.venv.step(actions)
+        return obs, rews, dones, infos, list(self.venv.reset_infos)
 
     def get_attr(self, name: str, idx: list[int]):
         return self.venv.get_attr(name, idx)
@@ -99,28 +100,48 @@ class RayVecEnv(VecEnv):
                 raise RltuneError(f"cannot start or join Ray{f' at {address}' if address else ''}: "
                                   f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
             self._owns_ray = True
+        room = max(1, int(ray.cluster_resources().get("CPU", 1) // num_cpus_per_worker))
         if n_workers is None:
-            n_workers = max(1, int(ray.cluster_resources().get("CPU", 1) // num_cpus_per_worker))
+            n_workers = room
         if not (isinstance(n_workers, int) and n_workers >= 1):
+            self._stop_ray()
             raise RltuneError(f"RayVecEnv: n_workers must be a whole number >= 1, got {n_workers!r}")
-        n_workers = min(n_workers, len(env_fns))
+        # an actor Ray has no CPU for would wait for ever: never ask for more than the cluster holds
+        n_workers = min(n_workers, len(env_fns), room)
         # contiguous, as even as possible: worker w holds envs [start[w], start[w+1])
         sizes = [len(env_fns) // n_workers + (1 if w < len(env_fns) % n_workers else 0) for w in range(n_workers)]
         self._start = np.concatenate([[0], np.cumsum(sizes)]).astype(int)
         actor = ray.remote(num_cpus=num_cpus_per_worker)(_Worker)
         self._ray = ray
         self.workers = [actor.remote(env_fns[self._start[w]:self._start[w + 1]]) for w in range(n_workers)]
-        for got in self._get([w.spaces.remote() for w in self.workers], "start"):
+        try:
+            got_all = self._get([w.spaces.remote() for w in self.workers], "start")
+        except RltuneError:
+            self._kill_workers()
+            raise
+        for got in got_all:
             if got[0] is None:
-                for w in self.workers:
-                    self._ray.kill(w)
-                if self._owns_ray:
-                    ray.shutdown()
+                self._kill_workers()
                 raise RltuneError(f"an env worker could not build its environments: {got[1]}")
-        obs_space, act_space = self._get(self.workers[0].spaces.remote(), "start")
+        obs_space, act_space = got_all[0]
         super().__init__(len(env_fns), obs_space, act_space)
         self._pending = None
         self.closed = False
+
+    def _stop_ray(self) -> None:
+        if self._owns_ray:
+            import ray
+
+            ray.shutdown()
+            self._owns_ray = False
+
+    def _kill_workers(self) -> None:
+        for w in self.workers:
+            try:
+                self._ray.kill(w)
+            except Exception:  # noqa: BLE001 - already dead
+                pass
+        self._stop_ray()
 
     def _get(self, refs, what: str):
         try:
@@ -156,6 +177,7 @@ class RayVecEnv(VecEnv):
         rews = np.concatenate([o[1] for o in out]).astype(np.float32)
         dones = np.concatenate([o[2] for o in out])
         infos = [i for o in out for i in o[3]]
+        self.reset_infos = [i for o in out for i in o[4]]  # refreshed by auto-resets, as SubprocVecEnv does
         return obs, rews, dones, infos
 
     def close(self) -> None:
@@ -165,10 +187,7 @@ class RayVecEnv(VecEnv):
             self._ray.get([w.close.remote() for w in self.workers], timeout=30)
         except Exception:  # noqa: BLE001 - closing: a dead worker has nothing left to close
             pass
-        for w in self.workers:
-            self._ray.kill(w)
-        if self._owns_ray:
-            self._ray.shutdown()
+        self._kill_workers()
         self.closed = True
 
     def _by_worker(self, indices: VecEnvIndices) -> list[tuple[int, list[int], list[int]]]:

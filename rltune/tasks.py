@@ -6,8 +6,10 @@ a YAML file in ``envs/`` holds, validated by :func:`rltune.scenario.parse_scenar
 the caches and every tuner take it as they take a shipped scenario) and a budget (a ratio, a byte
 count or an energy in the cited per-operation model). The same spec always gives the same tasks, in
 the same order, on every machine; a task's ``held_out`` flag marks the slice no policy may train on.
-It is set per *dataset* (a hash of the dataset and teacher sections, not a position): a held-out
-task's data and teacher are never seen in training either, only its kind.
+It is set per *dataset* (a hash of the dataset and teacher sections, not a position), so a held-out
+task's teacher and students are never trained on. For the generated families (synthetic, mnist1d)
+its data is new too; for the fixed sets (digits, tabular, mnist) it is a new split of the same
+samples, with its own teacher.
 
 Example::
 
@@ -241,9 +243,10 @@ def _costs(student: dict, shape: tuple, n_out: int) -> tuple[int, float, float, 
     from rltune.metrics import energy_per_inference, float_energy
     from rltune.models import build_model
 
-    torch.manual_seed(0)
     inp = shape if len(shape) > 1 else shape[0]
-    model = build_model(student, inp, n_out)
+    with torch.random.fork_rng():  # the caller's global RNG is left as it was
+        torch.manual_seed(0)
+        model = build_model(student, inp, n_out)
     fb = float_bytes(model)
     fe = float(float_energy(model, inp)["energy_pj"])
     small = C.prepare_(copy.deepcopy(model))

@@ -92,7 +92,13 @@ def check_config(cfg: Any, where: str) -> dict[str, Any]:
             raise RltuneError(f"{where}: tasks: generated tasks need env_id: {ENV_IDS[2]}")
         if cfg.get("scenarios"):
             raise RltuneError(f"{where}: give tasks or scenarios, not both")
-        TaskSpec.from_dict(cfg["tasks"])  # an impossible spec fails here, before any training
+        from rltune.tasks import generate_tasks
+
+        made = generate_tasks(TaskSpec.from_dict(cfg["tasks"]))  # an impossible spec fails here
+        held = sum(t.held_out for t in made)
+        if held == 0 or held == len(made):
+            raise RltuneError(f"{where}: tasks: the spec gives {held} held-out tasks of {len(made)}: training "
+                              "needs some and the gate needs some (change seed, n_tasks or held_out_share)")
     elif not cfg.get("scenarios"):
         raise RltuneError(f"{where}: scenarios: at least one training scenario (or a tasks: spec) is needed")
     gt = cfg.get("gate_tasks")
@@ -353,16 +359,23 @@ def gate(agent_path: str | Path, scenarios: list[str], targets: list[str], episo
     """The trained policy against the recipe (zero action) on scenarios it was not trained on, val
     split, same seeds. ``passed`` when its mean val accuracy is above the recipe's."""
     from rltune.agentfile import check_layouts, load_policy
-    from rltune.env import ACTION_LAYOUT, OBS_LAYOUT, DistillCompressEnv
+    from rltune.env import DistillCompressEnv
 
     agent = load_policy(agent_path)
-    check_layouts(agent, OBS_LAYOUT, ACTION_LAYOUT)
+    env_id = agent.meta.get("training", {}).get("env_id")
+    obs_l, act_l = layouts(env_id)
+    check_layouts(agent, obs_l, act_l)
     trained_on = set(agent.meta.get("training", {}).get("scenarios", []))
     bad = trained_on & set(scenarios)
     if bad:
         raise RltuneError(f"gate scenarios must be held out; {sorted(bad)[0]} was trained on")
     kw = {k: v for k, v in (env_kwargs or {}).items() if k not in ("targets",)}
-    env = DistillCompressEnv(scenarios=scenarios, targets=targets, **kw)
+    if env_id == "rltune/DistillCompress-v1":  # its zero action is recipe-plus1: that is what it must beat
+        from rltune.env_v1 import DistillCompressEnvV1
+
+        env = DistillCompressEnvV1(scenarios=scenarios, targets=targets, **kw)
+    else:
+        env = DistillCompressEnv(scenarios=scenarios, targets=targets, **kw)
     rows = []
     for i, name in enumerate(scenarios):
         for t in targets:

@@ -142,3 +142,28 @@ def test_train_v1_on_generated_tasks_records_them_and_gates_on_held_out_ones(tmp
     held = {t.name for t in generate_tasks(spec) if t.held_out}
     assert gate["rows"][0]["task"] in held
     assert "held-out generated tasks" in capsys.readouterr().out
+
+
+def test_layer_slots_keep_the_head_of_a_deep_model():
+    assert V1.layer_slots(3) == [0, 1, 2]
+    assert V1.layer_slots(8) == list(range(8))
+    assert V1.layer_slots(12) == [0, 1, 2, 3, 4, 5, 6, 11]
+
+
+def test_a_byte_budget_survives_its_own_string():
+    from rltune.budget import Budget
+
+    b = Budget.parse("12.3KB")
+    assert Budget.parse(str(b)) == b
+
+
+def test_a_task_spec_without_a_held_out_or_training_slice_is_refused():
+    from rltune.errors import RltuneError
+    from rltune.train import check_config
+
+    base = {"env_id": "rltune/DistillCompress-v1", "total_timesteps": 4}
+    for share in (0.0, 0.999):
+        with pytest.raises(RltuneError, match="held-out tasks"):
+            check_config({**base, "tasks": {"n_tasks": 12, "families": ["tabular"], "held_out_share": share}}, "t")
+    with pytest.raises(RltuneError, match="need env_id"):
+        check_config({"total_timesteps": 4, "tasks": {"n_tasks": 12}}, "t")

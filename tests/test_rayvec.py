@@ -59,6 +59,7 @@ def test_ray_workers_give_what_the_batched_vecenv_gives(local_ray):
         venv.set_attr("probe_tolerance", 0.02, indices=[0, 2])
         assert venv.get_attr("probe_tolerance") == [0.02, ref.get_attr("probe_tolerance")[1], 0.02]
         assert venv.env_is_wrapped(type(None).__class__) == [False] * 3
+        assert len(venv.reset_infos) == 3  # refreshed by the auto-resets
     finally:
         venv.close()
         ref.close()
@@ -87,6 +88,11 @@ def test_bad_arguments_are_one_clear_error(local_ray):
         RayVecEnv([])
     with pytest.raises(RltuneError, match="n_workers"):
         RayVecEnv(_fns(1), n_workers=0)
+    wide = RayVecEnv(_fns(3), n_workers=5)  # more actors than the 2 CPUs would wait for ever
+    try:
+        assert len(wide.workers) == 2 and wide.num_envs == 3
+    finally:
+        wide.close()
 
 
 def test_a_worker_whose_env_cannot_be_built_is_one_line(local_ray):
