@@ -4,7 +4,7 @@
 
 Generates the tasks of ``--spec`` (a JSON TaskSpec, default ``TaskSpec()``), counts them (distinct
 tasks, training / held-out, per family, per budget kind), then for ``--sample`` of them spread over
-the families (every k-th task) times, on one thread: the teacher and float student (trained once and
+the families and student architectures times, on one thread: the teacher and float student (trained once and
 cached, or read from the cache), the bit-width probe (the env's reset), and one recipe episode (the
 zero action at every stage), the figure the issue bounds at ~10 s. Writes a JSON with the counts,
 one row per sampled task (``family``, ``target``, ``student``, ``params``, ``episode_s``,
@@ -58,14 +58,15 @@ def main(argv: list[str] | None = None) -> int:
         "by_student": dict(collections.Counter(t.scenario["student"]["arch"] for t in tasks)),
     }
     print(json.dumps(counts))
-    # spread the sample over the families: evenly spaced tasks of each family, round-robin
-    by_family: dict[str, list] = collections.defaultdict(list)
+    # spread the sample over the families and student kinds: evenly spaced tasks of each
+    # (family, student architecture) group, round-robin
+    groups: dict[tuple, list] = collections.defaultdict(list)
     for t in tasks:
-        by_family[t.family].append(t)
-    per = -(-a.sample // max(1, len(by_family)))
-    picks = {f: [ts[j] for j in sorted(set(np.linspace(0, len(ts) - 1, min(per, len(ts))).round().astype(int)))]
-             for f, ts in sorted(by_family.items())}
-    sample = [t for k in range(per) for f in picks if k < len(picks[f]) for t in [picks[f][k]]][: a.sample]
+        groups[(t.family, t.scenario["student"]["arch"])].append(t)
+    per = -(-a.sample // max(1, len(groups)))
+    picks = {g: [ts[j] for j in sorted(set(np.linspace(0, len(ts) - 1, min(per, len(ts))).round().astype(int)))]
+             for g, ts in sorted(groups.items())}
+    sample = [t for k in range(per) for g in picks if k < len(picks[g]) for t in [picks[g][k]]][: a.sample]
     rows = []
     for t in sample:
         t0 = time.perf_counter()

@@ -73,3 +73,16 @@ def test_a_generated_task_runs_an_episode_in_the_env(tasks):
         _, _, term, trunc, info = env.step(env.action_space.sample() * 0)
         done = term or trunc
     assert 0.0 <= info["val_acc"] <= 1.0 and info["ratio"] > 1.0
+
+
+def test_the_timing_script_refuses_bad_arguments_with_one_line(tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "experiments" / "task_episodes.py"
+    for args in (["--spec", '{"colour": 1}'], ["--spec", "not json"], ["--sample", "-1"]):
+        p = subprocess.run([sys.executable, str(script), *args, "--out", str(tmp_path / "t.json")],
+                           capture_output=True, text=True, timeout=120)
+        assert p.returncode == 2 and "Traceback" not in p.stderr and len(p.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "t.json").exists()
