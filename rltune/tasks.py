@@ -157,8 +157,9 @@ def _log_uniform(rng: np.random.Generator, lo: float, hi: float) -> float:
 
 
 def _widths(rng: np.random.Generator, n_layers: int, lo: int = 8, hi: int = 512) -> list[int]:
-    # funnel-shaped more often than not, as people build them
-    ws = sorted((int(round(_log_uniform(rng, lo, hi))) for _ in range(n_layers)), reverse=rng.random() < 0.7)
+    # funnel-shaped, as people build them: a 40-12-15-48-10 MLP drawn in either order reached 49 %
+    # float val on MNIST-1D against its teacher's 91 % (task_episodes.py), a task with nothing to keep
+    ws = sorted((int(round(_log_uniform(rng, lo, hi))) for _ in range(n_layers)), reverse=True)
     return [max(lo, w) for w in ws]
 
 
@@ -223,7 +224,7 @@ def _student(rng: np.random.Generator, family: str, n_in: int, n_out: int, cap: 
             return {"arch": "linear", "pretrain_epochs": 20}
         most = {"synthetic": 4, "mnist1d": 3, "digits": 3, "tabular": 2, "mnist": 2}[family]
         hi = {"tabular": 64, "mnist": 128}.get(family, 512)
-        hidden = _widths(rng, int(rng.integers(1, most + 1)), 8, hi)
+        hidden = _widths(rng, int(rng.integers(1, most + 1)), max(8, n_out), hi)
         if _mlp_params(n_in, hidden, n_out) <= cap:
             return {"arch": "mlp", "hidden": hidden, "pretrain_epochs": 20}
     return {"arch": "mlp", "hidden": [16], "pretrain_epochs": 20}
