@@ -191,25 +191,18 @@ def compression_table(ctx: Context, a: Args) -> dict:
         points.append(pt)
         print(f"  recipe {sp:.2f}/{bits}b: test {100 * pt['test_acc']['mean']:.2f} ± {100 * pt['test_acc']['std']:.2f} "
               f"ratio {pt['ratio']['mean']:.1f}× ({pt['bytes']['mean']:.0f} B)", flush=True)
-    float_mean = statistics.fmean(float_accs)
-    ok = [p for p in points if p["test_acc"]["mean"] >= float_mean - 0.01]
-    best = max(ok, key=lambda p: p["ratio"]["mean"]) if ok else None
-    return {
-        "float_student_acc": ms(float_accs),
-        "recipe_points": points,
-        "max_ratio_within_1pt": best["ratio"]["mean"] if best else None,
-        "max_ratio_setting": {k: best[k] for k in ("sparsity", "bits")} | {"test_acc": best["test_acc"]} if best else None,
-    }
+    c = {"float_student_acc": ms(float_accs), "recipe_points": points}
+    best_within_1pt(c)
+    return c
 
 
 def allocator_points(scenario: str, a: Args, command: str) -> list[dict]:
     """The ``sensitivity`` tuner at each target of ``a.allocator``, ``a.seeds`` seeds, via the harness."""
-    from rltune.harness import ONE_EPISODE, evaluate, read_results
+    from rltune.harness import evaluate, read_results
 
     folder = Path(a.out) / "frontier_allocator"
     evaluate([scenario], {scenario: a.allocator}, ["sensitivity"], [8], a.seeds, folder, workers=a.workers,
              progress=False)
-    assert "sensitivity" in ONE_EPISODE
     rows = [r for r in read_results(folder / "results.jsonl") if r["scenario"] == scenario and r["tuner"] == "sensitivity"
             and r["target"] in a.allocator and r["seed"] < a.seeds]
     points = []

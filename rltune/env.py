@@ -59,6 +59,12 @@ def decode_action(a: np.ndarray, recipe_bits: int, stages: int, knob_ranges: dic
     }
 
 
+def nearest_feasible(probe: "Probe", bits: int) -> int:
+    """The bit-width nearest ``bits`` at which the probe found the target reachable (ties: fewer)."""
+    feasible = [x for x in BITS if probe.required.get(x) is not None]
+    return bits if bits in feasible else min(feasible, key=lambda x: (abs(x - bits), x))
+
+
 def ramp(stage: int, stages: int, final: float, exponent: float) -> float:
     """Sparsity at ``stage`` (1-based): ``final · (1 − (1 − k/R)^p)`` up to R = ¾ of the stages."""
     R = max(1, int(round(0.75 * stages)))
@@ -436,8 +442,7 @@ class DistillCompressEnv(gym.Env):
         """Fix the episode's final bit-width (the nearest feasible one) and so its final sparsity,
         the smallest that meets the target at those bits. Done by the first step; a tuner that plays
         its own schedule calls it directly."""
-        feasible = [x for x in BITS if self.probe_result.required.get(x) is not None]
-        b = final_bits if final_bits in feasible else min(feasible, key=lambda x: (abs(x - final_bits), x))
+        b = nearest_feasible(self.probe_result, final_bits)
         late = late_stages if late_stages is not None else max(1, self.stages // 4)
         self.plan = {"final_bits": b, "final_sparsity": self.probe_result.required[b], "late_stages": late}
         return self.plan

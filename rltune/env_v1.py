@@ -58,7 +58,7 @@ from torch import nn
 
 from rltune import compression as C
 from rltune.budget import Budget
-from rltune.env import ACTION_LAYOUT, BITS, OBS_LAYOUT, DistillCompressEnv, decode_action, ramp
+from rltune.env import ACTION_LAYOUT, OBS_LAYOUT, DistillCompressEnv, decode_action, nearest_feasible, ramp
 from rltune.errors import DivergedError
 from rltune.stage import Knobs
 
@@ -182,10 +182,7 @@ class DistillCompressEnvV1(DistillCompressEnv):
         return super().reset(seed=seed, options=options)
 
     def _plus1(self) -> int:
-        p = self.probe_result
-        feasible = [x for x in BITS if p.required.get(x) is not None]
-        want = p.recipe_bits + 1
-        return min(feasible, key=lambda x: (abs(x - want), x))
+        return nearest_feasible(self.probe_result, self.probe_result.recipe_bits + 1)
 
     def centres(self) -> list[float]:
         """Each layer's sparsity under the zero action's global magnitude pruning at its width."""
@@ -236,8 +233,7 @@ class DistillCompressEnvV1(DistillCompressEnv):
         if np.all(np.abs(off) < 0.5) and np.all(np.abs(tilt) < DEADZONE):
             self.layer_plan = None
             return
-        from rltune.budget import lowest_fitting
-        from rltune.layer_sensitivity import TRUST_RADIUS
+        from rltune.layer_sensitivity import TRUST_RADIUS, shift_to_budget
 
         sc = self.ctx.scenario
         lo_b, hi_b = sc.knobs["bits"]
@@ -245,28 +241,17 @@ class DistillCompressEnvV1(DistillCompressEnv):
         b0 = self.plan["final_bits"]
         base = [c + float(tilt[j]) * TRUST_RADIUS for j, c in enumerate(self.centres())]
         fs, _ = self.float_student(self.scenario_index, self.float_seed)
-        limit = self.meter.limit * 0.97
-
-        def sps_at(c: float) -> tuple[float, ...]:
-            return tuple(min(max(x + c, 0.0), top) for x in base)
-
-        def fits(bits: list[int], c: float) -> bool:
-            probe = C.prepare_(copy.deepcopy(fs))
-            C.prune_layers_(probe, sps_at(c))
-            C.set_bits_(probe, bits)
-            return self.meter.cost(probe) <= limit
-
         # the offsets as asked; if no common shift fits them, the offsets that add bits are dropped;
         # if that fails too, the episode prunes globally as the zero action does
         asked = [int(np.clip(b0 + int(np.round(off[j])), lo_b, hi_b)) for j in range(n)]
         for bits in (asked, [min(b, b0) for b in asked]):
-            if fits(bits, 1.0):
+            shift, sps = shift_to_budget(fs, base, bits, self.meter.cost, self.meter.limit * 0.97, -1.0, 1.0,
+                                         top=top, iters=16)
+            if shift is not None:
                 break
         else:
             self.layer_plan = None
             return
-        shift = lowest_fitting(lambda c: fits(bits, c), -1.0, 1.0, 16)
-        sps = sps_at(shift)
         self.layer_plan = {"bits": bits, "sparsity": list(sps), "shift": shift}
 
     def end_stage(self, m, parts: dict[str, float] | None = None):

@@ -333,6 +333,31 @@ def allocate(model: nn.Module, traces: dict[str, float] | None, cost, limit: flo
     return best[0], best[1], {"cost": best[2], "limit": limit, "predicted_damage": best[3]}
 
 
+def shift_to_budget(model: nn.Module, base: Sequence[float], bits, cost, limit: float, lo: float, hi: float,
+                    top: float = 0.999, iters: int = 24) -> tuple[float | None, tuple[float, ...]]:
+    """The smallest shift ``c`` in ``[lo, hi]`` common to every layer such that the one-shot student
+    (layer ``j`` pruned to ``clip(base[j] + c, 0, top)`` by magnitude, at ``bits``) has ``cost <=
+    limit``, by bisection; returns ``(c, sparsities)``, or ``(None, sparsities at hi)`` when even
+    ``hi`` does not fit. The budget step of the OWL rule and of v1's per-layer actions."""
+    from rltune.budget import lowest_fitting
+
+    def sps_at(c: float) -> tuple[float, ...]:
+        return tuple(min(max(b + c, 0.0), top) for b in base)
+
+    def fits(c: float) -> bool:
+        probe = C.prepare_(copy.deepcopy(model))
+        C.prune_layers_(probe, sps_at(c))
+        C.set_bits_(probe, bits)
+        return float(cost(probe)) <= limit
+
+    if fits(lo):
+        return lo, sps_at(lo)
+    if not fits(hi):
+        return None, sps_at(hi)
+    c = lowest_fitting(fits, lo, hi, iters)
+    return c, sps_at(c)
+
+
 def owl_allocate(model: nn.Module, cost, limit: float, bits: int, lam: float = 0.08, m: float = 5.0,
                  iters: int = 24, centres: Sequence[float] | None = None) -> tuple[tuple[float, ...], dict[str, Any]]:
     """OWL's per-layer sparsity (Yin et al., "Outlier Weighed Layerwise Sparsity", ICML 2024) for
@@ -349,8 +374,6 @@ def owl_allocate(model: nn.Module, cost, limit: float, bits: int, lam: float = 0
     72.83 for recipe-plus1), so :func:`rltune.tuners.tune_owl` starts from the recipe's global
     magnitude split (then 74.9 and 57.7) and scales each offset with the layer's density (then
     76.14 and 70.87)."""
-    from rltune.budget import lowest_fitting
-
     prepared = C.prepare_(copy.deepcopy(model))
     ls = C.layers(prepared)
     ratios = []
@@ -369,20 +392,8 @@ def owl_allocate(model: nn.Module, cost, limit: float, bits: int, lam: float = 0
     # handed 0.08 more (it would keep a third of what it had)
     offs = [o * min(1.0, (1.0 - b) / 0.3) for o, b in zip(offs, base)] if centres is not None else offs
 
-    def sps_at(c: float) -> tuple[float, ...]:
-        return tuple(min(max(b + c + o, 0.0), 0.999) for b, o in zip(base, offs))
-
-    def cost_at(c: float) -> float:
-        probe = C.prepare_(copy.deepcopy(model))
-        C.prune_layers_(probe, sps_at(c))
-        C.set_bits_(probe, bits)
-        return float(cost(probe))
-
     lo, hi = -lam - max(base), 1.0 + lam
-    if cost_at(lo) <= limit:
-        hi = lo
-    elif cost_at(hi) > limit:
+    shift, sps = shift_to_budget(model, [b + o for b, o in zip(base, offs)], bits, cost, limit, lo, hi, iters=iters)
+    if shift is None:
         raise RltuneError(f"OWL: the budget cannot be met at {bits} bits even at 99.9 % sparsity")
-    else:
-        hi = lowest_fitting(lambda c: cost_at(c) <= limit, lo, hi, iters)
-    return sps_at(hi), {"outlier_ratios": ratios, "offsets": offs, "shift": hi, "centres": base}
+    return sps, {"outlier_ratios": ratios, "offsets": offs, "shift": shift, "centres": base}

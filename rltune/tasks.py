@@ -48,6 +48,7 @@ default sizes): 6-8 stages of 1-2 epochs.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
@@ -168,7 +169,7 @@ def _mlp_params(n_in: int, hidden: list[int], n_out: int) -> int:
     return sum(a * b + b for a, b in zip(dims, dims[1:]))
 
 
-def _dataset(rng: np.random.Generator, family: str, index: int) -> tuple[dict, dict, int, int, tuple]:
+def _dataset(rng: np.random.Generator, family: str) -> tuple[dict, dict, int, int, tuple]:
     """(dataset section, teacher section, n_in, n_out, input shape) of one drawn dataset."""
     seed = int(rng.integers(0, 2**31 - 1))
     if family == "synthetic":
@@ -259,8 +260,15 @@ def _costs(student: dict, shape: tuple, n_out: int) -> tuple[int, float, float, 
 
 
 def generate_tasks(spec: TaskSpec | dict[str, Any] | None = None) -> list[Task]:
-    """The ``spec.n_tasks`` distinct tasks of ``spec`` (same spec, same tasks, same order)."""
+    """The ``spec.n_tasks`` distinct tasks of ``spec`` (same spec, same tasks, same order). Drawn once
+    per spec and process (a training run asks for them in its config check, its agent record and
+    every env); the list is new each call, its tasks shared."""
     spec = TaskSpec() if spec is None else (TaskSpec.from_dict(spec) if isinstance(spec, dict) else spec)
+    return list(_generate(spec))
+
+
+@functools.lru_cache(maxsize=8)
+def _generate(spec: TaskSpec) -> tuple[Task, ...]:
     rng = np.random.default_rng([spec.seed, 20261204])
     weights = np.array([FAMILY_WEIGHTS[f] for f in spec.families], float)
     weights /= weights.sum()
@@ -273,7 +281,7 @@ def generate_tasks(spec: TaskSpec | dict[str, Any] | None = None) -> list[Task]:
             raise RltuneError(f"TaskSpec: could not draw {spec.n_tasks} tasks (got {len(tasks)}): no student of these "
                               f"families reaches {spec.min_ratio:g}x often enough; lower min_ratio")
         family = str(rng.choice(spec.families, p=weights))
-        ds, teacher, n_in, n_out, shape = _dataset(rng, family, index)
+        ds, teacher, n_in, n_out, shape = _dataset(rng, family)
         index += 1
         held = int(_hash({"dataset": ds, "teacher": teacher}), 16) / 16 ** 16 < spec.held_out_share
         for _ in range(spec.students_per_dataset):
@@ -308,5 +316,5 @@ def generate_tasks(spec: TaskSpec | dict[str, Any] | None = None) -> list[Task]:
                 name = f"gen{spec.seed}-{len(tasks):04d}-{family}"
                 tasks.append(Task(name, family, {"name": name, **body}, target, held))
                 if len(tasks) == spec.n_tasks:
-                    return tasks
-    return tasks
+                    return tuple(tasks)
+    return tuple(tasks)

@@ -290,10 +290,10 @@ def tune_sensitivity(s: Session) -> None:
     s._reset()
     env = s.env
     fs, _ = env.float_student(s.scenario, env.float_seed)
+    from rltune.env import nearest_feasible
+
     req = env.probe_result.required
-    feasible = [x for x in req if req[x] is not None]
-    want = env.probe_result.recipe_bits + 1
-    width = min(feasible, key=lambda x: (abs(x - want), x))
+    width = nearest_feasible(env.probe_result, env.probe_result.recipe_bits + 1)
     d = env.ctx.data
     bits, sps, info = allocate(fs, None, env.meter.cost, env.meter.limit * 0.97, bits=(width,),
                                val=(d.x_val, d.y_val), around=magnitude_split(fs, req[width], env.ctx.scenario))
@@ -342,9 +342,10 @@ def tune_owl(s: Session) -> None:
     s._reset()
     env = s.env
     fs, _ = env.float_student(s.scenario, env.float_seed)
+    from rltune.env import nearest_feasible
+
     req = env.probe_result.required
-    feasible = [x for x in req if req[x] is not None]
-    width = min(feasible, key=lambda x: (abs(x - (env.probe_result.recipe_bits + 1)), x))
+    width = nearest_feasible(env.probe_result, env.probe_result.recipe_bits + 1)
     sps, info = owl_allocate(fs, env.meter.cost, env.meter.limit * 0.97, width,
                              centres=magnitude_split(fs, req[width], env.ctx.scenario))
     bits = tuple(width for _ in sps)
