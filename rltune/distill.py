@@ -108,8 +108,12 @@ def train_epochs(
     teacher: nn.Module | None = None,
     weight_decay: float = 0.0,
     codebook_lr_scale: float = 0.1,
+    tail: float | None = None,
 ) -> float:
     """Train ``model`` for ``epochs`` epochs; returns the mean loss of the last epoch.
+
+    ``tail`` (a share in (0, 1]): the parameters end as the mean of their iterates over the last
+    ``tail`` of the optimizer steps (tail averaging, Polyak-Ruppert), not the last iterate.
 
     With ``teacher`` given, its logits are recomputed on every batch instead of read from the
     cache (only to measure what the cache saves). Raises :class:`DivergedError` on a NaN or
@@ -138,6 +142,7 @@ def train_epochs(
     except (RuntimeError, TypeError):
         opt = torch.optim.Adam(groups, lr=lr, weight_decay=weight_decay)
     n = len(y_all)
+    avg = TailAverage([p for _, p in named], epochs * math.ceil(n / batch_size), tail)
     model.train()
     with gc_paused():
         last = math.nan
@@ -165,11 +170,47 @@ def train_epochs(
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
+                avg.step()
                 total += float(loss.detach()) * len(idx)
                 count += len(idx)
             last = total / max(count, 1)
+    avg.apply()
     model.eval()
     return last
+
+
+class TailAverage:
+    """The running mean of ``params`` over the last ``share`` of ``total`` optimizer steps
+    (``share`` None: nothing); :meth:`apply` writes it into them. Of a stacked tensor (K students)
+    ``rows`` picks the students it applies to."""
+
+    def __init__(self, params, total: int, share: float | None, rows: torch.Tensor | None = None):
+        self.params = list(params) if share else []
+        self.start = total - max(1, int(round(float(share) * total))) if share else total
+        self.rows, self.n, self.done = rows, 0, 0
+        self.mean: list[torch.Tensor] | None = None
+
+    @torch.no_grad()
+    def step(self) -> None:
+        self.done += 1
+        if not self.params or self.done <= self.start:
+            return
+        self.n += 1
+        if self.mean is None:
+            self.mean = [p.detach().clone() for p in self.params]
+        else:
+            for m, p in zip(self.mean, self.params):
+                m.add_(p.detach() - m, alpha=1.0 / self.n)
+
+    @torch.no_grad()
+    def apply(self) -> None:
+        if self.mean is None:
+            return
+        for m, p in zip(self.mean, self.params):
+            if self.rows is None:
+                p.copy_(m)
+            else:
+                p[self.rows] = m[self.rows]
 
 
 @torch.no_grad()

@@ -371,6 +371,7 @@ class DistillCompressEnv(gym.Env):
                 plan = recipe(sc.training["stages"], p.required[p.recipe_bits], p.recipe_bits)
                 for i, knobs in enumerate(plan):
                     state.fill = meter if self.fill_budget and i == len(plan) - 1 else None
+                    state.last = i == len(plan) - 1
                     run_stage(ctx, state, knobs)
                 enforced = enforce_(state.model, meter, sc.knobs["sparsity"][1], sc.training["pruning_scope"])
                 score = lambda m: self._val_acc(m, ctx)  # noqa: E731
@@ -466,6 +467,7 @@ class DistillCompressEnv(gym.Env):
         self.knobs = knobs
         # the last stage starts from the whole budget: pruned bytes come back before it trains
         self.state.fill = self.meter if self.fill_budget and self.k >= self.stages else None
+        self.state.last = self.k >= self.stages
 
     def end_stage(self, m: "Metrics | DivergedError", parts: dict[str, float] | None = None):
         """The Gymnasium step's result once the stage begun by :meth:`begin_stage` has run: its

@@ -184,3 +184,42 @@ def test_batched_training_resumes_keeping_its_episodes(tmp_path):
     train({**cfg, "total_timesteps": 24}, run, resume=True, progress_bar=False, command="pytest")
     after = monitor.read_text().splitlines()
     assert after[:len(before)] == before and len(after) == len(before) + 4  # 8 more steps: 4 episodes of 2
+
+
+def test_tail_averaging_on_the_last_stage_batches_too(ctx, monkeypatch):
+    import rltune.stage as stage
+
+    monkeypatch.setattr(stage, "TAIL_AVERAGE", 0.5)
+
+    def states():
+        out = [start(ctx, seed=s) for s in range(3)]
+        out[0].last = out[2].last = True   # the middle one is not at its last stage: no averaging
+        return out
+
+    _compare(ctx, KNOBS[:3], states)
+    # the averaged student is not the last iterate: the same stage without averaging ends elsewhere
+    a, b = start(ctx, seed=0), start(ctx, seed=0)
+    a.last = True
+    run_stage(ctx, a, KNOBS[0])
+    monkeypatch.setattr(stage, "TAIL_AVERAGE", None)
+    run_stage(ctx, b, KNOBS[0])
+    assert not torch.allclose(C.layers(a.model)[0].weight, C.layers(b.model)[0].weight)
+
+
+def test_tail_average_is_the_mean_of_the_last_iterates():
+    from rltune.distill import TailAverage
+
+    p = torch.zeros(3)
+    avg = TailAverage([p], total=10, share=0.3)   # the last 3 of 10 steps
+    for k in range(1, 11):
+        p.fill_(float(k))
+        avg.step()
+    avg.apply()
+    assert torch.allclose(p, torch.full((3,), 9.0))   # mean of 8, 9, 10
+    q = torch.zeros(2, 2)
+    rows = TailAverage([q], total=4, share=0.5, rows=torch.tensor([True, False]))
+    for k in range(1, 5):
+        q.fill_(float(k))
+        rows.step()
+    rows.apply()
+    assert q[0].tolist() == [3.5, 3.5] and q[1].tolist() == [4.0, 4.0]
