@@ -93,6 +93,13 @@ class RayVecEnv(VecEnv):
         if not env_fns:
             raise RltuneError("RayVecEnv needs at least one environment")
         self._owns_ray = False
+        if ray.is_initialized() and address not in (None, "auto") and not str(address).startswith("ray://"):
+            # the running Ray would be used whatever the address said: a run meant for a cluster
+            # would quietly run here (a ray:// client address cannot be compared: it is taken as given)
+            here = ray.get_runtime_context().gcs_address
+            if str(address) != here:
+                raise RltuneError(f"Ray is already running in this process (at {here}), so it cannot join "
+                                  f"{address}: call ray.shutdown() first, or leave out the address to use it")
         if not ray.is_initialized():
             try:
                 ray.init(address=address, include_dashboard=False, log_to_driver=False)
