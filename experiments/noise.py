@@ -24,7 +24,8 @@ with ``--seeds`` training seeds, both arms at the same training seed (paired). P
     python experiments/noise.py --cells synthetic-6class=16x mnist1d-small=16x digits-mlp=16x --seeds 10 \
         --variant base --out experiments/results/noise.json
 
-Results for several variants go in one file (a rerun replaces that variant's rows).
+Results for several variants go in one file (a rerun replaces that variant's rows for the cells it
+ran). Seeds where either arm diverged are counted (``diverged``) and left out of the figures.
 """
 
 from __future__ import annotations
@@ -40,6 +41,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from rltune.env import DistillCompressEnv, nearest_feasible
+
 VARIANTS = ("base", "tail")
 
 
@@ -50,20 +53,14 @@ def run_pair(scenario: str, target: str, seed: int, variant: str) -> dict:
 
     import rltune.stage as stage
     from rltune.distill import predict
-    from rltune.env import DistillCompressEnv
+    from rltune.env import play_offset
 
     torch.set_num_threads(1)
     stage.TAIL_AVERAGE = 0.5 if variant == "tail" else None
     env = DistillCompressEnv(scenarios=[scenario], targets=[target])
     out = {"scenario": scenario, "target": target, "seed": seed, "variant": variant}
     for arm, off in (("recipe", 0), ("plus1", 1)):
-        env.reset(seed=seed, options={"scenario": 0, "target": target, "float_seed": 0})
-        a = np.zeros(env.action_space.shape, np.float32)
-        a[0] = off / 2.0
-        done, info = False, {}
-        while not done:
-            _, _, term, trunc, info = env.step(a)
-            done = term or trunc
+        info = play_offset(env, seed, {"scenario": 0, "target": target, "float_seed": 0}, off)
         d, ts = env.ctx.data, env.ctx.train_set
         logits = predict(env.state.model, d.x_val)
         fit = predict(env.state.model, ts.x).argmax(1) == ts.t_logits.argmax(1)
@@ -78,7 +75,10 @@ def run_pair(scenario: str, target: str, seed: int, variant: str) -> dict:
     return out
 
 
-def summarise(rows: list[dict]) -> dict:
+def summarise(all_rows: list[dict]) -> dict:
+    """The figures over the seeds where neither arm diverged (a diverged episode's val accuracy is
+    its last good stage's, not a result)."""
+    rows = [r for r in all_rows if not r["recipe"]["diverged"] and not r["plus1"]["diverged"]]
     diffs = [100 * (r["plus1"]["val_acc"] - r["recipe"]["val_acc"]) for r in rows]
     loss_diffs = [r["plus1"]["val_loss"] - r["recipe"]["val_loss"] for r in rows]
     sd_arm = [statistics.stdev(100 * r[arm]["val_acc"] for r in rows) for arm in ("recipe", "plus1")]
@@ -106,7 +106,7 @@ def summarise(rows: list[dict]) -> dict:
         "snr": snr, "seeds_for_2_sigma": math.ceil((2 / snr) ** 2) if snr > 0 else None,
         "loss_signal": loss_signal, "loss_sd_paired": loss_sd,
         "loss_snr": abs(loss_signal) / loss_sd if loss_sd > 0 else math.inf,
-        "diverged": sum(bool(r[a]["diverged"]) for r in rows for a in ("recipe", "plus1")),
+        "diverged": sum(bool(r[a]["diverged"]) for r in all_rows for a in ("recipe", "plus1")),
         "n_val": len(rows[0]["recipe"]["correct"]),
         "test": snr_of("test_acc"), "fit_agreement": snr_of("fit_agreement"),
         # does one episode's reward point the way the test split does? (share of seeds)
@@ -138,6 +138,18 @@ def main(argv=None) -> int:
     if a.seeds < 2 or a.workers < 1:
         print("noise.py: --seeds takes at least 2, --workers at least 1", file=sys.stderr)
         return 2
+    from rltune.errors import RltuneError, write_atomic
+
+    for n, t in cells:   # a bad name or target is one line here, not a worker's traceback
+        try:
+            env = DistillCompressEnv(scenarios=[n], targets=[t])
+            env.reset(seed=0, options={"scenario": 0, "target": t, "float_seed": 0})
+            want = env.probe_result.recipe_bits + 1
+            if nearest_feasible(env.probe_result, want) != want:
+                raise RltuneError(f"{n} @ {t}: one bit more than the recipe ({want}) is out of range or infeasible")
+        except RltuneError as e:
+            print(f"noise.py: {e}", file=sys.stderr)
+            return 2
     jobs = [(n, t, s, a.variant) for n, t in cells for s in range(a.seeds)]
     with ProcessPoolExecutor(a.workers) as pool:
         rows = list(pool.map(run_pair, *zip(*jobs)))
@@ -146,7 +158,7 @@ def main(argv=None) -> int:
     from rltune.shipped import recorded_command
 
     doc["commands"][a.variant] = recorded_command()
-    doc["cells"] = [c for c in doc["cells"] if c["variant"] != a.variant]
+    doc["cells"] = [c for c in doc["cells"] if c["variant"] != a.variant or (c["scenario"], c["target"]) not in cells]
     for n, t in cells:
         mine = [r for r in rows if r["scenario"] == n and r["target"] == t]
         s = summarise(mine)
@@ -158,8 +170,6 @@ def main(argv=None) -> int:
               f"fit agreement: signal {s['fit_agreement']['signal']:+.2f} sd {s['fit_agreement']['sd_paired']:.2f} "
               f"snr {s['fit_agreement']['snr']:.2f}", flush=True)
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    from rltune.errors import write_atomic
-
     write_atomic(out_path, (json.dumps(doc, indent=1) + "\n").encode())
     return 0
 

@@ -74,36 +74,41 @@ def main(argv=None) -> int:
     from rltune.vecenv import BatchedVecEnv
 
     torch.set_num_threads(1)
-    rows = []
-    venv = BatchedVecEnv(make_fns(a.scenarios, a.target, a.n_envs))
-    steps, secs = time_rollouts(venv, a.rollouts)
-    venv.close()
-    rows.append({"backend": "batched", "workers": 1, "n_envs": a.n_envs, "steps": steps, "seconds": secs,
-                 "steps_per_s": steps / secs})
-    print(f"batched, one process: {steps / secs:.2f} steps/s ({steps} steps, {secs:.1f} s)", flush=True)
-    from rltune.rayvec import RayVecEnv
+    rows: list[dict] = []
 
-    for w in a.workers:
+    def write() -> None:   # after every backend: what was measured is kept if a later one fails
+        by = {(r["backend"], r["workers"]): r["steps_per_s"] for r in rows}
+        doc = {"command": recorded_command(), "scenarios": a.scenarios, "target": a.target, "n_envs": a.n_envs,
+               "rollouts": a.rollouts, "cpus": os.cpu_count(), "rows": rows,
+               "ray_2_over_1": by[("ray", 2)] / by[("ray", 1)] if ("ray", 1) in by and ("ray", 2) in by else None}
+        out = Path(a.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        write_atomic(out, (json.dumps(doc, indent=1) + "\n").encode())
+
+    def measure(backend: str, build) -> bool:
         try:
-            venv = RayVecEnv(make_fns(a.scenarios, a.target, a.n_envs), n_workers=w)
+            venv = build()
         except RltuneError as e:
             print(f"ray_throughput.py: {e}", file=sys.stderr)
-            return 2
+            return False
         try:
-            got = len(venv.workers)
+            got = len(getattr(venv, "workers", [None]))
             steps, secs = time_rollouts(venv, a.rollouts)
         finally:
             venv.close()
-        rows.append({"backend": "ray", "workers": got, "n_envs": a.n_envs, "steps": steps, "seconds": secs,
+        rows.append({"backend": backend, "workers": got, "n_envs": a.n_envs, "steps": steps, "seconds": secs,
                      "steps_per_s": steps / secs})
-        print(f"ray, {got} worker(s): {steps / secs:.2f} steps/s ({steps} steps, {secs:.1f} s)", flush=True)
-    by = {(r["backend"], r["workers"]): r["steps_per_s"] for r in rows}
-    doc = {"command": recorded_command(), "scenarios": a.scenarios, "target": a.target, "n_envs": a.n_envs,
-           "rollouts": a.rollouts, "cpus": os.cpu_count(), "rows": rows,
-           "ray_2_over_1": by[("ray", 2)] / by[("ray", 1)] if ("ray", 1) in by and ("ray", 2) in by else None}
-    out = Path(a.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    write_atomic(out, (json.dumps(doc, indent=1) + "\n").encode())
+        print(f"{backend}, {got} worker(s): {steps / secs:.2f} steps/s ({steps} steps, {secs:.1f} s)", flush=True)
+        write()
+        return True
+
+    if not measure("batched", lambda: BatchedVecEnv(make_fns(a.scenarios, a.target, a.n_envs))):
+        return 2
+    from rltune.rayvec import RayVecEnv
+
+    for w in a.workers:
+        if not measure("ray", lambda: RayVecEnv(make_fns(a.scenarios, a.target, a.n_envs), n_workers=w)):
+            return 2
     return 0
 
 

@@ -323,6 +323,8 @@ def train_epochs_batched(models: Sequence[nn.Module], data: TrainSet, epochs: in
             batched_forward = merged_forward
     n = len(data.y)
     x_all, y_all = data.x, data.y
+    if tail_students is not None and len(tail_students) != K:
+        raise RltuneError(f"tail_students: {len(tail_students)} flags for {K} students")
     rows = None if tail_students is None else torch.tensor([bool(t) for t in tail_students])
     avg = TailAverage(params, epochs * math.ceil(n / batch_size),
                       tail if rows is None or bool(rows.any()) else None, rows)

@@ -162,12 +162,13 @@ def enforce_(model: nn.Module, meter: Meter, max_sparsity: float, scope: str, it
 
 
 @torch.no_grad()
-def _regrowth(model: nn.Module, meter: Meter):
+def _regrowth(model: nn.Module, meter: Meter, limit: float):
     """``(apply, total)``: ``apply(n)`` puts the masks back as they are now, unprunes the ``n``
     pruned weights whose latent magnitude is largest (across all layers) and returns the cost;
-    ``total`` is how many are pruned. ``(None, 0)`` for weight-shared layers."""
+    ``total`` is how many are pruned. ``(None, 0)`` where nothing can come back: weight-shared
+    layers, nothing pruned, or a cost already over ``limit``."""
     ls = C.layers(model)
-    if any(l.compressor.shared for l in ls):
+    if any(l.compressor.shared for l in ls) or meter.cost(model) > limit:
         return None, 0
     where, mags = [], []
     for i, l in enumerate(ls):
@@ -175,6 +176,8 @@ def _regrowth(model: nn.Module, meter: Meter):
         where.append(torch.stack([torch.full_like(off, i), off], dim=1))
         mags.append(l.weight.detach().abs().flatten()[off])
     where_t, mags_t = torch.cat(where), torch.cat(mags)
+    if mags_t.numel() == 0:
+        return None, 0
     order = where_t[torch.argsort(mags_t, descending=True, stable=True)]
     saved = _masks(model)
 
@@ -197,10 +200,8 @@ def fill_(model: nn.Module, meter: Meter, margin: float = 1.0, iters: int = 20) 
     more, so a student can end well under its budget; low-bit students most of all (their packed
     size shrinks as training moves weights to zero codes). Not for weight-shared layers."""
     limit = meter.limit * margin
-    apply, total = _regrowth(model, meter)
-    if apply is None or total == 0 or meter.cost(model) > limit:
-        return 0
-    return largest_fitting_count(apply, total, limit, iters)
+    apply, total = _regrowth(model, meter, limit)
+    return largest_fitting_count(apply, total, limit, iters) if apply is not None else 0
 
 
 def largest_fitting_count(cost_with, total: int, limit: float, iters: int = 20) -> int:
@@ -312,8 +313,8 @@ def fill_if_better_(model: nn.Module, meter: Meter, score, margin: float = 1.0, 
     (:func:`fill_gradient_`) is no better without training: 84 of them took mnist1d-lenet @24x from
     83.6 % val to 24.5 %. Returns how many weights came back (0 if the fill was undone)."""
     limit = meter.limit * margin
-    apply, total = _regrowth(model, meter)
-    if apply is None or total == 0 or meter.cost(model) > limit:
+    apply, total = _regrowth(model, meter, limit)
+    if apply is None:
         return 0
     before = score(model)
     n = largest_fitting_count(apply, total, limit)

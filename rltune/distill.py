@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from rltune.errors import DivergedError
+from rltune.errors import DivergedError, RltuneError
 
 
 @contextlib.contextmanager
@@ -174,9 +174,30 @@ def train_epochs(
                 total += float(loss.detach()) * len(idx)
                 count += len(idx)
             last = total / max(count, 1)
-    avg.apply()
+    if avg.apply():
+        refresh_batchnorm(model, data.x, batch_size)
     model.eval()
     return last
+
+
+@torch.no_grad()
+def refresh_batchnorm(model: nn.Module, x: torch.Tensor, batch_size: int = 256) -> None:
+    """Recompute every BatchNorm's running statistics on ``x`` for the weights the model has now
+    (after averaging them, the statistics of the last iterates no longer match; SWA's ``update_bn``)."""
+    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    if not bns:
+        return
+    was = model.training
+    momenta = [m.momentum for m in bns]
+    for m in bns:
+        m.reset_running_stats()
+        m.momentum = None   # a cumulative average over the pass
+    model.train()
+    for start in range(0, len(x), batch_size):
+        model(x[start:start + batch_size])
+    for m, mom in zip(bns, momenta):
+        m.momentum = mom
+    model.train(was)
 
 
 class TailAverage:
@@ -185,6 +206,8 @@ class TailAverage:
     ``rows`` picks the students it applies to."""
 
     def __init__(self, params, total: int, share: float | None, rows: torch.Tensor | None = None):
+        if share is not None and not 0.0 < float(share) <= 1.0:
+            raise RltuneError(f"tail averaging takes a share of the steps in (0, 1], got {share!r}")
         self.params = list(params) if share else []
         self.start = total - max(1, int(round(float(share) * total))) if share else total
         self.rows, self.n, self.done = rows, 0, 0
@@ -203,14 +226,16 @@ class TailAverage:
                 m.add_(p.detach() - m, alpha=1.0 / self.n)
 
     @torch.no_grad()
-    def apply(self) -> None:
+    def apply(self) -> bool:
+        """Write the mean into the parameters; whether there was one."""
         if self.mean is None:
-            return
+            return False
         for m, p in zip(self.mean, self.params):
             if self.rows is None:
                 p.copy_(m)
             else:
                 p[self.rows] = m[self.rows]
+        return True
 
 
 @torch.no_grad()

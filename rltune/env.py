@@ -80,6 +80,24 @@ def probe_pick(accuracy: dict[int, float | None], tolerance: float) -> int:
     return max(b for b, a in feasible.items() if a >= top - tolerance)
 
 
+def play_offset(env: "DistillCompressEnv", seed: int, options: dict[str, Any], bits_offset: int) -> dict[str, Any]:
+    """One v0 episode of the recipe with its final bit-width moved by ``bits_offset`` (-2..2; the
+    action's ``final_bits`` entry only, every other entry 0); the last step's info. Raises
+    RltuneError if that width is out of the scenario's range or infeasible (the env would play
+    the nearest feasible one instead)."""
+    env.reset(seed=seed, options=options)
+    want = env.probe_result.recipe_bits + bits_offset
+    if nearest_feasible(env.probe_result, want) != want:
+        raise RltuneError(f"{env.ctx.scenario.name}: {want} bits is out of range or cannot meet {env.budget}")
+    a = np.zeros(env.action_space.shape, np.float32)
+    a[0] = bits_offset / 2.0
+    done, info = False, {}
+    while not done:
+        _, _, term, trunc, info = env.step(a)
+        done = term or trunc
+    return info
+
+
 @dataclass
 class Probe:
     """What the first observation tells the policy about a model: per final bit-width, the sparsity

@@ -327,7 +327,8 @@ def allocate(model: nn.Module, traces: dict[str, float] | None, cost, limit: flo
             C.prune_layers_(probe, centres)
             C.set_bits_(probe, b_u)
             return (tuple(b_u for _ in ls), tuple(centres),
-                    {"cost": float(cost(probe)), "limit": limit, "predicted_damage": None, "fallback": "uniform"})
+                    {"cost": float(cost(probe)), "limit": limit, "predicted_damage": None, "fallback": "uniform",
+                     "top_up": 0.0})
         if chosen is None:
             raise RltuneError("the allocator found no per-layer assignment under the budget")
         best = chosen
@@ -340,10 +341,8 @@ def allocate(model: nn.Module, traces: dict[str, float] | None, cost, limit: flo
         floors = None if centres is None else [min(c - radius, x) for c, x in zip(centres, s_t)]
         c, sps = shift_to_budget(model, s_t, b_t, cost, limit, -radius, 0.0, floors=floors)
         if c is not None and c < 0:
-            probe = C.prepare_(copy.deepcopy(model))
-            C.prune_layers_(probe, sps)
-            C.set_bits_(probe, list(b_t))
-            top_up, s_t, real = c, tuple(float(x) for x in sps), float(cost(probe))
+            top_up, s_t, real = c, tuple(float(x) for x in sps), real_and_est(b_t, sps)[0]
+    # predicted_damage is the program's, for its pick before the top-up
     return b_t, s_t, {"cost": real, "limit": limit, "predicted_damage": best[3], "top_up": top_up}
 
 

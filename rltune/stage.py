@@ -307,7 +307,8 @@ def run_schedule(ctx: Context, schedule: list[Knobs], seed: int = 0,
                  float_student: nn.Module | None = None) -> StudentState:
     """Compress with a fixed list of per-stage knobs (a recipe, a tuner's candidate)."""
     state = start(ctx, seed, float_student)
-    for knobs in schedule:
+    for i, knobs in enumerate(schedule):
+        state.last = i == len(schedule) - 1
         run_stage(ctx, state, knobs)
     return state
 

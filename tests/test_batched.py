@@ -223,3 +223,22 @@ def test_tail_average_is_the_mean_of_the_last_iterates():
         rows.step()
     rows.apply()
     assert q[0].tolist() == [3.5, 3.5] and q[1].tolist() == [4.0, 4.0]
+
+
+def test_tail_averaging_refuses_a_share_outside_0_1_and_refreshes_batchnorm():
+    from rltune.distill import TailAverage, TrainSet, train_epochs
+
+    for bad in (0.0, -0.2, 1.5, float("nan")):
+        with pytest.raises(RltuneError, match="share"):
+            TailAverage([torch.zeros(1)], 10, bad)
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 3))
+    x = torch.randn(256, 4) * 3 + 1
+    data = TrainSet(x, torch.randint(0, 3, (256,)), torch.randn(256, 3))
+    train_epochs(m, data, 2, lr=0.05, batch_size=32, tail=0.5)
+    # the running statistics are those of the averaged weights over the training rows
+    with torch.no_grad():
+        h = m[0](x)
+    assert torch.allclose(m[1].running_mean, h.mean(0), atol=1e-4)
+    assert torch.allclose(m[1].running_var, torch.stack([h[i:i + 32].var(0) for i in range(0, 256, 32)]).mean(0),
+                          rtol=1e-3)

@@ -214,3 +214,36 @@ def test_gradient_fill_stays_under_the_budget_and_brings_weights_back_one_step_o
         else:                            # one step of their row: the smallest nonzero code
             codes, e = C.quantize_codes(l.weight.detach() * l.compressor.mask, 4)
             assert codes[back].abs().max() == 1
+
+
+def test_play_offset_plays_the_recipe_one_bit_up_and_refuses_a_width_out_of_range(env):
+    from rltune.env import play_offset
+    from rltune.errors import RltuneError
+
+    opts = {"scenario": 0, "target": "6x", "float_seed": 0}
+    info = play_offset(env, 1, opts, 1)
+    assert env.plan["final_bits"] == env.probe_result.recipe_bits + 1 and env.k == env.stages and "val_acc" in info
+    with pytest.raises(RltuneError, match="out of range"):
+        play_offset(env, 1, opts, 9)
+
+
+def test_only_the_last_stage_is_flagged_last(env, monkeypatch):
+    import rltune.stage as stage
+
+    seen = []
+    real = stage.train_epochs
+
+    def spy(model, *a, tail=None, **k):
+        seen.append(tail)
+        return real(model, *a, tail=tail, **k)
+
+    monkeypatch.setattr(stage, "TAIL_AVERAGE", 0.5)
+    monkeypatch.setattr(stage, "train_epochs", spy)
+    env.reset(seed=4, options={"scenario": 0, "target": "6x"})
+    done = False
+    while not done:
+        _, _, done, _, _ = env.step(np.zeros(5, np.float32))
+    assert seen == [None] * (env.stages - 1) + [0.5]
+    seen.clear()   # a fixed schedule (the pipeline's recipe) averages its last stage too
+    stage.run_schedule(env.ctx, recipe(3, 0.5, 4), seed=0)
+    assert seen == [None, None, 0.5]

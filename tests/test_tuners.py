@@ -179,6 +179,11 @@ def test_allocator_tops_a_pick_under_the_limit_up_to_it_within_the_trust_region(
     C.prune_layers_(probe, sps)
     assert 0.99 * limit <= cost(probe) <= limit and info["cost"] == cost(probe)
     assert all(s >= c - 0.05 - 1e-9 for s, c in zip(sps, centres))
+    # without a trust region the shift is bounded by the radius alone
+    _, free, info = allocate(m, None, cost, limit, bits=(4,), val=val)
+    probe = C.prepare_(copy.deepcopy(m))
+    C.prune_layers_(probe, free)
+    assert info["cost"] == cost(probe) <= limit and (info["top_up"] < 0 or cost(probe) >= 0.995 * limit)
     # a limit no option in the trust region reaches from below: the floors hold, under the limit
     _, low, info = allocate(m, None, cost, 0.5 * total, bits=(4,), val=val, around=centres, radius=0.05)
     assert all(abs(s - c) <= 0.05 + 1e-9 for s, c in zip(low, centres)) and info["cost"] <= 0.5 * total
