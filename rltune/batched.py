@@ -66,6 +66,8 @@ def batchable(models: Sequence[nn.Module]) -> str | None:
             return "BatchNorm with running statistics"
         if isinstance(mod, nn.Dropout) and mod.p > 0:
             return "Dropout"
+    if any(not p.requires_grad for p in models[0].parameters()):
+        return "frozen parameters (the batch would train them)"
     return None
 
 

@@ -77,6 +77,9 @@ def test_what_cannot_batch_says_why_and_falls_back(ctx):
     assert "BatchNorm" in batchable([C.prepare_(bn)])
     assert "Dropout" in batchable([C.prepare_(drop)])
     assert "architecture" in batchable([C.prepare_(nn.Linear(64, 10)), C.prepare_(nn.Sequential(nn.Linear(64, 10)))])
+    frozen = nn.Sequential(nn.Linear(64, 16), nn.LayerNorm(16), nn.Linear(16, 10))
+    frozen[1].weight.requires_grad_(False)   # one path would leave it alone, the batch would train it
+    assert "frozen" in batchable([C.prepare_(frozen)])
     with pytest.raises(RltuneError, match="BatchNorm"):
         train_epochs_batched([bn], ctx.train_set, 1, [4.0], [0.9])
     shared = start(ctx, seed=0)
