@@ -38,7 +38,7 @@ from torch.func import functional_call, vmap
 from torch.nn.utils import parametrize
 
 from rltune import compression as C
-from rltune.distill import TrainSet, gc_paused
+from rltune.distill import TailAverage, TrainSet, gc_paused
 from rltune.errors import DivergedError, RltuneError
 
 
@@ -66,6 +66,8 @@ def batchable(models: Sequence[nn.Module]) -> str | None:
             return "BatchNorm with running statistics"
         if isinstance(mod, nn.Dropout) and mod.p > 0:
             return "Dropout"
+    if any(not p.requires_grad for p in models[0].parameters()):
+        return "frozen parameters (the batch would train them)"
     return None
 
 
@@ -226,11 +228,13 @@ def _log_softmax(z: torch.Tensor) -> torch.Tensor:
 def train_epochs_batched(models: Sequence[nn.Module], data: TrainSet, epochs: int,
                          temperatures: Sequence[float], alphas: Sequence[float], lr: float = 1e-3,
                          batch_size: int = 256, generators: Sequence[torch.Generator] | None = None,
-                         weight_decay: float = 0.0) -> list[float]:
+                         weight_decay: float = 0.0, tail: float | None = None,
+                         tail_students: Sequence[bool] | None = None) -> list[float]:
     """Train K prepared students (:func:`rltune.compression.prepare_`, same architecture) for
     ``epochs`` epochs of KD + QAT under their masks and bit-widths, as one computation. Returns each
     student's mean loss over its last epoch, NaN for a student whose loss stopped being finite (its
-    own parameters only go NaN: nothing crosses between students)."""
+    own parameters only go NaN: nothing crosses between students). ``tail``: as
+    :func:`rltune.distill.train_epochs`, for the students ``tail_students`` flags (default all)."""
     why = batchable(models)
     if why:
         raise RltuneError(f"these students cannot train as one batch: {why}")
@@ -321,6 +325,11 @@ def train_epochs_batched(models: Sequence[nn.Module], data: TrainSet, epochs: in
             batched_forward = merged_forward
     n = len(data.y)
     x_all, y_all = data.x, data.y
+    if tail_students is not None and len(tail_students) != K:
+        raise RltuneError(f"tail_students: {len(tail_students)} flags for {K} students")
+    rows = None if tail_students is None else torch.tensor([bool(t) for t in tail_students])
+    avg = TailAverage(params, epochs * math.ceil(n / batch_size),
+                      tail if rows is None or bool(rows.any()) else None, rows)
     # the teacher's side of the KD loss depends only on τ: its softened distribution p_t and
     # Σ p_t·log p_t, once per distinct τ for every row, gathered per batch with each student's rows
     uniq = sorted({float(t) for t in temperatures})
@@ -378,9 +387,11 @@ def train_epochs_batched(models: Sequence[nn.Module], data: TrainSet, epochs: in
                 s.backward(grad)
                 grads_to_latent()
                 opt.step()
+                avg.step()
                 totals += loss_k.double() * b
                 count += b
             last = [float(t / max(count, 1)) for t in totals]
+    avg.apply()
     with torch.no_grad():
         for k, m in enumerate(models):
             for pname in names:
@@ -399,6 +410,7 @@ def run_stages_batched(ctx, states: list, knobs: list, epochs: int | None = None
     no (or the scenario uses the hint loss)."""
     from rltune.distill import predict
     from rltune.metrics import accuracy
+    from rltune import stage
     from rltune.stage import chance_accuracy, collapsed, fill_before_training, measure, run_stage
 
     tr = ctx.scenario.training
@@ -423,7 +435,8 @@ def run_stages_batched(ctx, states: list, knobs: list, epochs: int | None = None
     t1 = time.perf_counter()
     losses = train_epochs_batched(models, ctx.train_set, epochs if epochs is not None else tr["epochs_per_stage"],
                                   [k.temperature for k in knobs], [k.alpha for k in knobs], lr=tr["lr"],
-                                  batch_size=tr["batch_size"], generators=[s.generator for s in states])
+                                  batch_size=tr["batch_size"], generators=[s.generator for s in states],
+                                  tail=stage.TAIL_AVERAGE, tail_students=[s.last for s in states])
     t2 = time.perf_counter()
     out: list = []
     chance = chance_accuracy(ctx.data.y_val)

@@ -162,6 +162,36 @@ def enforce_(model: nn.Module, meter: Meter, max_sparsity: float, scope: str, it
 
 
 @torch.no_grad()
+def _regrowth(model: nn.Module, meter: Meter, limit: float):
+    """``(apply, total)``: ``apply(n)`` puts the masks back as they are now, unprunes the ``n``
+    pruned weights whose latent magnitude is largest (across all layers) and returns the cost;
+    ``total`` is how many are pruned. ``(None, 0)`` where nothing can come back: weight-shared
+    layers, nothing pruned, or a cost already over ``limit``."""
+    ls = C.layers(model)
+    if any(l.compressor.shared for l in ls) or meter.cost(model) > limit:
+        return None, 0
+    where, mags = [], []
+    for i, l in enumerate(ls):
+        off = (~l.compressor.mask).flatten().nonzero().flatten()
+        where.append(torch.stack([torch.full_like(off, i), off], dim=1))
+        mags.append(l.weight.detach().abs().flatten()[off])
+    where_t, mags_t = torch.cat(where), torch.cat(mags)
+    if mags_t.numel() == 0:
+        return None, 0
+    order = where_t[torch.argsort(mags_t, descending=True, stable=True)]
+    saved = _masks(model)
+
+    def apply(n: int) -> float:
+        _restore(model, saved)
+        for i, l in enumerate(ls):
+            idx = order[:n][order[:n, 0] == i, 1]
+            l.compressor.mask.view(-1)[idx] = True
+        return meter.cost(model)
+
+    return apply, int(order.shape[0])
+
+
+@torch.no_grad()
 def fill_(model: nn.Module, meter: Meter, margin: float = 1.0, iters: int = 20) -> int:
     """Give bytes back: unprune the pruned weights whose latent magnitude is largest (across all
     layers) while the cost stays under ``margin`` × the limit. Returns how many weights came back.
@@ -170,28 +200,8 @@ def fill_(model: nn.Module, meter: Meter, margin: float = 1.0, iters: int = 20) 
     more, so a student can end well under its budget; low-bit students most of all (their packed
     size shrinks as training moves weights to zero codes). Not for weight-shared layers."""
     limit = meter.limit * margin
-    ls = C.layers(model)
-    if any(l.compressor.shared for l in ls) or meter.cost(model) > limit:
-        return 0
-    where, mags = [], []
-    for i, l in enumerate(ls):
-        off = (~l.compressor.mask).flatten().nonzero().flatten()
-        where.append(torch.stack([torch.full_like(off, i), off], dim=1))
-        mags.append(l.weight.detach().abs().flatten()[off])
-    where_t, mags_t = torch.cat(where), torch.cat(mags)
-    if mags_t.numel() == 0:
-        return 0
-    order = where_t[torch.argsort(mags_t, descending=True, stable=True)]
-    saved = _masks(model)
-
-    def cost_with(n: int) -> float:
-        _restore(model, saved)
-        for i, l in enumerate(ls):
-            idx = order[:n][order[:n, 0] == i, 1]
-            l.compressor.mask.view(-1)[idx] = True
-        return meter.cost(model)
-
-    return largest_fitting_count(cost_with, int(order.shape[0]), limit, iters)
+    apply, total = _regrowth(model, meter, limit)
+    return largest_fitting_count(apply, total, limit, iters) if apply is not None else 0
 
 
 def largest_fitting_count(cost_with, total: int, limit: float, iters: int = 20) -> int:
@@ -294,17 +304,22 @@ def fill_gradient_(model: nn.Module, meter: Meter, grads: list[torch.Tensor], ma
     return lo
 
 
-def fill_if_better_(model: nn.Module, meter: Meter, score, margin: float = 1.0) -> int:
-    """:func:`fill_`, kept only if ``score(model)`` (val accuracy) does not fall: weights given back
-    without training keep the value they had when pruned, and at 2-3 bits one such weight can
-    quantize to a full step (measured: a silent fill after the last stage cost mnist1d-lenet @40x
-    3 pt). Bringing weights back at one step along the gradient instead (:func:`fill_gradient_`)
-    is no better without training: 84 of them took mnist1d-lenet @24x from 83.6 % val to 24.5 %.
-    Returns how many weights came back (0 if the fill was undone)."""
-    saved = _masks(model)
-    before = score(model)
-    n = fill_(model, meter, margin)
-    if n and score(model) < before:
-        _restore(model, saved)
+def fill_if_better_(model: nn.Module, meter: Meter, score, margin: float = 1.0, halvings: int = 3) -> int:
+    """:func:`fill_`, kept only if ``score(model)`` (val accuracy) does not fall; where the whole fill
+    lowers it, the first of half, a quarter, an eighth of it (the largest weights first) that does
+    not. Weights given back without training keep the value they had when pruned, and at 2-3 bits
+    one such weight can quantize to a full step (measured: a silent fill after the last stage cost
+    mnist1d-lenet @40x 3 pt). Bringing weights back at one step along the gradient instead
+    (:func:`fill_gradient_`) is no better without training: 84 of them took mnist1d-lenet @24x from
+    83.6 % val to 24.5 %. Returns how many weights came back (0 if the fill was undone)."""
+    limit = meter.limit * margin
+    apply, total = _regrowth(model, meter, limit)
+    if apply is None:
         return 0
-    return n
+    before = score(model)
+    n = largest_fitting_count(apply, total, limit)
+    for k in [n] + [n >> h for h in range(1, halvings + 1)]:
+        if k > 0 and apply(k) <= limit and score(model) >= before:
+            return k
+    apply(0)
+    return 0

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from rltune.errors import DivergedError
+from rltune.errors import DivergedError, RltuneError
 
 
 @contextlib.contextmanager
@@ -108,8 +108,12 @@ def train_epochs(
     teacher: nn.Module | None = None,
     weight_decay: float = 0.0,
     codebook_lr_scale: float = 0.1,
+    tail: float | None = None,
 ) -> float:
     """Train ``model`` for ``epochs`` epochs; returns the mean loss of the last epoch.
+
+    ``tail`` (a share in (0, 1]): the parameters end as the mean of their iterates over the last
+    ``tail`` of the optimizer steps (tail averaging, Polyak-Ruppert), not the last iterate.
 
     With ``teacher`` given, its logits are recomputed on every batch instead of read from the
     cache (only to measure what the cache saves). Raises :class:`DivergedError` on a NaN or
@@ -138,6 +142,7 @@ def train_epochs(
     except (RuntimeError, TypeError):
         opt = torch.optim.Adam(groups, lr=lr, weight_decay=weight_decay)
     n = len(y_all)
+    avg = TailAverage([p for _, p in named], epochs * math.ceil(n / batch_size), tail)
     model.train()
     with gc_paused():
         last = math.nan
@@ -165,11 +170,72 @@ def train_epochs(
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
+                avg.step()
                 total += float(loss.detach()) * len(idx)
                 count += len(idx)
             last = total / max(count, 1)
+    if avg.apply():
+        refresh_batchnorm(model, data.x, batch_size)
     model.eval()
     return last
+
+
+@torch.no_grad()
+def refresh_batchnorm(model: nn.Module, x: torch.Tensor, batch_size: int = 256) -> None:
+    """Recompute every BatchNorm's running statistics on ``x`` for the weights the model has now
+    (after averaging them, the statistics of the last iterates no longer match; SWA's ``update_bn``)."""
+    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    if not bns:
+        return
+    was = model.training
+    momenta = [m.momentum for m in bns]
+    for m in bns:
+        m.reset_running_stats()
+        m.momentum = None   # a cumulative average over the pass
+    model.train()
+    for start in range(0, len(x), batch_size):
+        model(x[start:start + batch_size])
+    for m, mom in zip(bns, momenta):
+        m.momentum = mom
+    model.train(was)
+
+
+class TailAverage:
+    """The running mean of ``params`` over the last ``share`` of ``total`` optimizer steps
+    (``share`` None: nothing); :meth:`apply` writes it into them. Of a stacked tensor (K students)
+    ``rows`` picks the students it applies to."""
+
+    def __init__(self, params, total: int, share: float | None, rows: torch.Tensor | None = None):
+        if share is not None and not 0.0 < float(share) <= 1.0:
+            raise RltuneError(f"tail averaging takes a share of the steps in (0, 1], got {share!r}")
+        self.params = list(params) if share else []
+        self.start = total - max(1, int(round(float(share) * total))) if share else total
+        self.rows, self.n, self.done = rows, 0, 0
+        self.mean: list[torch.Tensor] | None = None
+
+    @torch.no_grad()
+    def step(self) -> None:
+        self.done += 1
+        if not self.params or self.done <= self.start:
+            return
+        self.n += 1
+        if self.mean is None:
+            self.mean = [p.detach().clone() for p in self.params]
+        else:
+            for m, p in zip(self.mean, self.params):
+                m.add_(p.detach() - m, alpha=1.0 / self.n)
+
+    @torch.no_grad()
+    def apply(self) -> bool:
+        """Write the mean into the parameters; whether there was one."""
+        if self.mean is None:
+            return False
+        for m, p in zip(self.mean, self.params):
+            if self.rows is None:
+                p.copy_(m)
+            else:
+                p[self.rows] = m[self.rows]
+        return True
 
 
 @torch.no_grad()

@@ -80,6 +80,24 @@ def probe_pick(accuracy: dict[int, float | None], tolerance: float) -> int:
     return max(b for b, a in feasible.items() if a >= top - tolerance)
 
 
+def play_offset(env: "DistillCompressEnv", seed: int, options: dict[str, Any], bits_offset: int) -> dict[str, Any]:
+    """One v0 episode of the recipe with its final bit-width moved by ``bits_offset`` (-2..2; the
+    action's ``final_bits`` entry only, every other entry 0); the last step's info. Raises
+    RltuneError if that width is out of the scenario's range or infeasible (the env would play
+    the nearest feasible one instead)."""
+    env.reset(seed=seed, options=options)
+    want = env.probe_result.recipe_bits + bits_offset
+    if nearest_feasible(env.probe_result, want) != want:
+        raise RltuneError(f"{env.ctx.scenario.name}: {want} bits is out of range or cannot meet {env.budget}")
+    a = np.zeros(env.action_space.shape, np.float32)
+    a[0] = bits_offset / 2.0
+    done, info = False, {}
+    while not done:
+        _, _, term, trunc, info = env.step(a)
+        done = term or trunc
+    return info
+
+
 @dataclass
 class Probe:
     """What the first observation tells the policy about a model: per final bit-width, the sparsity
@@ -371,6 +389,7 @@ class DistillCompressEnv(gym.Env):
                 plan = recipe(sc.training["stages"], p.required[p.recipe_bits], p.recipe_bits)
                 for i, knobs in enumerate(plan):
                     state.fill = meter if self.fill_budget and i == len(plan) - 1 else None
+                    state.last = i == len(plan) - 1
                     run_stage(ctx, state, knobs)
                 enforced = enforce_(state.model, meter, sc.knobs["sparsity"][1], sc.training["pruning_scope"])
                 score = lambda m: self._val_acc(m, ctx)  # noqa: E731
@@ -466,6 +485,7 @@ class DistillCompressEnv(gym.Env):
         self.knobs = knobs
         # the last stage starts from the whole budget: pruned bytes come back before it trains
         self.state.fill = self.meter if self.fill_budget and self.k >= self.stages else None
+        self.state.last = self.k >= self.stages
 
     def end_stage(self, m: "Metrics | DivergedError", parts: dict[str, float] | None = None):
         """The Gymnasium step's result once the stage begun by :meth:`begin_stage` has run: its

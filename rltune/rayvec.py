@@ -80,6 +80,26 @@ class _Worker:
         self.venv.close()
 
 
+def _running_gcs(ray) -> str | None:
+    """The GCS address of the Ray this process is connected to, or None where it cannot be told."""
+    try:
+        return str(ray.get_runtime_context().gcs_address)
+    except Exception:  # noqa: BLE001 - e.g. joined through a ray:// client
+        return None
+
+
+def _host_port(address: str) -> tuple[str, str]:
+    """``host:port`` with the host resolved (``localhost:6379`` and ``127.0.0.1:6379`` are one)."""
+    import socket
+
+    host, _, port = address.rpartition(":")
+    try:
+        host = socket.gethostbyname(host)
+    except OSError:
+        pass
+    return host, port
+
+
 class RayVecEnv(VecEnv):
     """``len(env_fns)`` environments stepped by ``n_workers`` Ray actors, each a batched group."""
 
@@ -93,6 +113,13 @@ class RayVecEnv(VecEnv):
         if not env_fns:
             raise RltuneError("RayVecEnv needs at least one environment")
         self._owns_ray = False
+        if ray.is_initialized() and address not in (None, "auto") and not str(address).startswith("ray://"):
+            # the running Ray would be used whatever the address said: a run meant for a cluster
+            # would quietly run here (a ray:// client address cannot be compared: it is taken as given)
+            here = _running_gcs(ray)
+            if here is not None and _host_port(str(address)) != _host_port(here):
+                raise RltuneError(f"Ray is already running in this process (at {here}), so it cannot join "
+                                  f"{address}: call ray.shutdown() first, or leave out the address to use it")
         if not ray.is_initialized():
             try:
                 ray.init(address=address, include_dashboard=False, log_to_driver=False)

@@ -130,6 +130,7 @@ class StudentState:
     hint: Hint | None = None
     history: list[Metrics] = field(default_factory=list)
     fill: Any = None  # a budget Meter: before this stage trains, give pruned bytes back up to it
+    last: bool = False  # the next stage is the episode's last (see TAIL_AVERAGE)
 
 
 def start(ctx: Context, seed: int = 0, float_student: nn.Module | None = None) -> StudentState:
@@ -189,7 +190,7 @@ def run_stage(ctx: Context, state: StudentState, knobs: Knobs, epochs: int | Non
     before = accuracy(predict(model, ctx.data.x_val), ctx.data.y_val)
     t1 = time.perf_counter()
     loss = math.nan
-    for n_epochs, cluster in phases:
+    for j, (n_epochs, cluster) in enumerate(phases):
         if cluster:
             C.share_weights_(model, knobs.bits if isinstance(knobs.bits, int) else None)
         if n_epochs > 0:
@@ -199,6 +200,7 @@ def run_stage(ctx: Context, state: StudentState, knobs: Knobs, epochs: int | Non
                     temperature=knobs.temperature, alpha=knobs.alpha, lr=tr["lr"], batch_size=tr["batch_size"],
                     generator=state.generator, hint=state.hint, hint_weight=tr["hint_weight"],
                     teacher=ctx.teacher if teacher_per_batch else None,
+                    tail=TAIL_AVERAGE if state.last and j == len(phases) - 1 else None,
                 )
     t2 = time.perf_counter()
     m = measure(ctx, state, loss)
@@ -227,6 +229,11 @@ def run_stage(ctx: Context, state: StudentState, knobs: Knobs, epochs: int | Non
 # :func:`rltune.budget.fill_if_better_` tops up (kept only if val accuracy does not fall).
 FILL_BEFORE_TRAINING: float | None = None
 FILL_INIT = "zero"   # how those weights start: "zero" (RigL) or "step" (one quantization step)
+
+# The episode's last stage ends at the mean of its iterates over this share of its optimizer steps
+# (tail averaging, :class:`rltune.distill.TailAverage`) instead of its last iterate: the final
+# accuracy, the reward, is then less a lottery over where training happened to stop. None: off.
+TAIL_AVERAGE: float | None = None
 
 
 def fill_before_training(ctx: Context, state: StudentState, knobs: Knobs) -> int:
@@ -300,7 +307,8 @@ def run_schedule(ctx: Context, schedule: list[Knobs], seed: int = 0,
                  float_student: nn.Module | None = None) -> StudentState:
     """Compress with a fixed list of per-stage knobs (a recipe, a tuner's candidate)."""
     state = start(ctx, seed, float_student)
-    for knobs in schedule:
+    for i, knobs in enumerate(schedule):
+        state.last = i == len(schedule) - 1
         run_stage(ctx, state, knobs)
     return state
 

@@ -297,7 +297,8 @@ def tune_sensitivity(s: Session) -> None:
     d = env.ctx.data
     bits, sps, info = allocate(fs, None, env.meter.cost, env.meter.limit * 0.97, bits=(width,),
                                val=(d.x_val, d.y_val), around=magnitude_split(fs, req[width], env.ctx.scenario))
-    _play_per_layer(s, bits, sps, {"bits": list(bits), "sparsity": list(sps), "predicted_damage": info["predicted_damage"]})
+    _play_per_layer(s, bits, sps, {"bits": list(bits), "sparsity": list(sps), "predicted_damage": info["predicted_damage"],
+                                   "top_up": info.get("top_up")})
 
 
 def magnitude_split(model, sparsity: float, scenario) -> list[float]:

@@ -77,6 +77,9 @@ def test_what_cannot_batch_says_why_and_falls_back(ctx):
     assert "BatchNorm" in batchable([C.prepare_(bn)])
     assert "Dropout" in batchable([C.prepare_(drop)])
     assert "architecture" in batchable([C.prepare_(nn.Linear(64, 10)), C.prepare_(nn.Sequential(nn.Linear(64, 10)))])
+    frozen = nn.Sequential(nn.Linear(64, 16), nn.LayerNorm(16), nn.Linear(16, 10))
+    frozen[1].weight.requires_grad_(False)   # one path would leave it alone, the batch would train it
+    assert "frozen" in batchable([C.prepare_(frozen)])
     with pytest.raises(RltuneError, match="BatchNorm"):
         train_epochs_batched([bn], ctx.train_set, 1, [4.0], [0.9])
     shared = start(ctx, seed=0)
@@ -184,3 +187,61 @@ def test_batched_training_resumes_keeping_its_episodes(tmp_path):
     train({**cfg, "total_timesteps": 24}, run, resume=True, progress_bar=False, command="pytest")
     after = monitor.read_text().splitlines()
     assert after[:len(before)] == before and len(after) == len(before) + 4  # 8 more steps: 4 episodes of 2
+
+
+def test_tail_averaging_on_the_last_stage_batches_too(ctx, monkeypatch):
+    import rltune.stage as stage
+
+    monkeypatch.setattr(stage, "TAIL_AVERAGE", 0.5)
+
+    def states():
+        out = [start(ctx, seed=s) for s in range(3)]
+        out[0].last = out[2].last = True   # the middle one is not at its last stage: no averaging
+        return out
+
+    _compare(ctx, KNOBS[:3], states)
+    # the averaged student is not the last iterate: the same stage without averaging ends elsewhere
+    a, b = start(ctx, seed=0), start(ctx, seed=0)
+    a.last = True
+    run_stage(ctx, a, KNOBS[0])
+    monkeypatch.setattr(stage, "TAIL_AVERAGE", None)
+    run_stage(ctx, b, KNOBS[0])
+    assert not torch.allclose(C.layers(a.model)[0].weight, C.layers(b.model)[0].weight)
+
+
+def test_tail_average_is_the_mean_of_the_last_iterates():
+    from rltune.distill import TailAverage
+
+    p = torch.zeros(3)
+    avg = TailAverage([p], total=10, share=0.3)   # the last 3 of 10 steps
+    for k in range(1, 11):
+        p.fill_(float(k))
+        avg.step()
+    avg.apply()
+    assert torch.allclose(p, torch.full((3,), 9.0))   # mean of 8, 9, 10
+    q = torch.zeros(2, 2)
+    rows = TailAverage([q], total=4, share=0.5, rows=torch.tensor([True, False]))
+    for k in range(1, 5):
+        q.fill_(float(k))
+        rows.step()
+    rows.apply()
+    assert q[0].tolist() == [3.5, 3.5] and q[1].tolist() == [4.0, 4.0]
+
+
+def test_tail_averaging_refuses_a_share_outside_0_1_and_refreshes_batchnorm():
+    from rltune.distill import TailAverage, TrainSet, train_epochs
+
+    for bad in (0.0, -0.2, 1.5, float("nan")):
+        with pytest.raises(RltuneError, match="share"):
+            TailAverage([torch.zeros(1)], 10, bad)
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 3))
+    x = torch.randn(256, 4) * 3 + 1
+    data = TrainSet(x, torch.randint(0, 3, (256,)), torch.randn(256, 3))
+    train_epochs(m, data, 2, lr=0.05, batch_size=32, tail=0.5)
+    # the running statistics are those of the averaged weights over the training rows
+    with torch.no_grad():
+        h = m[0](x)
+    assert torch.allclose(m[1].running_mean, h.mean(0), atol=1e-4)
+    assert torch.allclose(m[1].running_var, torch.stack([h[i:i + 32].var(0) for i in range(0, 256, 32)]).mean(0),
+                          rtol=1e-3)

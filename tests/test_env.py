@@ -106,6 +106,28 @@ def test_fill_gives_bytes_back_up_to_the_budget_and_never_over(env):
     assert fill_(over, env.meter) == 0 and all(torch.equal(a, l.compressor.mask) for a, l in zip(mask, C.layers(over)))
 
 
+def test_fill_if_better_keeps_the_largest_part_of_the_fill_that_does_not_lower_val(env):
+    env.reset(seed=0, options={"scenario": 0, "target": "10x"})
+    fs, ref = env.float_student(0, env.float_seed)
+    model = C.prepare_(copy.deepcopy(fs))
+    C.set_bits_(model, 4)
+    C.prune_(model, sparsity=0.95, scope="global")
+    pruned = sum(int((~l.compressor.mask).sum()) for l in C.layers(model))
+    kept = lambda m: sum(int(l.compressor.mask.sum()) for l in C.layers(m))  # noqa: E731
+    start = kept(model)
+    whole = fill_(copy.deepcopy(model), env.meter)
+    assert 0 < whole < pruned
+    # a score that falls once more than a third of the whole fill comes back: a quarter is kept
+    score = lambda m: 1.0 if kept(m) - start <= whole // 3 else 0.0  # noqa: E731
+    n = fill_if_better_(model, env.meter, score)
+    assert n == whole >> 2 and kept(model) - start == n and env.meter.cost(model) <= env.meter.limit
+    # a score that falls at once: nothing is kept, the masks are as they were
+    again = C.prepare_(copy.deepcopy(fs))
+    C.set_bits_(again, 4)
+    C.prune_(again, sparsity=0.95, scope="global")
+    assert fill_if_better_(again, env.meter, lambda m: 1.0 if kept(m) == start else 0.0) == 0 and kept(again) == start
+
+
 def test_budget_used_is_reported_and_close_to_whole(env):
     env.reset(seed=2, options={"scenario": 1, "target": "10x"})
     done = False
@@ -192,3 +214,36 @@ def test_gradient_fill_stays_under_the_budget_and_brings_weights_back_one_step_o
         else:                            # one step of their row: the smallest nonzero code
             codes, e = C.quantize_codes(l.weight.detach() * l.compressor.mask, 4)
             assert codes[back].abs().max() == 1
+
+
+def test_play_offset_plays_the_recipe_one_bit_up_and_refuses_a_width_out_of_range(env):
+    from rltune.env import play_offset
+    from rltune.errors import RltuneError
+
+    opts = {"scenario": 0, "target": "6x", "float_seed": 0}
+    info = play_offset(env, 1, opts, 1)
+    assert env.plan["final_bits"] == env.probe_result.recipe_bits + 1 and env.k == env.stages and "val_acc" in info
+    with pytest.raises(RltuneError, match="out of range"):
+        play_offset(env, 1, opts, 9)
+
+
+def test_only_the_last_stage_is_flagged_last(env, monkeypatch):
+    import rltune.stage as stage
+
+    seen = []
+    real = stage.train_epochs
+
+    def spy(model, *a, tail=None, **k):
+        seen.append(tail)
+        return real(model, *a, tail=tail, **k)
+
+    monkeypatch.setattr(stage, "TAIL_AVERAGE", 0.5)
+    monkeypatch.setattr(stage, "train_epochs", spy)
+    env.reset(seed=4, options={"scenario": 0, "target": "6x"})
+    done = False
+    while not done:
+        _, _, done, _, _ = env.step(np.zeros(5, np.float32))
+    assert seen == [None] * (env.stages - 1) + [0.5]
+    seen.clear()   # a fixed schedule (the pipeline's recipe) averages its last stage too
+    stage.run_schedule(env.ctx, recipe(3, 0.5, 4), seed=0)
+    assert seen == [None, None, 0.5]

@@ -88,6 +88,10 @@ def test_bad_arguments_are_one_clear_error(local_ray):
         RayVecEnv([])
     with pytest.raises(RltuneError, match="n_workers"):
         RayVecEnv(_fns(1), n_workers=0)
+    with pytest.raises(RltuneError, match="already running"):   # not silently the local Ray
+        RayVecEnv(_fns(1), address="10.0.0.9:6379")
+    own = RayVecEnv(_fns(1), address=ray.get_runtime_context().gcs_address)   # the running one is fine
+    own.close()
     wide = RayVecEnv(_fns(3), n_workers=5)  # more actors than the 2 CPUs would wait for ever
     try:
         assert len(wide.workers) == 2 and wide.num_envs == 3

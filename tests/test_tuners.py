@@ -164,6 +164,31 @@ def test_allocator_keeps_every_layer_within_its_trust_region_and_under_the_limit
     assert cost(probe) <= 0.35 * total
 
 
+def test_allocator_tops_a_pick_under_the_limit_up_to_it_within_the_trust_region():
+    from rltune import compression as C
+    from rltune.layer_sensitivity import allocate
+
+    m, val = _mlp_and_val()
+    cost = lambda model: sum(int(l.compressor.mask.sum()) for l in C.layers(model))  # noqa: E731 - kept weights
+    total = sum(l.weight.numel() for l in C.layers(C.prepare_(copy.deepcopy(m))))
+    centres = [0.6, 0.8, 0.4]
+    # a limit between the grid's options: one-shot picks land under it, the top-up brings the plan to it
+    limit = 0.3333 * total
+    _, sps, info = allocate(m, None, cost, limit, bits=(4,), val=val, around=centres, radius=0.05)
+    probe = C.prepare_(copy.deepcopy(m))
+    C.prune_layers_(probe, sps)
+    assert 0.99 * limit <= cost(probe) <= limit and info["cost"] == cost(probe)
+    assert all(s >= c - 0.05 - 1e-9 for s, c in zip(sps, centres))
+    # without a trust region the shift is bounded by the radius alone
+    _, free, info = allocate(m, None, cost, limit, bits=(4,), val=val)
+    probe = C.prepare_(copy.deepcopy(m))
+    C.prune_layers_(probe, free)
+    assert info["cost"] == cost(probe) <= limit and (info["top_up"] < 0 or cost(probe) >= 0.995 * limit)
+    # a limit no option in the trust region reaches from below: the floors hold, under the limit
+    _, low, info = allocate(m, None, cost, 0.5 * total, bits=(4,), val=val, around=centres, radius=0.05)
+    assert all(abs(s - c) <= 0.05 + 1e-9 for s, c in zip(low, centres)) and info["cost"] <= 0.5 * total
+
+
 def test_allocator_keeps_the_head_no_sparser_than_the_model_and_8_weights_a_row():
     from rltune import compression as C
     from rltune.layer_sensitivity import allocate
