@@ -1,8 +1,8 @@
 """Rollout throughput on Ray (issue 12): env steps/s of the same vectorised env in one process
 (``BatchedVecEnv``) and over Ray actors (``RayVecEnv``) with 1 and 2 workers.
 
-Every backend steps the same ``--n-envs`` environments (one scenario per env, round-robin over
-``--scenarios``, target ``--target``) with random actions for ``--rollouts`` whole episodes each,
+Every backend steps the same ``--n-envs`` environments (each over all of ``--scenarios``, an
+episode drawing one; target ``--target``) with random actions for ``--rollouts`` whole episodes each,
 after one untimed episode (teachers, float students and probes are built then and cached). A step
 is one real stage of training. Run it alone on the machine: parallel jobs distort it.
 
@@ -25,12 +25,11 @@ import numpy as np
 
 
 def make_fns(scenarios: list[str], target: str, n_envs: int):
+    """``n_envs`` envs over the same scenarios (a batched group shares its caches), each episode
+    drawing one of them."""
     from rltune.env import DistillCompressEnv
 
-    def fn(i: int):
-        return lambda: DistillCompressEnv(scenarios=[scenarios[i % len(scenarios)]], targets=[target])
-
-    return [fn(i) for i in range(n_envs)]
+    return [lambda: DistillCompressEnv(scenarios=list(scenarios), targets=[target]) for _ in range(n_envs)]
 
 
 def time_rollouts(venv, rollouts: int, seed: int = 0) -> tuple[int, float]:
