@@ -42,7 +42,8 @@ TB_KEYS = ("val_acc", "ratio", "plan_final_bits", "plan_final_sparsity", "reward
 PPO_KEYS = {"learning_rate", "n_steps", "batch_size", "n_epochs", "gamma", "gae_lambda", "clip_range",
             "ent_coef", "vf_coef", "max_grad_norm", "target_kl", "normalize_advantage"}
 ENV_KEYS = {"targets", "mode", "reward_scale", "action_penalty", "divergence_penalty", "n_float_students",
-            "probe_samples", "probe_epochs", "probe_tolerance", "reward_baseline", "epochs_per_stage", "stages"}
+            "probe_samples", "probe_epochs", "probe_tolerance", "reward_baseline", "epochs_per_stage", "stages",
+            "reward_signal"}
 TOP_KEYS = {"scenarios", "val_scenarios", "total_timesteps", "n_envs", "seed", "checkpoint_every",
             "policy_kwargs", "ppo", "env", "gate_episodes", "vec_env", "ray_address", "ray_workers", "env_id", "tasks", "gate_tasks"}
 VEC_ENVS = ("auto", "dummy", "subproc", "batched", "ray")
