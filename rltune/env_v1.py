@@ -143,6 +143,20 @@ class DistillCompressEnvV1(DistillCompressEnv):
         self.layer_plan: dict[str, Any] | None = None
         self._centres: list[float] | None = None
 
+    @classmethod
+    def like(cls, env: DistillCompressEnv, targets: Any = None) -> "DistillCompressEnvV1":
+        """A v1 env of ``env``'s scenarios or problems and settings, sharing its caches (teachers,
+        float students, probes), paid against the float student (no zero-action episodes): what the
+        tuners play a v1 policy in, and the zero action's own episodes."""
+        twin = cls(scenarios=list(env.sources), targets=targets or [str(b) for b in env.budgets], mode=env.mode,
+                   reward_baseline="float", n_float_students=env.n_float_students,
+                   probe_samples=env.probe_samples, probe_epochs=env.probe_epochs,
+                   probe_tolerance=env.probe_tolerance, fill_budget=env.fill_budget,
+                   reward_scale=env.reward_scale, action_penalty=env.action_penalty,
+                   divergence_penalty=env.divergence_penalty)
+        twin.share_caches(env)
+        return twin
+
     def share_caches(self, other: "DistillCompressEnv") -> None:
         super().share_caches(other)
         if isinstance(other, DistillCompressEnvV1):
@@ -312,13 +326,7 @@ class DistillCompressEnvV1(DistillCompressEnv):
         :meth:`zero_val_acc`)."""
         key = (i, seed, budget)
         if key not in self._zero:
-            twin = DistillCompressEnvV1(scenarios=self.scenarios, targets=[str(budget)], mode=self.mode,
-                                        reward_baseline="float", n_float_students=self.n_float_students,
-                                        probe_samples=self.probe_samples, probe_epochs=self.probe_epochs,
-                                        probe_tolerance=self.probe_tolerance, fill_budget=self.fill_budget,
-                                        reward_scale=self.reward_scale, action_penalty=self.action_penalty,
-                                        divergence_penalty=self.divergence_penalty)
-            twin.share_caches(self)
+            twin = DistillCompressEnvV1.like(self, targets=[str(budget)])
             twin.reset(seed=0, options={"scenario": i, "target": str(budget), "float_seed": seed})
             zero = np.zeros(len(ACTION_LAYOUT_V1), np.float32)
             done, info = False, {}

@@ -490,19 +490,41 @@ def _episode_attrs(s: Session, action: np.ndarray | None = None) -> dict[str, An
     return {k: v for k, v in attrs.items() if v is not None and not (isinstance(v, float) and not math.isfinite(v))}
 
 
+V1 = "rltune/DistillCompress-v1"
+
+
+def _env_id(agent) -> str:
+    return (agent.meta.get("training") or {}).get("env_id") or "rltune/DistillCompress-v0"
+
+
 def _load_agent(agent_path: str | Path):
-    """The agent's policy, refused unless its observation and action layouts are the env's."""
+    """The agent's policy, refused unless its observation and action layouts are those of the env
+    version it was trained on (v0 or v1, ``training.env_id`` in its agent.json)."""
     from rltune.agentfile import check_layouts, load_policy
-    from rltune.env import ACTION_LAYOUT, OBS_LAYOUT
     from rltune.shipped import resolve_agent
+    from rltune.train import layouts
 
     agent = load_policy(resolve_agent(agent_path))
-    check_layouts(agent, OBS_LAYOUT, ACTION_LAYOUT)
+    check_layouts(agent, *layouts(_env_id(agent)))
     return agent
+
+
+def _policy_env(s: Session, agent) -> DistillCompressEnv:
+    """The env the agent's episodes run in: the Session's own for a v0 agent; for a v1 agent
+    (per-layer observation and actions, zero action recipe-plus1) a
+    :class:`rltune.env_v1.DistillCompressEnvV1` of the same scenarios and settings sharing its
+    caches. The Session plays in it from here on (:func:`tune_ppo_warm_tpe` switches back)."""
+    if _env_id(agent) != V1 or type(s.env).__name__ == "DistillCompressEnvV1":
+        return s.env
+    from rltune.env_v1 import DistillCompressEnvV1
+
+    s.env = DistillCompressEnvV1.like(s.env)
+    return s.env
 
 
 def tune_ppo_replay(s: Session, agent_path: str | Path) -> None:
     agent = _load_agent(agent_path)
+    _policy_env(s, agent)
     s.play_actions(lambda obs, k: agent.predict(obs, deterministic=True), {"agent": str(agent_path)})
 
 
@@ -512,6 +534,7 @@ def tune_ppo_best_of_n(s: Session, agent_path: str | Path, batch: int = 1) -> No
     noise that every search trial gets, given to the policy. Its first episode is ``ppo-replay``'s.
     ``batch`` > 1: the episodes run ``batch`` at a time as one batched computation."""
     agent = _load_agent(agent_path)
+    _policy_env(s, agent)
     act = lambda obs, k: agent.predict(obs, deterministic=True)  # noqa: E731
     while batch > 1 and s.batch_room(batch) > 1:
         k = s.batch_room(batch)
@@ -549,12 +572,18 @@ def tune_ppo_warm_tpe(s: Session, agent_path: str | Path, storage: str | None = 
         actions.append(np.clip(a, -1.0, 1.0))
         return a
 
+    own = s.env
+    _policy_env(s, agent)
     value = s.play_actions(act, {"agent": str(agent_path), "policy_trial": True})
-    steps = np.stack(actions)
+    steps = np.stack(actions)[:, : len(ACTION_LAYOUT)]  # a v1 policy's per-layer entries have no place in TPE's space
     held = steps.mean(axis=0)
     for once in ("final_bits", "bits_drop"):
         held[ACTION_LAYOUT.index(once)] = steps[0, ACTION_LAYOUT.index(once)]
     attrs = _episode_attrs(s)
+    if s.env is not own:  # a v1 policy: its bits are decoded around recipe-plus1, TPE's around the recipe
+        plan, probe = s.env.plan, s.env.probe_result
+        held[ACTION_LAYOUT.index("final_bits")] = (plan["final_bits"] - probe.recipe_bits) / 2.0
+        s.env = own
     attrs.update(policy=str(agent_path), policy_actions=steps.astype(float).tolist())
     dist = optuna.distributions.FloatDistribution(-1.0, 1.0)
     study.add_trial(optuna.trial.create_trial(
@@ -610,15 +639,13 @@ def tune_ppo_finetune(s: Session, agent_path: str | Path, episodes_per_update: i
     if s.budget_stages < 2 * S:  # no room to fine-tune: the zero-shot replay
         tune_ppo_replay(s, agent_path)
         return
+    _policy_env(s, _load_agent(agent_path))
     cell = CellEnv(s, reserve=S)
     # a rollout of at most `episodes_per_update` episodes, fewer when the budget is small, so that
     # even two fine-tuning episodes give a PPO update (a last partial rollout is not used)
     n_steps = min(episodes_per_update, s.budget_stages // S - 1) * S
-    from rltune.agentfile import check_layouts, load_policy
-    from rltune.env import ACTION_LAYOUT, OBS_LAYOUT
     from rltune.shipped import resolve_agent
 
-    check_layouts(load_policy(resolve_agent(agent_path)), OBS_LAYOUT, ACTION_LAYOUT)
     model = load_ppo(resolve_agent(agent_path), env=DummyVecEnv([lambda: cell]), n_steps=n_steps,
                      batch_size=min(n_steps, 64), seed=s.seed, verbose=0)
 

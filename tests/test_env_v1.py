@@ -167,3 +167,46 @@ def test_a_task_spec_without_a_held_out_or_training_slice_is_refused():
             check_config({**base, "tasks": {"n_tasks": 12, "families": ["tabular"], "held_out_share": share}}, "t")
     with pytest.raises(RltuneError, match="need env_id"):
         check_config({"total_timesteps": 4, "tasks": {"n_tasks": 12}}, "t")
+
+
+@pytest.mark.parametrize("signal", ["agreement", "both"])
+def test_reward_signal_pays_the_agreement_over_the_training_rows_or_its_mean_with_val(env, signal):
+    e = DistillCompressEnvV1(scenarios=[TINY], targets=["6x"], reward_signal=signal, action_penalty=0.0)
+    e.share_caches(env)
+    a = np.zeros(len(ACTION_LAYOUT_V1), np.float32)
+    a[0] = -1.0  # two bits fewer than the zero action: a different student
+    reward, info = _play(e, a, seed=2)
+    fit = V1.fit_agreement(e.state.model, e.ctx.train_set)
+    assert info["fit_agreement"] == pytest.approx(fit) and 0.0 <= fit <= 1.0
+    d_fit = fit - info["zero_action_fit_agreement"]
+    d_val = info["val_acc"] - info["zero_action_val_acc"]
+    want = d_fit if signal == "agreement" else 0.5 * (d_fit + d_val)
+    assert reward == pytest.approx(e.reward_scale * want)
+    assert d_fit != 0.0
+
+
+def test_an_unknown_reward_signal_is_refused():
+    from rltune.errors import RltuneError
+
+    with pytest.raises(RltuneError, match="reward_signal"):
+        DistillCompressEnvV1(scenarios=[TINY], targets=["6x"], reward_signal="test")
+
+
+def test_tuners_play_a_v1_agent_in_a_v1_env_and_tpe_goes_on_in_v0(tmp_path):
+    from stable_baselines3 import PPO
+
+    from rltune.agentfile import save_agent
+    from rltune.tuners import run_tuner
+
+    v1 = DistillCompressEnvV1(scenarios=[TINY], targets=["6x"])
+    model = PPO("MlpPolicy", v1, policy_kwargs={"net_arch": [8]}, n_steps=16, batch_size=16, seed=0)
+    path = save_agent(model, tmp_path / "a", OBS_LAYOUT_V1, ACTION_LAYOUT_V1,
+                      {"scenarios": [], "env_id": "rltune/DistillCompress-v1"})
+    v0 = DistillCompressEnv(scenarios=[TINY], targets=["6x"])
+    r = run_tuner("ppo-replay", v0, 0, "6x", 0, 3, agent=path)
+    assert r.stages_used == 3 and r.test["ratio"] >= 6.0
+    # warm TPE: the policy episode in v1, the trials in the session's own v0 env
+    w = run_tuner("ppo-warm-tpe", v0, 0, "6x", 0, 9, agent=path)
+    assert w.episodes == 3 and w.episode_val_accs[0] == pytest.approx(r.val_acc)
+    b = run_tuner("ppo-best-of-n", v0, 0, "6x", 0, 6, agent=path, batch=2)
+    assert b.episodes == 2 and b.episode_val_accs[0] == pytest.approx(r.val_acc)
