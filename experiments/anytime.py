@@ -204,6 +204,25 @@ def plot(rows: list[dict[str, Any]], out: Path, max_episodes: dict[str, int]) ->
     return files
 
 
+def held_out_tasks(n: int, seed: int, n_tasks: int, folder: Path) -> dict[str, list[str]]:
+    """The first ``n`` held-out tasks of a generated spec as scenario files in ``folder`` (written
+    once; the same spec always gives the same tasks), each at its own target."""
+    import yaml
+
+    from rltune.tasks import TaskSpec, generate_tasks
+
+    held = [t for t in generate_tasks(TaskSpec(seed=seed, n_tasks=n_tasks)) if t.held_out][:n]
+    folder.mkdir(parents=True, exist_ok=True)
+    out = {}
+    for t in held:
+        f = folder / f"{t.name}.yaml"
+        text = yaml.safe_dump(t.load().to_dict(), sort_keys=False)
+        if not f.exists() or f.read_text() != text:
+            f.write_text(text)
+        out[str(f)] = [t.target]
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--scenario-targets", nargs="+", metavar="NAME=T1,T2",
@@ -221,6 +240,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rerun", nargs="+", default=[], metavar="NAME=T1,T2",
                    help="drop these tuners' finished cells of scenario NAME (at its targets here) and run them "
                         "again, e.g. after the tuner's code changed")
+    p.add_argument("--held-out-tasks", type=int, default=0, metavar="N",
+                   help="add the first N held-out generated tasks of TaskSpec(seed=--task-seed, n_tasks=--n-tasks) "
+                        "(rltune.tasks; never trained on): each task's scenario is written to OUT/tasks/NAME.yaml "
+                        "and evaluated at its own target")
+    p.add_argument("--task-seed", type=int, default=0)
+    p.add_argument("--n-tasks", type=int, default=240)
     p.add_argument("--no-progress", action="store_true")
     a = p.parse_args(argv)
 
@@ -233,7 +258,9 @@ def main(argv: list[str] | None = None) -> int:
 
     torch.set_num_threads(1)
     scenario_targets = _pairs(a.scenario_targets, "--scenario-targets", _targets) if a.scenario_targets \
-        else dict(DEFAULT_TARGETS)
+        else ({} if a.held_out_tasks else dict(DEFAULT_TARGETS))
+    if a.held_out_tasks:
+        scenario_targets.update(held_out_tasks(a.held_out_tasks, a.task_seed, a.n_tasks, Path(a.out) / "tasks"))
     tuners = list(a.tuners) + (["ppo-finetune"] if a.finetune and "ppo-finetune" not in a.tuners else [])
     unknown = [t for t in tuners if t not in KNOWN]
     if unknown:
@@ -249,11 +276,10 @@ def main(argv: list[str] | None = None) -> int:
     stages = {s: load_scenario(resolve_scenario(s)).training["stages"] for s in scenario_targets}
     agent = None
     if any(t.startswith("ppo") for t in tuners):
-        from rltune.agentfile import check_layouts, load_policy
-        from rltune.env import ACTION_LAYOUT, OBS_LAYOUT
+        from rltune.tuners import _load_agent
 
         agent = str(resolve_agent(a.agent))
-        check_layouts(load_policy(agent), OBS_LAYOUT, ACTION_LAYOUT)  # before any training
+        _load_agent(agent)  # its layouts are its env version's (v0 or v1): checked before any training
     out = Path(a.out)
     cells = out / "cells"
     if rerun and (cells / "results.jsonl").exists():
