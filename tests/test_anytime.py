@@ -187,3 +187,21 @@ def test_the_anytime_answers():
     (a,) = _anytime_script().answers(rows)
     assert a["best_zero_search_rule"] == "sensitivity" and a["tpe_first_beats_zero_search_at"] == 4
     assert a["policy_search_ge_tpe_at_every_n"] is False and a["policy_search_below_tpe_at"] == [4]
+
+
+def test_held_out_tasks_become_scenario_files_at_their_own_targets(tmp_path):
+    import importlib.util
+    from pathlib import Path
+
+    from rltune.scenario import load_scenario
+    from rltune.tasks import TaskSpec, generate_tasks
+
+    spec = importlib.util.spec_from_file_location("anytime_script", Path(__file__).parent.parent / "experiments" / "anytime.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    got = mod.held_out_tasks(3, 0, 240, tmp_path / "tasks")
+    held = [t for t in generate_tasks(TaskSpec(seed=0, n_tasks=240)) if t.held_out][:3]
+    assert list(got.values()) == [[t.target] for t in held]
+    for f, t in zip(got, held):
+        assert load_scenario(f).to_dict() == t.load().to_dict()  # the same task, teacher cache key and all
+    assert mod.held_out_tasks(3, 0, 240, tmp_path / "tasks") == got  # written once, read again the same
