@@ -146,7 +146,7 @@ def answers(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         first = next((n for n, m in tpe if best_zero is not None and m > zero[best_zero]), None)
         below, compared = [], []
         for n, m in tpe:
-            pol = [mean[(t, n)] for t in POLICY_SEARCH if (t, n) in mean]
+            pol = [mean[(t, n)] for t in (*POLICY_SEARCH, *PER_BUDGET) if (t, n) in mean]
             if pol:
                 compared.append(n)
                 if max(pol) < m:
@@ -158,7 +158,36 @@ def answers(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
             "policy_search_ge_tpe_at_every_n": (not below) if compared else None,
             "policy_search_below_tpe_at": below, "compared_at": compared,
         })
+        std = {(r["tuner"], r["episodes"]): r.get("test_acc_std", 0.0) for r in rs}
+        replay = mean.get(("ppo-replay", 1))
+        if replay is not None and math.isfinite(replay):  # the one-episode policy against the rules and TPE
+            rec = mean.get(("recipe", 1))
+            tpe_max = tpe[-1] if tpe else None
+            out[-1].update({
+                "replay_acc": replay, "replay_ge_every_zero_search": bool(zero) and replay >= max(zero.values()),
+                "replay_minus_best_zero_search": replay - max(zero.values()) if zero else None,
+                "replay_below_recipe_by_more_than_its_std": (rec is not None and rec - replay > std[("recipe", 1)]),
+                "moonshot_tpe_episodes": tpe_max[0] if tpe_max else None,
+                "replay_ge_tpe_at_max_n": (replay >= tpe_max[1]) if tpe_max else None,
+            })
     return out
+
+
+def overall(answers_: list[dict[str, Any]]) -> dict[str, Any]:
+    """The issue's targets counted over the cells that have them."""
+    with_replay = [a for a in answers_ if "replay_acc" in a]
+    with_pol = [a for a in answers_ if a["policy_search_ge_tpe_at_every_n"] is not None]
+    diffs = [a["replay_minus_best_zero_search"] for a in with_replay if a["replay_minus_best_zero_search"] is not None]
+    return {
+        "cells": len(answers_),
+        "replay_ge_every_zero_search": sum(a["replay_ge_every_zero_search"] for a in with_replay),
+        "replay_below_recipe_by_more_than_its_std": sum(a["replay_below_recipe_by_more_than_its_std"] for a in with_replay),
+        "replay_minus_best_zero_search_mean": statistics.fmean(diffs) if diffs else None,
+        "replay_cells": len(with_replay),
+        "policy_search_ge_tpe_at_every_n": sum(a["policy_search_ge_tpe_at_every_n"] for a in with_pol),
+        "policy_search_cells": len(with_pol),
+        "replay_ge_tpe_at_max_n": sum(bool(a.get("replay_ge_tpe_at_max_n")) for a in with_replay),
+    }
 
 
 def plot(rows: list[dict[str, Any]], out: Path, max_episodes: dict[str, int]) -> list[Path]:
@@ -344,6 +373,7 @@ def main(argv: list[str] | None = None) -> int:
     summary = {"command": recorded_command(), "commands": commands, "scenario_targets": scenario_targets, "max_episodes": max_episodes,
                "seeds": a.seeds, "tuners": tuners, "agent": a.agent if agent else None, "rows": rows,
                "answers": answers(rows), "notes": notes}
+    summary["overall"] = overall(summary["answers"])
     out.mkdir(parents=True, exist_ok=True)
     tmp = out / "summary.json.tmp"
     tmp.write_text(json.dumps(summary, indent=1) + "\n")
@@ -353,6 +383,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{ans['scenario']} @ {ans['target']}: optuna-tpe first beats {ans['best_zero_search_rule']} at "
               f"N = {ans['tpe_first_beats_zero_search_at']}; policy search >= optuna-tpe at every N: "
               f"{ans['policy_search_ge_tpe_at_every_n']} (below at {ans['policy_search_below_tpe_at']})")
+    print(f"overall: {json.dumps(summary['overall'])}")
     print(f"summary: {out / 'summary.json'}")
     return 0
 

@@ -187,6 +187,26 @@ def test_the_anytime_answers():
     (a,) = _anytime_script().answers(rows)
     assert a["best_zero_search_rule"] == "sensitivity" and a["tpe_first_beats_zero_search_at"] == 4
     assert a["policy_search_ge_tpe_at_every_n"] is False and a["policy_search_below_tpe_at"] == [4]
+    assert "replay_acc" not in a
+
+
+def test_the_replay_targets_and_their_count():
+    script = _anytime_script()
+    rows = [{"scenario": s, "target": "8x", "tuner": t, "episodes": n, "test_acc_mean": m, "test_acc_std": sd}
+            for s, reps in (("a", 0.81), ("b", 0.77), ("c", 0.84))
+            for t, n, m, sd in [("recipe", 1, 0.80, 0.02), ("recipe-plus1", 1, 0.79, 0.01), ("optuna-tpe", 1, 0.70, 0.0),
+                                ("optuna-tpe", 32, 0.83, 0.01), ("ppo-replay", 1, reps, 0.01),
+                                ("ppo-warm-tpe", 1, reps, 0.01), ("ppo-warm-tpe", 32, 0.83, 0.01)]]
+    ans = script.answers(rows)
+    a, b, c = ans
+    assert a["replay_ge_every_zero_search"] and not a["replay_below_recipe_by_more_than_its_std"]
+    assert a["replay_minus_best_zero_search"] == pytest.approx(0.01) and not a["replay_ge_tpe_at_max_n"]
+    assert not b["replay_ge_every_zero_search"] and b["replay_below_recipe_by_more_than_its_std"]
+    assert c["replay_ge_tpe_at_max_n"] and c["moonshot_tpe_episodes"] == 32
+    o = script.overall(ans)
+    assert o["replay_cells"] == 3 and o["replay_ge_every_zero_search"] == 2
+    assert o["replay_below_recipe_by_more_than_its_std"] == 1 and o["replay_ge_tpe_at_max_n"] == 1
+    assert o["policy_search_ge_tpe_at_every_n"] == 3 and o["policy_search_cells"] == 3  # ties count
 
 
 def test_held_out_tasks_become_scenario_files_at_their_own_targets(tmp_path):
