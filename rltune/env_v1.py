@@ -212,7 +212,15 @@ class DistillCompressEnvV1(DistillCompressEnv):
 
             gym.Env.reset(self, seed=seed)
             options = dict(options or {})
-            i = int(options["scenario"]) if "scenario" in options else int(self.np_random.integers(len(self.scenarios)))
+            sync = getattr(self, "task_sync", None)  # set by rltune.vecenv.BatchedVecEnv: one task at a time
+            if "scenario" in options:
+                i = int(options["scenario"])
+            elif sync is not None and not self.task_leader and sync["task"] is not None:
+                i = sync["task"]
+            else:
+                i = int(self.np_random.integers(len(self.scenarios)))
+                if sync is not None:
+                    sync["task"] = i
             options["scenario"] = i
             options.setdefault("target", str(self.task_budgets[i]))
             return super().reset(seed=None, options=options)

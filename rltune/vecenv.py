@@ -8,6 +8,10 @@ rate, so ``rltune train --vec-env batched --n-envs 16`` collects a rollout of 16
 price of a few. Per env it gives what stepping that env alone gives (within float tolerance:
 tested).
 
+Envs of generated tasks (``rltune/DistillCompress-v1`` with ``tasks=``) would each draw their own
+task, and K episodes of K different tasks do not batch; here they play the same task at a time (env
+0 draws it, the others follow), a rollout of K-episode rounds over as many tasks.
+
 The envs are the raw :class:`rltune.env.DistillCompressEnv` (no per-env Monitor: wrap the VecEnv
 in SB3's ``VecMonitor``); they share their per-scenario caches (contexts, float students, probes),
 which is what lets their stages batch.
@@ -46,6 +50,13 @@ class BatchedVecEnv(DummyVecEnv):
             self.raw.append(raw)
         for other in self.raw[1:]:
             other.share_caches(self.raw[0])
+        # generated tasks (env v1): the envs play the same task, so their stages batch. Env 0 leads:
+        # it draws each new task at its reset, the others take the task the leader is on when they
+        # reset (in lockstep that is the leader's new one; an episode that ended early rejoins it)
+        sync: dict = {"task": None}
+        for j, raw in enumerate(self.raw):
+            if getattr(raw, "tasks", None) is not None:
+                raw.task_sync, raw.task_leader = sync, j == 0
 
     def step_wait(self):
         groups: dict[int, list[tuple[int, object]]] = {}

@@ -210,3 +210,20 @@ def test_tuners_play_a_v1_agent_in_a_v1_env_and_tpe_goes_on_in_v0(tmp_path):
     assert w.episodes == 3 and w.episode_val_accs[0] == pytest.approx(r.val_acc)
     b = run_tuner("ppo-best-of-n", v0, 0, "6x", 0, 6, agent=path, batch=2)
     assert b.episodes == 2 and b.episode_val_accs[0] == pytest.approx(r.val_acc)
+
+
+def test_batched_envs_of_generated_tasks_play_one_task_at_a_time():
+    from rltune.tasks import TaskSpec, generate_tasks
+    from rltune.vecenv import BatchedVecEnv
+
+    tasks = [t for t in generate_tasks(TaskSpec(seed=0, n_tasks=240)) if t.family == "tabular" and not t.held_out][:4]
+    fns = [lambda: DistillCompressEnvV1(tasks=tasks, stages=3, epochs_per_stage=1, reward_baseline="float")] * 3
+    venv = BatchedVecEnv(fns)
+    venv.seed(5)
+    venv.reset()
+    seen = []
+    for _ in range(3 * 3):
+        assert len({e.scenario_index for e in venv.raw}) == 1  # one task: the stages batch
+        seen.append(venv.raw[0].scenario_index)
+        venv.step(np.zeros((3, len(ACTION_LAYOUT_V1)), np.float32))
+    assert len(set(seen)) >= 2  # the leader draws a new task each episode
