@@ -56,7 +56,15 @@ def main(argv: list[str] | None = None) -> int:
     from rltune.env_v1 import DistillCompressEnvV1
     from rltune.shipped import recorded_command
     from rltune.stage import final_report
+    from rltune.train import run_episode
     from rltune.tuners import _load_agent
+
+    class Masked:  # the agent's deterministic action with a variant's entries zeroed
+        def __init__(self, variant: str):
+            self.variant = variant
+
+        def predict(self, obs, deterministic: bool = True):
+            return masked(agent.predict(obs, deterministic=True), self.variant)
 
     torch.set_num_threads(1)
     agent = _load_agent(a.agent)
@@ -67,12 +75,8 @@ def main(argv: list[str] | None = None) -> int:
         for seed in range(a.seeds):
             row = {"scenario": Path(scen).stem, "target": target, "seed": seed}
             for v in VARIANTS:
-                obs, _ = env.reset(seed=seed * 100_003, options={"scenario": 0, "target": target, "float_seed": seed})
-                done, info = False, {}
-                while not done:
-                    act = masked(agent.predict(obs, deterministic=True), v)
-                    obs, _, term, trunc, info = env.step(act)
-                    done = term or trunc
+                info = run_episode(env, Masked(v), seed=seed * 100_003,
+                                   options={"scenario": 0, "target": target, "float_seed": seed})
                 rep = final_report(env.context(0), env.state, latency=False)
                 row[v] = {"test_acc": rep["test_acc"], "val_acc": float(info["val_acc"]),
                           "bits": env.plan["final_bits"], "per_layer": env.layer_plan is not None,

@@ -95,10 +95,10 @@ def fit_agreement(model: nn.Module, train_set: Any, rows: int = FIT_ROWS) -> flo
     """Share of the first ``rows`` training rows (labeled, then transfer) on which ``model``'s class
     is the teacher's."""
     from rltune.distill import predict
+    from rltune.metrics import agreement
 
     n = min(rows, len(train_set.x))
-    pred = predict(model, train_set.x[:n]).argmax(1)
-    return float((pred == train_set.t_logits[:n].argmax(1)).float().mean())
+    return agreement(predict(model, train_set.x[:n]), train_set.t_logits[:n])
 
 
 class DistillCompressEnvV1(DistillCompressEnv):
@@ -335,12 +335,9 @@ class DistillCompressEnvV1(DistillCompressEnv):
         key = (i, seed, budget)
         if key not in self._zero:
             twin = DistillCompressEnvV1.like(self, targets=[str(budget)])
-            twin.reset(seed=0, options={"scenario": i, "target": str(budget), "float_seed": seed})
-            zero = np.zeros(len(ACTION_LAYOUT_V1), np.float32)
-            done, info = False, {}
-            while not done:
-                _, _, term, trunc, info = twin.step(zero)
-                done = term or trunc
+            from rltune.train import run_episode
+
+            info = run_episode(twin, None, seed=0, options={"scenario": i, "target": str(budget), "float_seed": seed})
             if info.get("diverged"):  # its last good stage is no result: the float student stands in
                 fs, _ = twin.float_student(i, seed)
                 self._zero[key] = {"val_acc": twin.state.ref.val_acc, "fit_agreement": fit_agreement(fs, twin.ctx.train_set)}

@@ -514,11 +514,10 @@ def _policy_env(s: Session, agent) -> DistillCompressEnv:
     (per-layer observation and actions, zero action recipe-plus1) a
     :class:`rltune.env_v1.DistillCompressEnvV1` of the same scenarios and settings sharing its
     caches. The Session plays in it from here on (:func:`tune_ppo_warm_tpe` switches back)."""
-    if _env_id(agent) != V1 or type(s.env).__name__ == "DistillCompressEnvV1":
-        return s.env
     from rltune.env_v1 import DistillCompressEnvV1
 
-    s.env = DistillCompressEnvV1.like(s.env)
+    if _env_id(agent) == V1 and not isinstance(s.env, DistillCompressEnvV1):
+        s.env = DistillCompressEnvV1.like(s.env)
     return s.env
 
 
