@@ -37,7 +37,16 @@ ways (issue 12):
   each layer reaches its own final sparsity on the cubic ramp, the tilted centres shifted together
   (bisected on the real packed size, each capped at the scenario's sparsity maximum) so the budget
   holds, and its own width in the late stages. If no shift fits, the offsets that add bits are
-  dropped, and if that fails too the episode prunes globally. Entries for padding slots are ignored.
+  dropped, and if that fails too the episode plays the zero rule. Entries for padding slots are ignored.
+
+  ``zero_rule`` picks what the zero action plays, and so what the policy is paid against:
+  ``"plus1"`` (default) the recipe one bit up, pruned globally; ``"sensitivity"`` the per-layer
+  sensitivity allocator (the ``sensitivity`` tuner: :func:`rltune.layer_sensitivity.allocate`
+  around the global split, at the plan's width), whose split is then the layers' centres (the
+  ``centre_sparsity`` feature) that the tilts move. ``tilt_deadzone`` (a number in [0, 1)) makes
+  the tilts a soft threshold: a tilt ``a`` moves its centre by
+  ``sign(a) · max(0, |a| − deadzone) / (1 − deadzone) × TRUST_RADIUS``, so an entry the policy
+  has not learned (near 0) changes nothing; ``None`` (default) keeps the hard ``DEADZONE`` above.
 * **Reward** (mode ``budget``): at the last stage, ``reward_scale × (signal − signal of the zero
   action on the same task and float student)``, the zero action's episode run once per task with a
   fixed training seed and cached; minus the action penalty as in v0. ``reward_signal`` picks the
@@ -86,6 +95,7 @@ OBS_LAYOUT_V1 = list(OBS_LAYOUT) + [f"layer{i}_{f}" for i in range(L_MAX) for f 
 ACTION_LAYOUT_V1 = (list(ACTION_LAYOUT) + [f"bit_offset_{i}" for i in range(L_MAX)]
                     + [f"sparsity_tilt_{i}" for i in range(L_MAX)])
 DEADZONE = 0.05
+ZERO_RULES = ("plus1", "sensitivity")
 COLLAPSE_SHARE = 0.25
 FIT_ROWS = 20_000
 REWARD_SIGNALS = ("val", "agreement", "both")
@@ -111,12 +121,19 @@ class DistillCompressEnvV1(DistillCompressEnv):
     tasks not flagged held out, ``True`` (evaluation) only those."""
 
     def __init__(self, *args: Any, reward_baseline: str = "zero", tasks: Any = None, held_out: bool = False,
-                 reward_signal: str = "val", **kwargs: Any):
+                 reward_signal: str = "val", zero_rule: str = "plus1", tilt_deadzone: float | None = None,
+                 **kwargs: Any):
         from rltune.errors import RltuneError
 
         if reward_signal not in REWARD_SIGNALS:
             raise RltuneError(f"reward_signal must be one of {', '.join(REWARD_SIGNALS)}, got {reward_signal!r}")
+        if zero_rule not in ZERO_RULES:
+            raise RltuneError(f"zero_rule must be one of {', '.join(ZERO_RULES)}, got {zero_rule!r}")
+        if tilt_deadzone is not None and not (isinstance(tilt_deadzone, (int, float)) and 0.0 <= tilt_deadzone < 1.0):
+            raise RltuneError(f"tilt_deadzone must be a number in [0, 1), got {tilt_deadzone!r}")
         self.reward_signal = reward_signal
+        self.zero_rule = zero_rule
+        self.tilt_deadzone = None if tilt_deadzone is None else float(tilt_deadzone)
 
         base = "float" if reward_baseline == "zero" else reward_baseline
         self.tasks = None
@@ -140,15 +157,22 @@ class DistillCompressEnvV1(DistillCompressEnv):
         self.action_space = spaces.Box(-1.0, 1.0, (len(ACTION_LAYOUT_V1),), np.float32)
         self._tables: dict[tuple, list[dict[str, float]]] = {}
         self._zero: dict[tuple, dict[str, float]] = {}
+        self._allocs: dict[tuple, list[float]] = {}
         self.layer_plan: dict[str, Any] | None = None
         self._centres: list[float] | None = None
 
     @classmethod
-    def like(cls, env: DistillCompressEnv, targets: Any = None) -> "DistillCompressEnvV1":
+    def like(cls, env: DistillCompressEnv, targets: Any = None, zero_rule: str | None = None,
+             tilt_deadzone: float | None = None) -> "DistillCompressEnvV1":
         """A v1 env of ``env``'s scenarios or problems and settings, sharing its caches (teachers,
         float students, probes), paid against the float student (no zero-action episodes): what the
-        tuners play a v1 policy in, and the zero action's own episodes."""
-        twin = cls(scenarios=list(env.sources), targets=targets or [str(b) for b in env.budgets], mode=env.mode,
+        tuners play a v1 policy in, and the zero action's own episodes. ``zero_rule`` and
+        ``tilt_deadzone`` default to ``env``'s own when it is a v1 env (else to the class defaults)."""
+        if zero_rule is None:
+            zero_rule = getattr(env, "zero_rule", "plus1")
+        if tilt_deadzone is None:
+            tilt_deadzone = getattr(env, "tilt_deadzone", None)
+        twin = cls(zero_rule=zero_rule, tilt_deadzone=tilt_deadzone, scenarios=list(env.sources), targets=targets or [str(b) for b in env.budgets], mode=env.mode,
                    reward_baseline="float", n_float_students=env.n_float_students,
                    probe_samples=env.probe_samples, probe_epochs=env.probe_epochs,
                    probe_tolerance=env.probe_tolerance, fill_budget=env.fill_budget,
@@ -160,7 +184,7 @@ class DistillCompressEnvV1(DistillCompressEnv):
     def share_caches(self, other: "DistillCompressEnv") -> None:
         super().share_caches(other)
         if isinstance(other, DistillCompressEnvV1):
-            self._tables, self._zero = other._tables, other._zero
+            self._tables, self._zero, self._allocs = other._tables, other._zero, other._allocs
 
     # -- the per-layer table ---------------------------------------------------------------------
 
@@ -230,13 +254,27 @@ class DistillCompressEnvV1(DistillCompressEnv):
         return nearest_feasible(self.probe_result, self.probe_result.recipe_bits + 1)
 
     def centres(self) -> list[float]:
-        """Each layer's sparsity under the zero action's global magnitude pruning at its width."""
+        """Each layer's sparsity under the zero rule at the plan's width: the recipe's global
+        magnitude pruning (``zero_rule="plus1"``), or the sensitivity allocator's split, which
+        tilts that one within ``TRUST_RADIUS`` (``"sensitivity"``, cached per task, float student,
+        budget and width)."""
         if self._centres is None:
             from rltune.tuners import magnitude_split
 
             fs, _ = self.float_student(self.scenario_index, self.float_seed)
             b = self.plan["final_bits"] if self.plan else self._plus1()
-            self._centres = magnitude_split(fs, self.probe_result.required[b], self.ctx.scenario)
+            mag = magnitude_split(fs, self.probe_result.required[b], self.ctx.scenario)
+            if self.zero_rule == "sensitivity":
+                key = (self.scenario_index, self.float_seed, self.budget, b)
+                if key not in self._allocs:
+                    from rltune.layer_sensitivity import allocate
+
+                    d = self.ctx.data
+                    _, sps, _ = allocate(fs, None, self.meter.cost, self.meter.limit * 0.97, bits=(b,),
+                                         val=(d.x_val, d.y_val), around=mag)
+                    self._allocs[key] = [float(x) for x in sps]
+                mag = list(self._allocs[key])
+            self._centres = mag
         return self._centres
 
     def knobs_for(self, action) -> tuple[Knobs, dict[str, float]]:
@@ -275,8 +313,14 @@ class DistillCompressEnvV1(DistillCompressEnv):
         off, tilt = np.zeros(n), np.zeros(n)
         for slot, j in enumerate(slots):  # layers without a slot keep the plan's width and centre
             off[j], tilt[j] = off_all[slot], tilt_all[slot]
-        if np.all(np.abs(off) < 0.5) and np.all(np.abs(tilt) < DEADZONE):
-            self.layer_plan = None
+        if self.tilt_deadzone is not None:  # soft threshold: |a| under the deadzone is no tilt
+            dz = self.tilt_deadzone
+            tilt = np.sign(tilt) * np.maximum(np.abs(tilt) - dz, 0.0) / (1.0 - dz)
+            quiet = np.all(np.abs(off) < 0.5) and np.all(tilt == 0.0)
+        else:
+            quiet = np.all(np.abs(off) < 0.5) and np.all(np.abs(tilt) < DEADZONE)
+        if quiet:
+            self._zero_plan(n)
             return
         from rltune.layer_sensitivity import TRUST_RADIUS, shift_to_budget
 
@@ -287,7 +331,7 @@ class DistillCompressEnvV1(DistillCompressEnv):
         base = [c + float(tilt[j]) * TRUST_RADIUS for j, c in enumerate(self.centres())]
         fs, _ = self.float_student(self.scenario_index, self.float_seed)
         # the offsets as asked; if no common shift fits them, the offsets that add bits are dropped;
-        # if that fails too, the episode prunes globally as the zero action does
+        # if that fails too, the episode plays the zero rule's split
         asked = [int(np.clip(b0 + int(np.round(off[j])), lo_b, hi_b)) for j in range(n)]
         for bits in (asked, [min(b, b0) for b in asked]):
             shift, sps = shift_to_budget(fs, base, bits, self.meter.cost, self.meter.limit * 0.97, -1.0, 1.0,
@@ -295,9 +339,17 @@ class DistillCompressEnvV1(DistillCompressEnv):
             if shift is not None:
                 break
         else:
-            self.layer_plan = None
+            self._zero_plan(n)
             return
         self.layer_plan = {"bits": bits, "sparsity": list(sps), "shift": shift}
+
+    def _zero_plan(self, n: int) -> None:
+        """The zero rule's layer plan: global pruning (None) for ``"plus1"``; for ``"sensitivity"``
+        the allocator's split at the plan's width, as the ``sensitivity`` tuner plays it."""
+        if self.zero_rule == "sensitivity":
+            self.layer_plan = {"bits": [self.plan["final_bits"]] * n, "sparsity": list(self.centres()), "shift": 0.0}
+        else:
+            self.layer_plan = None
 
     def end_stage(self, m, parts: dict[str, float] | None = None):
         obs, reward, terminated, truncated, info = super().end_stage(m, parts)
@@ -325,14 +377,14 @@ class DistillCompressEnvV1(DistillCompressEnv):
         return obs, float(reward), terminated, truncated, info
 
     def zero_val_acc(self, i: int, seed: int, budget: Budget) -> float:
-        """Val accuracy of the zero action (recipe-plus1) on this task and float student at a fixed
+        """Val accuracy of the zero action (its ``zero_rule``) on this task and float student at a fixed
         training seed: an env of its own plays it once; cached."""
         return self.zero_metrics(i, seed, budget)["val_acc"]
 
     def zero_metrics(self, i: int, seed: int, budget: Budget) -> dict[str, float]:
         """The zero action's ``val_acc`` and ``fit_agreement`` on this task and float student (see
         :meth:`zero_val_acc`)."""
-        key = (i, seed, budget)
+        key = (i, seed, budget, self.zero_rule)
         if key not in self._zero:
             twin = DistillCompressEnvV1.like(self, targets=[str(budget)])
             from rltune.train import run_episode

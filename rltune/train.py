@@ -43,7 +43,7 @@ PPO_KEYS = {"learning_rate", "n_steps", "batch_size", "n_epochs", "gamma", "gae_
             "ent_coef", "vf_coef", "max_grad_norm", "target_kl", "normalize_advantage"}
 ENV_KEYS = {"targets", "mode", "reward_scale", "action_penalty", "divergence_penalty", "n_float_students",
             "probe_samples", "probe_epochs", "probe_tolerance", "reward_baseline", "epochs_per_stage", "stages",
-            "reward_signal"}
+            "reward_signal", "zero_rule", "tilt_deadzone"}
 TOP_KEYS = {"scenarios", "val_scenarios", "total_timesteps", "n_envs", "seed", "checkpoint_every",
             "policy_kwargs", "ppo", "env", "gate_episodes", "vec_env", "ray_address", "ray_workers", "env_id", "tasks", "gate_tasks"}
 VEC_ENVS = ("auto", "dummy", "subproc", "batched", "ray")
@@ -302,7 +302,7 @@ def layouts(env_id: str | None) -> tuple[list[str], list[str]]:
 
 def gate_tasks(agent_path: str | Path, spec: dict[str, Any], n_tasks: int = 8, episodes: int = 1,
                env_kwargs: dict | None = None) -> dict[str, Any]:
-    """A v1 policy against the zero action (recipe-plus1) on held-out generated tasks (the first
+    """A v1 policy against the zero action (the env's ``zero_rule``) on held-out generated tasks (the first
     ``n_tasks`` of the spec's held-out slice), val split, same seeds; ``passed`` when its mean val
     accuracy is above the zero action's."""
     from rltune.agentfile import check_layouts, load_policy

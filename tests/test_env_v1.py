@@ -227,3 +227,59 @@ def test_batched_envs_of_generated_tasks_play_one_task_at_a_time():
         seen.append(venv.raw[0].scenario_index)
         venv.step(np.zeros((3, len(ACTION_LAYOUT_V1)), np.float32))
     assert len(set(seen)) >= 2  # the leader draws a new task each episode
+
+
+def test_a_sensitivity_zero_rule_plays_the_sensitivity_tuner_and_is_paid_against_it():
+    from rltune.tuners import run_tuner
+
+    env = DistillCompressEnvV1(scenarios=[TINY], targets=["6x"], zero_rule="sensitivity")
+    r = run_tuner("sensitivity", DistillCompressEnv(scenarios=[TINY], targets=["6x"]), 0, "6x", 0, 3)
+    reward, info = _play(env, np.zeros(len(ACTION_LAYOUT_V1), np.float32), seed=0)
+    plan = env.layer_plan
+    assert plan["bits"] == r.config["bits"] and plan["sparsity"] == pytest.approx(r.config["sparsity"])
+    assert info["val_acc"] == pytest.approx(r.val_acc) and info["budget_met"]
+    assert info["zero_action_val_acc"] == env.zero_val_acc(0, env.float_seed, env.budget)
+    # its centres are the allocator's split, not the global one the plus1 rule prunes to
+    assert env.centres() == pytest.approx(r.config["sparsity"])
+
+
+def test_a_soft_tilt_deadzone_ignores_small_tilts_and_scales_the_rest():
+    from rltune.layer_sensitivity import TRUST_RADIUS
+
+    env = DistillCompressEnvV1(scenarios=[TINY], targets=["6x"], zero_rule="sensitivity", tilt_deadzone=0.5)
+    a = np.zeros(len(ACTION_LAYOUT_V1), np.float32)
+    a[5 + L_MAX: 8 + L_MAX] = [0.45, -0.3, 0.2]  # inside the deadzone: the zero rule's plan
+    env.reset(seed=0)
+    env.step(a)
+    centres = env.centres()
+    assert env.layer_plan["sparsity"] == pytest.approx(centres) and env.layer_plan["shift"] == 0.0
+    a[5 + L_MAX] = 1.0  # one full tilt: that layer's centre moves a whole TRUST_RADIUS before the common shift
+    env.reset(seed=0)
+    env.step(a)
+    sps, shift = env.layer_plan["sparsity"], env.layer_plan["shift"]
+    assert sps[0] - sps[1] == pytest.approx(centres[0] + TRUST_RADIUS - centres[1], abs=0.02)
+
+
+@pytest.mark.parametrize("kw, match", [({"zero_rule": "owl"}, "zero_rule"), ({"tilt_deadzone": 1.0}, "tilt_deadzone"),
+                                       ({"tilt_deadzone": "x"}, "tilt_deadzone")])
+def test_bad_zero_rule_or_deadzone_is_refused(kw, match):
+    from rltune.errors import RltuneError
+
+    with pytest.raises(RltuneError, match=match):
+        DistillCompressEnvV1(scenarios=[TINY], targets=["6x"], **kw)
+
+
+def test_a_v1_agent_replays_against_the_zero_rule_it_was_trained_with(tmp_path):
+    from stable_baselines3 import PPO
+
+    from rltune.agentfile import save_agent
+    from rltune.tuners import Session, _load_agent, _policy_env
+
+    v1 = DistillCompressEnvV1(scenarios=[TINY], targets=["6x"], zero_rule="sensitivity", tilt_deadzone=0.5)
+    model = PPO("MlpPolicy", v1, policy_kwargs={"net_arch": [8]}, n_steps=16, batch_size=16, seed=0)
+    path = save_agent(model, tmp_path / "a", OBS_LAYOUT_V1, ACTION_LAYOUT_V1,
+                      {"scenarios": [], "env_id": "rltune/DistillCompress-v1",
+                       "env": {"zero_rule": "sensitivity", "tilt_deadzone": 0.5}})
+    s = Session(DistillCompressEnv(scenarios=[TINY], targets=["6x"]), 0, "6x", 0, 3)
+    env = _policy_env(s, _load_agent(path))
+    assert env.zero_rule == "sensitivity" and env.tilt_deadzone == 0.5
