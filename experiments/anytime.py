@@ -16,7 +16,10 @@ budget, so a prefix of a longer run is not what it does with N).
 A run of some scenarios keeps the others in the summary: ``scenario_targets`` is the union over
 this folder's runs (this run's targets win), ``commands`` every command that filled it. ``--rerun
 NAME=TUNER,...`` drops those tuners' finished cells of NAME at the targets given and runs them again
-(after a change to the tuner's code; the command records it).
+(after a change to the tuner's code; the command records it). ``--baseline-from DIR`` compares a new
+agent with another folder's rules and searchers without rerunning them: that folder's finished
+cells of every tuner that needs no agent join the summary (``baseline_from``: the folder, the
+tuners and its commands), and its held-out task files are used so the scenario names match.
 
 Writes ``OUT/summary.json``: ``{"command", "commands", "scenario_targets", "max_episodes", "rows", "answers",
 "notes"}``; a row per scenario × target × tuner × N with ``scenario``, ``target``, ``tuner``,
@@ -273,6 +276,11 @@ def main(argv: list[str] | None = None) -> int:
                    help="add the first N held-out generated tasks of TaskSpec(seed=--task-seed, n_tasks=--n-tasks) "
                         "(rltune.tasks; never trained on): each task's scenario is written to OUT/tasks/NAME.yaml "
                         "and evaluated at its own target")
+    p.add_argument("--baseline-from", metavar="DIR",
+                   help="another anytime folder whose finished cells of the tuners that need no agent (the rules "
+                        "and optuna-*) join this summary for the same scenarios and targets, so a new agent is "
+                        "compared with them without rerunning them; its held-out task files (DIR/tasks) are "
+                        "used, so the scenario names match")
     p.add_argument("--task-seed", type=int, default=0)
     p.add_argument("--n-tasks", type=int, default=240)
     p.add_argument("--no-progress", action="store_true")
@@ -288,8 +296,12 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(1)
     scenario_targets = _pairs(a.scenario_targets, "--scenario-targets", _targets) if a.scenario_targets \
         else ({} if a.held_out_tasks else dict(DEFAULT_TARGETS))
+    base_dir = Path(a.baseline_from) if a.baseline_from else None
+    if base_dir is not None and not (base_dir / "cells" / "results.jsonl").is_file():
+        raise SystemExit(f"--baseline-from {base_dir}: no cells/results.jsonl there")
     if a.held_out_tasks:
-        scenario_targets.update(held_out_tasks(a.held_out_tasks, a.task_seed, a.n_tasks, Path(a.out) / "tasks"))
+        scenario_targets.update(held_out_tasks(a.held_out_tasks, a.task_seed, a.n_tasks,
+                                               (base_dir or Path(a.out)) / "tasks"))
     tuners = list(a.tuners) + (["ppo-finetune"] if a.finetune and "ppo-finetune" not in a.tuners else [])
     unknown = [t for t in tuners if t not in KNOWN]
     if unknown:
@@ -347,7 +359,22 @@ def main(argv: list[str] | None = None) -> int:
                 stages[s_] = load_scenario(resolve_scenario(s_)).training["stages"]
         scenario_targets = {s_: scenario_targets[s_] for s_ in [*old_targets, *scenario_targets]}
     commands = list(dict.fromkeys(commands))
-    rows = build_rows(read_results(cells / "results.jsonl"), scenario_targets, tuners, stages, max_episodes, a.seeds)
+    results = read_results(cells / "results.jsonl")
+    baseline = None
+    if base_dir is not None:  # the agent-free tuners' cells of another folder, for the same scenarios and targets
+        own = {r["tuner"] for r in results}
+        extra = [r for r in read_results(base_dir / "cells" / "results.jsonl")
+                 if not r["tuner"].startswith("ppo") and r["tuner"] not in own
+                 and r["target"] in scenario_targets.get(r["scenario"], [])]
+        results = results + extra
+        added = list(dict.fromkeys(r["tuner"] for r in extra))
+        tuners = list(dict.fromkeys([*added, *tuners]))
+        try:
+            base_commands = json.loads((base_dir / "summary.json").read_text()).get("commands", [])
+        except (OSError, ValueError):
+            base_commands = []
+        baseline = {"folder": str(base_dir), "tuners": added, "commands": base_commands}
+    rows = build_rows(results, scenario_targets, tuners, stages, max_episodes, a.seeds)
     notes = [
         "Searchers (random, optuna-tpe, ppo-best-of-n, ppo-warm-tpe) ran once per seed at the largest N; a "
         "smaller N is the best by val of that run's first N episodes (reported on test). For random and "
@@ -373,6 +400,10 @@ def main(argv: list[str] | None = None) -> int:
     summary = {"command": recorded_command(), "commands": commands, "scenario_targets": scenario_targets, "max_episodes": max_episodes,
                "seeds": a.seeds, "tuners": tuners, "agent": a.agent if agent else None, "rows": rows,
                "answers": answers(rows), "notes": notes}
+    if baseline is not None:
+        summary["baseline_from"] = baseline
+        notes.append(f"The cells of {', '.join(baseline['tuners'])} are those of {baseline['folder']} (same scenarios, "
+                     "targets and seeds; their commands in baseline_from.commands), not rerun here.")
     summary["overall"] = overall(summary["answers"])
     out.mkdir(parents=True, exist_ok=True)
     tmp = out / "summary.json.tmp"

@@ -225,3 +225,33 @@ def test_held_out_tasks_become_scenario_files_at_their_own_targets(tmp_path):
     for f, t in zip(got, held):
         assert load_scenario(f).to_dict() == t.load().to_dict()  # the same task, teacher cache key and all
     assert mod.held_out_tasks(3, 0, 240, tmp_path / "tasks") == got  # written once, read again the same
+
+
+def test_baseline_from_joins_another_folders_agent_free_cells_without_rerunning_them(agent, tmp_path, monkeypatch):
+    import json
+
+    import yaml
+
+    import rltune.harness as H
+
+    f = tmp_path / "tiny-any.yaml"
+    f.write_text(yaml.safe_dump(TINY.to_dict()))
+    base, new = tmp_path / "base", tmp_path / "new"
+    common = ["--scenario-targets", f"{f}=6x", "--seeds", "1", "--max-episodes", "2", "--workers", "1", "--no-progress"]
+    script = _anytime_script()
+    assert script.main([*common, "--tuners", "recipe", "ppo-replay", "--agent", str(agent), "--out", str(base)]) == 0
+    ran = []
+    real = H.run_cell
+    monkeypatch.setattr(H, "run_cell", lambda c, *a, **k: ran.append(c.tuner) or real(c, *a, **k))
+    assert script.main([*common, "--tuners", "ppo-replay", "--agent", str(agent), "--out", str(new),
+                        "--baseline-from", str(base)]) == 0
+    assert ran == ["ppo-replay"]  # the recipe is not rerun, and the other folder's ppo-replay is not taken
+    s_base = json.loads((base / "summary.json").read_text())
+    s_new = json.loads((new / "summary.json").read_text())
+    pick = lambda s, t: [r for r in s["rows"] if r["tuner"] == t]  # noqa: E731
+    assert pick(s_new, "recipe") == pick(s_base, "recipe") and s_new["tuners"] == ["recipe", "ppo-replay"]
+    assert s_new["baseline_from"]["tuners"] == ["recipe"] and s_new["baseline_from"]["commands"] == s_base["commands"]
+    assert "recipe" not in {r["tuner"] for r in H.read_results(new / "cells" / "results.jsonl")}
+    with pytest.raises(SystemExit):
+        script.main([*common, "--tuners", "ppo-replay", "--agent", str(agent), "--out", str(new),
+                     "--baseline-from", str(tmp_path / "nowhere")])
