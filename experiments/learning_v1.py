@@ -1,0 +1,124 @@
+"""Learning benchmark for v1 agents (issue 12): several PPO training seeds of one config, each
+through its gate, each replayed on the held-out generated tasks against the zero-search rules.
+
+    python experiments/learning_v1.py --agents agents/ppo-v1s-seed0 agents/ppo-v1s-seed1 agents/ppo-v1s-seed2 \\
+        --baseline-from experiments/results/anytime-v1 --out experiments/results/learning-v1
+
+Per agent (one PPO training seed):
+
+- ``gate``: its ``gate.json`` as training wrote it (``rltune train`` plays the first ``gate_tasks``
+  held-out generated tasks, one episode each, val split, against the env's zero action; ``passed``
+  when the mean difference is above 0);
+- ``held_out``: ``experiments/anytime.py --held-out-tasks N --tuners ppo-replay`` with this agent
+  into ``OUT/AGENT/`` (one deterministic episode per evaluation seed, test split), joined with the
+  rules' cells of ``--baseline-from`` (the same task files, targets and seeds: not rerun); its
+  ``overall`` (cells where replay ≥ every zero-search rule, below the recipe by more than its std)
+  and every tuner's mean test accuracy over the cells.
+
+Writes ``OUT/learning.json`` (``{"command", "agents": [...], "n_seeds", "all_through_gate",
+"tuner_means"}``) and ``OUT/learning.md``. Rerunning resumes (the anytime folders do).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import statistics
+import sys
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+
+
+def _anytime():
+    spec = importlib.util.spec_from_file_location("anytime_script", HERE / "anytime.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _means(rows: list[dict]) -> dict[str, float]:
+    """Every tuner's mean (over the cells) of its per-cell mean test accuracy at N = 1, in %."""
+    out: dict[str, list[float]] = {}
+    for r in rows:
+        if r["episodes"] == 1 and r.get("test_acc_mean") is not None:
+            out.setdefault(r["tuner"], []).append(r["test_acc_mean"])
+    return {t: round(100 * statistics.fmean(v), 2) for t, v in out.items()}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--agents", nargs="+", required=True, help="agent folders, one per training seed")
+    p.add_argument("--baseline-from", default="experiments/results/anytime-v1",
+                   help="anytime folder holding the zero-search rules' cells on the held-out tasks")
+    p.add_argument("--held-out-tasks", type=int, default=24)
+    p.add_argument("--seeds", type=int, default=5)
+    p.add_argument("--max-episodes", type=int, default=32, help="as in the baseline folder (it keys its cells)")
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--out", default="experiments/results/learning-v1")
+    p.add_argument("--no-progress", action="store_true")
+    a = p.parse_args(argv)
+
+    from rltune.shipped import recorded_command
+
+    out = Path(a.out)
+    anytime = _anytime()
+    agents = []
+    for path in a.agents:
+        folder = Path(path)
+        try:
+            meta = json.loads((folder / "agent.json").read_text())
+            gate = json.loads((folder / "gate.json").read_text())
+        except (OSError, ValueError) as e:
+            raise SystemExit(f"{folder}: no agent.json and gate.json this project wrote ({e})")
+        dest = out / folder.name
+        argv_any = ["--held-out-tasks", str(a.held_out_tasks), "--tuners", "ppo-replay", "--seeds", str(a.seeds),
+                    "--max-episodes", str(a.max_episodes), "--workers", str(a.workers), "--agent", str(folder),
+                    "--baseline-from", a.baseline_from, "--out", str(dest)] + (["--no-progress"] if a.no_progress else [])
+        if anytime.main(argv_any) != 0:
+            raise SystemExit(f"{folder}: the anytime run failed")
+        summary = json.loads((dest / "summary.json").read_text())
+        training = meta.get("training") or {}
+        agents.append({
+            "agent": str(folder), "training_seed": training.get("seed"), "steps": training.get("steps_done"),
+            "env": training.get("env"), "tasks": training.get("tasks"),
+            "gate": {k: gate.get(k) for k in ("mean_diff", "std_diff", "passed", "tasks", "episodes")},
+            "gate_bits_differ": sum(r["policy_bits"] != r["zero_action_bits"] for r in gate.get("rows", [])),
+            "held_out": {"folder": str(dest), "overall": summary["overall"], "tuner_means": _means(summary["rows"])},
+        })
+    replay = [x["held_out"]["tuner_means"].get("ppo-replay") for x in agents]
+    result = {"command": recorded_command(), "n_seeds": len(agents), "agents": agents,
+              "all_through_gate": all(x["gate"]["passed"] for x in agents),
+              "replay_mean_over_seeds": round(statistics.fmean(replay), 2) if None not in replay else None,
+              "replay_std_over_seeds": round(statistics.stdev(replay), 2) if None not in replay and len(replay) > 1 else None,
+              "rule_means": {t: m for t, m in agents[0]["held_out"]["tuner_means"].items() if not t.startswith("ppo")}}
+    out.mkdir(parents=True, exist_ok=True)
+    tmp = out / "learning.json.tmp"
+    tmp.write_text(json.dumps(result, indent=1) + "\n")
+    os.replace(tmp, out / "learning.json")
+    lines = [f"# Learning benchmark, v1: {len(agents)} training seeds", "", f"`{result['command']}`", "",
+             "| agent | training seed | steps | gate: val vs zero action (pt) | passed | held-out replay test % | "
+             "replay ≥ every rule | below recipe by > std |", "|---|---|---|---|---|---|---|---|"]
+    for x in agents:
+        g, o = x["gate"], x["held_out"]["overall"]
+        lines.append(f"| {x['agent']} | {x['training_seed']} | {x['steps']} | {100 * g['mean_diff']:+.2f} ± "
+                     f"{100 * g['std_diff']:.2f} | {g['passed']} | {x['held_out']['tuner_means'].get('ppo-replay')} | "
+                     f"{o.get('replay_ge_every_zero_search')}/{o.get('replay_cells')} | "
+                     f"{o.get('replay_below_recipe_by_more_than_its_std')} |")
+    lines += ["", "Rules on the same cells (test %, mean over cells of the 5-seed means): "
+              + ", ".join(f"{t} {m}" for t, m in result["rule_means"].items()), ""]
+    (out / "learning.md").write_text("\n".join(lines))
+    print("\n".join(lines))
+    return 0
+
+
+if __name__ == "__main__":
+    from rltune.errors import RltuneError
+
+    try:
+        sys.exit(main())
+    except RltuneError as e:
+        print(f"learning_v1: error: {e}", file=sys.stderr)
+        sys.exit(2)

@@ -1,0 +1,56 @@
+"""experiments/learning_v1.py: training seeds, each with its gate and its held-out replay."""
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+from rltune.env_v1 import ACTION_LAYOUT_V1, OBS_LAYOUT_V1, DistillCompressEnvV1
+from rltune.scenario import parse_scenario
+
+TINY = parse_scenario({
+    "name": "tiny-lv1", "dataset": {"source": "wine", "transfer": 200},
+    "teacher": {"arch": "mlp", "hidden": [32], "epochs": 30},
+    "student": {"arch": "mlp", "hidden": [16], "pretrain_epochs": 5},
+    "training": {"stages": 3, "epochs_per_stage": 1, "batch_size": 64, "lr": 0.005},
+})
+
+
+def _script(name):
+    spec = importlib.util.spec_from_file_location(name, Path(__file__).resolve().parents[1] / "experiments" / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_learning_v1_gathers_each_seeds_gate_and_held_out_replay(tmp_path):
+    from stable_baselines3 import PPO
+
+    from rltune.agentfile import save_agent
+
+    env = DistillCompressEnvV1(scenarios=[TINY], targets=["6x"])
+    agents = []
+    for seed, passed in ((0, True), (1, False)):
+        model = PPO("MlpPolicy", env, policy_kwargs={"net_arch": [8]}, n_steps=16, batch_size=16, seed=seed)
+        path = save_agent(model, tmp_path / f"a{seed}", OBS_LAYOUT_V1, ACTION_LAYOUT_V1,
+                          {"scenarios": [], "env_id": "rltune/DistillCompress-v1", "seed": seed, "steps_done": 16})
+        gate = {"rows": [{"policy_bits": 4, "zero_action_bits": 5}], "mean_diff": 0.01 if passed else -0.01,
+                "std_diff": 0.0, "passed": passed, "tasks": 1, "episodes": 1}
+        (Path(path) / "gate.json").write_text(json.dumps(gate))
+        agents.append(str(path))
+    base = tmp_path / "base"
+    common = ["--held-out-tasks", "1", "--seeds", "1", "--max-episodes", "1", "--workers", "1", "--no-progress"]
+    assert _script("anytime").main([*common, "--tuners", "recipe", "--out", str(base)]) == 0
+    out = tmp_path / "learning"
+    assert _script("learning_v1").main(["--agents", *agents, "--baseline-from", str(base), "--held-out-tasks", "1",
+                                        "--seeds", "1", "--max-episodes", "1", "--workers", "1", "--no-progress",
+                                        "--out", str(out)]) == 0
+    res = json.loads((out / "learning.json").read_text())
+    assert res["n_seeds"] == 2 and res["all_through_gate"] is False
+    assert [x["training_seed"] for x in res["agents"]] == [0, 1] and res["agents"][0]["gate_bits_differ"] == 1
+    assert set(res["agents"][0]["held_out"]["tuner_means"]) == {"recipe", "ppo-replay"}
+    assert res["rule_means"]["recipe"] == res["agents"][1]["held_out"]["tuner_means"]["recipe"]
+    assert (out / "learning.md").read_text().count("| ") > 4
+    with pytest.raises(SystemExit):
+        _script("learning_v1").main(["--agents", str(tmp_path / "nothing"), "--out", str(out)])
