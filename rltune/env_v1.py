@@ -47,6 +47,8 @@ ways (issue 12):
   the tilts a soft threshold: a tilt ``a`` moves its centre by
   ``sign(a) · max(0, |a| − deadzone) / (1 − deadzone) × TRUST_RADIUS``, so an entry the policy
   has not learned (near 0) changes nothing; ``None`` (default) keeps the hard ``DEADZONE`` above.
+  ``schedule_deadzone`` does the same to the ramp shape, τ and α entries (v0's continuous ones)
+  before they are decoded; ``None`` (default) reads them as they are.
 * **Reward** (mode ``budget``): at the last stage, ``reward_scale × (signal − signal of the zero
   action on the same task and float student)``, the zero action's episode run once per task with a
   fixed training seed and cached; minus the action penalty as in v0. ``reward_signal`` picks the
@@ -79,6 +81,11 @@ from rltune.errors import DivergedError
 from rltune.stage import Knobs
 
 L_MAX = 8
+
+
+def _soft(x: np.ndarray, deadzone: float) -> np.ndarray:
+    """Soft threshold: 0 within ``deadzone`` of 0, then linear to ±1 at ±1."""
+    return np.sign(x) * np.maximum(np.abs(x) - deadzone, 0.0) / (1.0 - deadzone)
 
 
 def layer_slots(n: int) -> list[int]:
@@ -122,18 +129,20 @@ class DistillCompressEnvV1(DistillCompressEnv):
 
     def __init__(self, *args: Any, reward_baseline: str = "zero", tasks: Any = None, held_out: bool = False,
                  reward_signal: str = "val", zero_rule: str = "plus1", tilt_deadzone: float | None = None,
-                 **kwargs: Any):
+                 schedule_deadzone: float | None = None, **kwargs: Any):
         from rltune.errors import RltuneError
 
         if reward_signal not in REWARD_SIGNALS:
             raise RltuneError(f"reward_signal must be one of {', '.join(REWARD_SIGNALS)}, got {reward_signal!r}")
         if zero_rule not in ZERO_RULES:
             raise RltuneError(f"zero_rule must be one of {', '.join(ZERO_RULES)}, got {zero_rule!r}")
-        if tilt_deadzone is not None and not (isinstance(tilt_deadzone, (int, float)) and 0.0 <= tilt_deadzone < 1.0):
-            raise RltuneError(f"tilt_deadzone must be a number in [0, 1), got {tilt_deadzone!r}")
+        for name, dz in (("tilt_deadzone", tilt_deadzone), ("schedule_deadzone", schedule_deadzone)):
+            if dz is not None and (isinstance(dz, bool) or not isinstance(dz, (int, float)) or not 0.0 <= dz < 1.0):
+                raise RltuneError(f"{name} must be a number in [0, 1), got {dz!r}")
         self.reward_signal = reward_signal
         self.zero_rule = zero_rule
         self.tilt_deadzone = None if tilt_deadzone is None else float(tilt_deadzone)
+        self.schedule_deadzone = None if schedule_deadzone is None else float(schedule_deadzone)
 
         base = "float" if reward_baseline == "zero" else reward_baseline
         self.tasks = None
@@ -163,16 +172,18 @@ class DistillCompressEnvV1(DistillCompressEnv):
 
     @classmethod
     def like(cls, env: DistillCompressEnv, targets: Any = None, zero_rule: str | None = None,
-             tilt_deadzone: float | None = None) -> "DistillCompressEnvV1":
+             tilt_deadzone: float | None = None, schedule_deadzone: float | None = None) -> "DistillCompressEnvV1":
         """A v1 env of ``env``'s scenarios or problems and settings, sharing its caches (teachers,
         float students, probes), paid against the float student (no zero-action episodes): what the
-        tuners play a v1 policy in, and the zero action's own episodes. ``zero_rule`` and
-        ``tilt_deadzone`` default to ``env``'s own when it is a v1 env (else to the class defaults)."""
+        tuners play a v1 policy in, and the zero action's own episodes. ``zero_rule`` and the
+        deadzones default to ``env``'s own when it is a v1 env (else to the class defaults)."""
         if zero_rule is None:
             zero_rule = getattr(env, "zero_rule", "plus1")
         if tilt_deadzone is None:
             tilt_deadzone = getattr(env, "tilt_deadzone", None)
-        twin = cls(zero_rule=zero_rule, tilt_deadzone=tilt_deadzone, scenarios=list(env.sources), targets=targets or [str(b) for b in env.budgets], mode=env.mode,
+        if schedule_deadzone is None:
+            schedule_deadzone = getattr(env, "schedule_deadzone", None)
+        twin = cls(zero_rule=zero_rule, tilt_deadzone=tilt_deadzone, schedule_deadzone=schedule_deadzone, scenarios=list(env.sources), targets=targets or [str(b) for b in env.budgets], mode=env.mode,
                    reward_baseline="float", n_float_students=env.n_float_students,
                    probe_samples=env.probe_samples, probe_epochs=env.probe_epochs,
                    probe_tolerance=env.probe_tolerance, fill_budget=env.fill_budget,
@@ -285,7 +296,9 @@ class DistillCompressEnvV1(DistillCompressEnv):
         a = np.clip(np.asarray(action, dtype=np.float64).reshape(-1), -1.0, 1.0)
         if a.shape != (len(ACTION_LAYOUT_V1),):
             raise RltuneError(f"action: expected {len(ACTION_LAYOUT_V1)} numbers, got {a.shape[0]}")
-        head = a[: len(ACTION_LAYOUT)]
+        head = a[: len(ACTION_LAYOUT)].copy()
+        if self.schedule_deadzone is not None:  # ramp shape, τ, α: an entry near 0 plays the recipe's
+            head[1:4] = _soft(head[1:4], self.schedule_deadzone)
         dec = decode_action(head, self._plus1(), self.stages, self.ctx.scenario.knobs)
         if self.plan is None:
             self.commit(dec["final_bits"], dec["late_stages"])
@@ -314,8 +327,7 @@ class DistillCompressEnvV1(DistillCompressEnv):
         for slot, j in enumerate(slots):  # layers without a slot keep the plan's width and centre
             off[j], tilt[j] = off_all[slot], tilt_all[slot]
         if self.tilt_deadzone is not None:  # soft threshold: |a| under the deadzone is no tilt
-            dz = self.tilt_deadzone
-            tilt = np.sign(tilt) * np.maximum(np.abs(tilt) - dz, 0.0) / (1.0 - dz)
+            tilt = _soft(tilt, self.tilt_deadzone)
             quiet = np.all(np.abs(off) < 0.5) and np.all(tilt == 0.0)
         else:
             quiet = np.all(np.abs(off) < 0.5) and np.all(np.abs(tilt) < DEADZONE)

@@ -43,7 +43,7 @@ PPO_KEYS = {"learning_rate", "n_steps", "batch_size", "n_epochs", "gamma", "gae_
             "ent_coef", "vf_coef", "max_grad_norm", "target_kl", "normalize_advantage"}
 ENV_KEYS = {"targets", "mode", "reward_scale", "action_penalty", "divergence_penalty", "n_float_students",
             "probe_samples", "probe_epochs", "probe_tolerance", "reward_baseline", "epochs_per_stage", "stages",
-            "reward_signal", "zero_rule", "tilt_deadzone"}
+            "reward_signal", "zero_rule", "tilt_deadzone", "schedule_deadzone"}
 TOP_KEYS = {"scenarios", "val_scenarios", "total_timesteps", "n_envs", "seed", "checkpoint_every",
             "policy_kwargs", "ppo", "env", "gate_episodes", "vec_env", "ray_address", "ray_workers", "env_id", "tasks", "gate_tasks"}
 VEC_ENVS = ("auto", "dummy", "subproc", "batched", "ray")

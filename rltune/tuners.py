@@ -512,14 +512,15 @@ def _load_agent(agent_path: str | Path):
 def _policy_env(s: Session, agent) -> DistillCompressEnv:
     """The env the agent's episodes run in: the Session's own for a v0 agent; for a v1 agent
     (per-layer observation and actions) a :class:`rltune.env_v1.DistillCompressEnvV1` of the same
-    scenarios and settings sharing its caches, with the ``zero_rule`` and ``tilt_deadzone`` it was
+    scenarios and settings sharing its caches, with the ``zero_rule`` and deadzones it was
     trained with (``training.env`` in its agent.json). The Session plays in it from here on (:func:`tune_ppo_warm_tpe` switches back)."""
     from rltune.env_v1 import DistillCompressEnvV1
 
     if _env_id(agent) == V1 and not isinstance(s.env, DistillCompressEnvV1):
         trained = (agent.meta.get("training") or {}).get("env") or {}  # the zero rule it was paid against
         s.env = DistillCompressEnvV1.like(s.env, zero_rule=trained.get("zero_rule", "plus1"),
-                                          tilt_deadzone=trained.get("tilt_deadzone"))
+                                          tilt_deadzone=trained.get("tilt_deadzone"),
+                                          schedule_deadzone=trained.get("schedule_deadzone"))
     return s.env
 
 

@@ -260,8 +260,25 @@ def test_a_soft_tilt_deadzone_ignores_small_tilts_and_scales_the_rest():
     assert sps[0] - sps[1] == pytest.approx(centres[0] + TRUST_RADIUS - centres[1], abs=0.02)
 
 
+def test_a_schedule_deadzone_reads_small_ramp_tau_and_alpha_entries_as_the_recipes():
+    from rltune.env import TAU0
+
+    env = DistillCompressEnvV1(scenarios=[TINY], targets=["6x"], schedule_deadzone=0.5)
+    env.reset(seed=0)
+    zero, _ = env.knobs_for(np.zeros(len(ACTION_LAYOUT_V1), np.float32))
+    a = np.zeros(len(ACTION_LAYOUT_V1), np.float32)
+    a[1:4] = [0.3, -0.45, 0.49]
+    small, _ = env.knobs_for(a)
+    assert small == zero and zero.temperature == TAU0
+    a[2] = 1.0  # a full τ entry: the whole range, as without the deadzone
+    full, _ = env.knobs_for(a)
+    assert full.temperature == pytest.approx(min(TAU0 * 2 ** 1.5, TINY.knobs["temperature"][1]))
+
+
 @pytest.mark.parametrize("kw, match", [({"zero_rule": "owl"}, "zero_rule"), ({"tilt_deadzone": 1.0}, "tilt_deadzone"),
-                                       ({"tilt_deadzone": "x"}, "tilt_deadzone")])
+                                       ({"tilt_deadzone": "x"}, "tilt_deadzone"),
+                                       ({"schedule_deadzone": -0.1}, "schedule_deadzone"),
+                                       ({"schedule_deadzone": True}, "schedule_deadzone")])
 def test_bad_zero_rule_or_deadzone_is_refused(kw, match):
     from rltune.errors import RltuneError
 
@@ -279,7 +296,7 @@ def test_a_v1_agent_replays_against_the_zero_rule_it_was_trained_with(tmp_path):
     model = PPO("MlpPolicy", v1, policy_kwargs={"net_arch": [8]}, n_steps=16, batch_size=16, seed=0)
     path = save_agent(model, tmp_path / "a", OBS_LAYOUT_V1, ACTION_LAYOUT_V1,
                       {"scenarios": [], "env_id": "rltune/DistillCompress-v1",
-                       "env": {"zero_rule": "sensitivity", "tilt_deadzone": 0.5}})
+                       "env": {"zero_rule": "sensitivity", "tilt_deadzone": 0.5, "schedule_deadzone": 0.3}})
     s = Session(DistillCompressEnv(scenarios=[TINY], targets=["6x"]), 0, "6x", 0, 3)
     env = _policy_env(s, _load_agent(path))
-    assert env.zero_rule == "sensitivity" and env.tilt_deadzone == 0.5
+    assert env.zero_rule == "sensitivity" and env.tilt_deadzone == 0.5 and env.schedule_deadzone == 0.3
