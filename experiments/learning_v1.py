@@ -4,7 +4,8 @@ through its gate, each replayed on the held-out generated tasks against the zero
     python experiments/learning_v1.py --agents agents/ppo-v1s-seed0 agents/ppo-v1s-seed1 agents/ppo-v1s-seed2 \\
         --baseline-from experiments/results/anytime-v1 --out experiments/results/learning-v1
 
-Per agent (one PPO training seed):
+Per agent (one PPO training seed; a shipped agent's folder, or a training run's folder, whose
+``agent/`` and ``gate.json`` are read, for a seed that did not pass its gate and so was not shipped):
 
 - ``gate``: its ``gate.json`` as training wrote it (``rltune train`` plays the first ``gate_tasks``
   held-out generated tasks, one episode each, val split, against the env's zero action; ``passed``
@@ -68,12 +69,16 @@ def main(argv: list[str] | None = None) -> int:
     agents = []
     for path in a.agents:
         folder = Path(path)
+        name = folder.name
+        if not (folder / "agent.json").exists() and (folder / "agent" / "agent.json").exists():
+            folder = folder / "agent"  # a training run's folder: its agent/ and its gate.json
         try:
             meta = json.loads((folder / "agent.json").read_text())
-            gate = json.loads((folder / "gate.json").read_text())
+            gate_file = folder / "gate.json" if (folder / "gate.json").exists() else folder.parent / "gate.json"
+            gate = json.loads(gate_file.read_text())
         except (OSError, ValueError) as e:
-            raise SystemExit(f"{folder}: no agent.json and gate.json this project wrote ({e})")
-        dest = out / folder.name
+            raise SystemExit(f"{path}: no agent.json and gate.json this project wrote ({e})")
+        dest = out / name
         argv_any = ["--held-out-tasks", str(a.held_out_tasks), "--tuners", "ppo-replay", "--seeds", str(a.seeds),
                     "--max-episodes", str(a.max_episodes), "--workers", str(a.workers), "--agent", str(folder),
                     "--baseline-from", a.baseline_from, "--out", str(dest)] + (["--no-progress"] if a.no_progress else [])
