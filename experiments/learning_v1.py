@@ -14,10 +14,11 @@ Per agent (one PPO training seed; a shipped agent's folder, or a training run's 
   into ``OUT/AGENT/`` (one deterministic episode per evaluation seed, test split), joined with the
   rules' cells of ``--baseline-from`` (the same task files, targets and seeds: not rerun); its
   ``overall`` (cells where replay ≥ every zero-search rule, below the recipe by more than its std)
-  and every tuner's mean test accuracy over the cells.
+  and the rules' and the replay's mean test accuracy over the cells.
 
 Writes ``OUT/learning.json`` (``{"command", "agents": [...], "n_seeds", "all_through_gate",
-"tuner_means"}``) and ``OUT/learning.md``. Rerunning resumes (the anytime folders do).
+"replay_mean_over_seeds", "replay_std_over_seeds", "rule_means"}``; ``rule_means``: the
+zero-search rules' means over the same cells) and ``OUT/learning.md``. Rerunning resumes (the anytime folders do).
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+RULES = ("recipe", "recipe-plus1", "sensitivity")  # the zero-search rules (one episode, no agent)
 
 
 def _anytime():
@@ -41,10 +43,11 @@ def _anytime():
 
 
 def _means(rows: list[dict]) -> dict[str, float]:
-    """Every tuner's mean (over the cells) of its per-cell mean test accuracy at N = 1, in %."""
+    """The one-episode tuners' (the rules' and the replay's) mean over the cells of their per-cell
+    mean test accuracy, in %."""
     out: dict[str, list[float]] = {}
     for r in rows:
-        if r["episodes"] == 1 and r.get("test_acc_mean") is not None:
+        if r["tuner"] in (*RULES, "ppo-replay") and r["episodes"] == 1 and r.get("test_acc_mean") is not None:
             out.setdefault(r["tuner"], []).append(r["test_acc_mean"])
     return {t: round(100 * statistics.fmean(v), 2) for t, v in out.items()}
 
@@ -98,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
               "all_through_gate": all(x["gate"]["passed"] for x in agents),
               "replay_mean_over_seeds": round(statistics.fmean(replay), 2) if None not in replay else None,
               "replay_std_over_seeds": round(statistics.stdev(replay), 2) if None not in replay and len(replay) > 1 else None,
-              "rule_means": {t: m for t, m in agents[0]["held_out"]["tuner_means"].items() if not t.startswith("ppo")}}
+              "rule_means": {t: m for t, m in agents[0]["held_out"]["tuner_means"].items() if t in RULES}}
     out.mkdir(parents=True, exist_ok=True)
     tmp = out / "learning.json.tmp"
     tmp.write_text(json.dumps(result, indent=1) + "\n")
