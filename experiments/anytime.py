@@ -362,9 +362,9 @@ def main(argv: list[str] | None = None) -> int:
     results = read_results(cells / "results.jsonl")
     baseline = None
     if base_dir is not None:  # the agent-free tuners' cells of another folder, for the same scenarios and targets
-        own = {r["tuner"] for r in results}
+        own = {r["key"] for r in results}  # a cell this folder ran itself wins
         extra = [r for r in read_results(base_dir / "cells" / "results.jsonl")
-                 if not r["tuner"].startswith("ppo") and r["tuner"] not in own
+                 if not r["tuner"].startswith("ppo") and r["key"] not in own
                  and r["target"] in scenario_targets.get(r["scenario"], [])]
         results = results + extra
         added = list(dict.fromkeys(r["tuner"] for r in extra))

@@ -252,6 +252,13 @@ def test_baseline_from_joins_another_folders_agent_free_cells_without_rerunning_
     assert pick(s_new, "recipe") == pick(s_base, "recipe") and s_new["tuners"] == ["recipe", "ppo-replay"]
     assert s_new["baseline_from"]["tuners"] == ["recipe"] and s_new["baseline_from"]["commands"] == s_base["commands"]
     assert "recipe" not in {r["tuner"] for r in H.read_results(new / "cells" / "results.jsonl")}
+    # a rule this folder runs itself on another scenario keeps the other folder's cells of the first
+    g = tmp_path / "tiny-other.yaml"
+    g.write_text(yaml.safe_dump({**TINY.to_dict(), "name": "tiny-other"}))
+    assert script.main(["--scenario-targets", f"{g}=6x", *common[2:], "--tuners", "recipe", "--out", str(new),
+                        "--baseline-from", str(base)]) == 0
+    again = json.loads((new / "summary.json").read_text())
+    assert pick(again, "recipe") and {r["scenario"] for r in pick(again, "recipe")} == {str(f), str(g)}
     with pytest.raises(SystemExit):
         script.main([*common, "--tuners", "ppo-replay", "--agent", str(agent), "--out", str(new),
                      "--baseline-from", str(tmp_path / "nowhere")])
