@@ -179,13 +179,11 @@ class DistillCompressEnvV1(DistillCompressEnv):
         float students, probes), paid against the float student (no zero-action episodes): what the
         tuners play a v1 policy in, and the zero action's own episodes. ``zero_rule`` and the
         deadzones default to ``env``'s own when it is a v1 env (else to the class defaults)."""
-        if zero_rule is None:
-            zero_rule = getattr(env, "zero_rule", "plus1")
-        if tilt_deadzone is None:
-            tilt_deadzone = getattr(env, "tilt_deadzone", None)
-        if schedule_deadzone is None:
-            schedule_deadzone = getattr(env, "schedule_deadzone", None)
-        twin = cls(zero_rule=zero_rule, tilt_deadzone=tilt_deadzone, schedule_deadzone=schedule_deadzone, scenarios=list(env.sources), targets=targets or [str(b) for b in env.budgets], mode=env.mode,
+        twin = cls(zero_rule=zero_rule or getattr(env, "zero_rule", "plus1"),
+                   tilt_deadzone=tilt_deadzone if tilt_deadzone is not None else getattr(env, "tilt_deadzone", None),
+                   schedule_deadzone=(schedule_deadzone if schedule_deadzone is not None
+                                      else getattr(env, "schedule_deadzone", None)),
+                   scenarios=list(env.sources), targets=targets or [str(b) for b in env.budgets], mode=env.mode,
                    reward_baseline="float", n_float_students=env.n_float_students,
                    probe_samples=env.probe_samples, probe_epochs=env.probe_epochs,
                    probe_tolerance=env.probe_tolerance, fill_budget=env.fill_budget,
@@ -272,22 +270,17 @@ class DistillCompressEnvV1(DistillCompressEnv):
         tilts that one within ``TRUST_RADIUS`` (``"sensitivity"``, cached per task, float student,
         budget and width)."""
         if self._centres is None:
-            from rltune.tuners import magnitude_split
+            from rltune.tuners import magnitude_split, sensitivity_split
 
             fs, _ = self.float_student(self.scenario_index, self.float_seed)
             b = self.plan["final_bits"] if self.plan else self._plus1()
-            mag = magnitude_split(fs, self.probe_result.required[b], self.ctx.scenario)
             if self.zero_rule == "sensitivity":
                 key = (self.scenario_index, self.float_seed, self.budget, b)
                 if key not in self._allocs:
-                    from rltune.layer_sensitivity import allocate
-
-                    d = self.ctx.data
-                    _, sps, _ = allocate(fs, None, self.meter.cost, self.meter.limit * 0.97, bits=(b,),
-                                         val=(d.x_val, d.y_val), around=mag)
-                    self._allocs[key] = [float(x) for x in sps]
-                mag = list(self._allocs[key])
-            self._centres = mag
+                    self._allocs[key] = [float(x) for x in sensitivity_split(self, fs, b)[1]]
+                self._centres = list(self._allocs[key])
+            else:
+                self._centres = magnitude_split(fs, self.probe_result.required[b], self.ctx.scenario)
         return self._centres
 
     def knobs_for(self, action) -> tuple[Knobs, dict[str, float]]:

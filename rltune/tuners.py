@@ -285,20 +285,28 @@ def tune_sensitivity(s: Session) -> None:
     Every layer's sparsity stays within ``TRUST_RADIUS`` of where the recipe's magnitude pruning at
     the same width puts it: the rule starts from ``recipe-plus1``'s split and tilts it.
     Costs one episode; its probes are evaluations only (no training, no stages)."""
-    from rltune.layer_sensitivity import allocate
-
     s._reset()
     env = s.env
     fs, _ = env.float_student(s.scenario, env.float_seed)
     from rltune.env import nearest_feasible
 
-    req = env.probe_result.required
     width = nearest_feasible(env.probe_result, env.probe_result.recipe_bits + 1)
-    d = env.ctx.data
-    bits, sps, info = allocate(fs, None, env.meter.cost, env.meter.limit * 0.97, bits=(width,),
-                               val=(d.x_val, d.y_val), around=magnitude_split(fs, req[width], env.ctx.scenario))
+    bits, sps, info = sensitivity_split(env, fs, width)
     _play_per_layer(s, bits, sps, {"bits": list(bits), "sparsity": list(sps), "predicted_damage": info["predicted_damage"],
                                    "top_up": info.get("top_up")})
+
+
+def sensitivity_split(env: DistillCompressEnv, fs, width: int):
+    """The ``sensitivity`` rule's per-layer ``(bits, sparsities, info)`` for float student ``fs``
+    of ``env``'s current episode at ``width`` bits: :func:`rltune.layer_sensitivity.allocate` under
+    the budget, damage measured on val, around the recipe's global split at that width. The
+    ``sensitivity`` tuner plays it, and v1's ``zero_rule="sensitivity"`` takes its split."""
+    from rltune.layer_sensitivity import allocate
+
+    d = env.ctx.data
+    around = magnitude_split(fs, env.probe_result.required[width], env.ctx.scenario)
+    return allocate(fs, None, env.meter.cost, env.meter.limit * 0.97, bits=(width,), val=(d.x_val, d.y_val),
+                    around=around)
 
 
 def magnitude_split(model, sparsity: float, scenario) -> list[float]:
