@@ -14,7 +14,13 @@ Per agent (one PPO training seed; a shipped agent's folder, or a training run's 
   into ``OUT/AGENT/`` (one deterministic episode per evaluation seed, test split), joined with the
   rules' cells of ``--baseline-from`` (the same task files, targets and seeds: not rerun); its
   ``overall`` (cells where replay ≥ every zero-search rule, below the recipe by more than its std)
-  and the rules' and the replay's mean test accuracy over the cells.
+  and the rules' and the replay's mean test accuracy over the cells;
+- ``training_curve``: from its ``training_monitor.csv`` (the training run's episodes, the
+  stochastic policy on the training tasks), the episodes cut into ``--curve-blocks`` consecutive
+  blocks, each with its episode count, the mean and std of its accuracy reward in points against
+  the zero action (``reward_accuracy / reward_scale``; diverged episodes, whose accuracy reward is
+  absent, count as missing) and how many episodes diverged: whether the policy's paid signal rose
+  as it trained.
 
 Writes ``OUT/learning.json`` (``{"command", "agents": [...], "n_seeds", "all_through_gate",
 "replay_mean_over_seeds", "replay_std_over_seeds", "rule_means"}``; ``rule_means``: the
@@ -52,6 +58,33 @@ def _means(rows: list[dict]) -> dict[str, float]:
     return {t: round(100 * statistics.fmean(v), 2) for t, v in out.items()}
 
 
+def training_curve(monitor: Path, reward_scale: float, blocks: int = 4) -> list[dict] | None:
+    """The training episodes in ``blocks`` consecutive blocks: ``episodes``, ``reward_pt_mean``,
+    ``reward_pt_std`` (accuracy reward over ``reward_scale``, in points) and ``diverged``; None
+    without a monitor file."""
+    import csv
+
+    if not monitor.exists():
+        return None
+    with monitor.open() as f:
+        rows = list(csv.DictReader(line for line in f if not line.startswith("#")))
+    if not rows:
+        return None
+    out = []
+    for b in range(blocks):
+        part = rows[b * len(rows) // blocks:(b + 1) * len(rows) // blocks]
+        vals = []
+        for r in part:
+            try:
+                vals.append(100 * float(r["reward_accuracy"]) / reward_scale)
+            except (KeyError, TypeError, ValueError):
+                pass
+        out.append({"episodes": len(part), "diverged": len(part) - len(vals),
+                     "reward_pt_mean": round(statistics.fmean(vals), 3) if vals else None,
+                     "reward_pt_std": round(statistics.stdev(vals), 3) if len(vals) > 1 else None})
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--agents", nargs="+", required=True, help="agent folders, one per training seed")
@@ -62,8 +95,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-episodes", type=int, default=32, help="as in the baseline folder (it keys its cells)")
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--out", default="experiments/results/learning-v1")
+    p.add_argument("--curve-blocks", type=int, default=4, help="blocks of training episodes in training_curve")
     p.add_argument("--no-progress", action="store_true")
     a = p.parse_args(argv)
+    if a.curve_blocks < 1:
+        p.error("--curve-blocks must be >= 1")
 
     from rltune.shipped import recorded_command
 
@@ -89,11 +125,14 @@ def main(argv: list[str] | None = None) -> int:
             raise SystemExit(f"{folder}: the anytime run failed")
         summary = json.loads((dest / "summary.json").read_text())
         training = meta.get("training") or {}
+        run_root = folder.parent if folder.name == "agent" else folder
+        scale = float((training.get("env") or {}).get("reward_scale", 20.0))
         agents.append({
             "agent": str(folder), "training_seed": training.get("seed"), "steps": training.get("steps_done"),
             "env": training.get("env"), "tasks": training.get("tasks"),
             "gate": {k: gate.get(k) for k in ("mean_diff", "std_diff", "passed", "tasks", "episodes")},
             "gate_bits_differ": sum(r["policy_bits"] != r["zero_action_bits"] for r in gate.get("rows", [])),
+            "training_curve": training_curve(run_root / "training_monitor.csv", scale, a.curve_blocks),
             "held_out": {"folder": str(dest), "overall": summary["overall"], "tuner_means": _means(summary["rows"])},
         })
     replay = [x["held_out"]["tuner_means"].get("ppo-replay") for x in agents]
@@ -115,6 +154,13 @@ def main(argv: list[str] | None = None) -> int:
                      f"{100 * g['std_diff']:.2f} | {g['passed']} | {x['held_out']['tuner_means'].get('ppo-replay')} | "
                      f"{o.get('replay_ge_every_zero_search')}/{o.get('replay_cells')} | "
                      f"{o.get('replay_below_recipe_by_more_than_its_std')} |")
+    lines += ["", "Training curve: accuracy reward against the zero action (pt, mean over the block's episodes, "
+              "stochastic policy on training tasks), in consecutive blocks of the training episodes", ""]
+    for x in agents:
+        c = x["training_curve"]
+        lines.append(f"- {x['agent']}: " + ("no training_monitor.csv" if c is None else " → ".join(
+            f"{b['reward_pt_mean']:+.2f} ({b['episodes']} ep)" if b["reward_pt_mean"] is not None else f"– ({b['episodes']} ep)"
+            for b in c)))
     lines += ["", "Rules on the same cells (test %, mean over cells of the 5-seed means): "
               + ", ".join(f"{t} {m}" for t, m in result["rule_means"].items()), ""]
     (out / "learning.md").write_text("\n".join(lines))

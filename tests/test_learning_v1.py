@@ -38,6 +38,10 @@ def test_learning_v1_gathers_each_seeds_gate_and_held_out_replay(tmp_path):
         gate = {"rows": [{"policy_bits": 4, "zero_action_bits": 5}], "mean_diff": 0.01 if passed else -0.01,
                 "std_diff": 0.0, "passed": passed, "tasks": 1, "episodes": 1}
         (Path(path) / "gate.json").write_text(json.dumps(gate))
+        if seed == 0:  # a training monitor as rltune train's VecMonitor writes it; the last episode diverged
+            (Path(path) / "training_monitor.csv").write_text(
+                '#{"t_start": 0}\nr,l,t,scenario,reward_accuracy,reward_action\n'
+                "0.1,8,1,a,0.2,-0.01\n0.1,8,2,a,-0.4,-0.01\n0.1,8,3,a,0.6,-0.01\n-1,3,4,a,,-0.01\n")
         agents.append(str(path))
     base = tmp_path / "base"
     common = ["--held-out-tasks", "1", "--seeds", "1", "--max-episodes", "1", "--workers", "1", "--no-progress"]
@@ -52,5 +56,9 @@ def test_learning_v1_gathers_each_seeds_gate_and_held_out_replay(tmp_path):
     assert set(res["agents"][0]["held_out"]["tuner_means"]) == {"recipe", "ppo-replay"}
     assert res["rule_means"]["recipe"] == res["agents"][1]["held_out"]["tuner_means"]["recipe"]
     assert (out / "learning.md").read_text().count("| ") > 4
+    curve = res["agents"][0]["training_curve"]  # reward_scale 20 (the default): 0.2 is 1 pt
+    assert [b["episodes"] for b in curve] == [1, 1, 1, 1] and [b["diverged"] for b in curve] == [0, 0, 0, 1]
+    assert [b["reward_pt_mean"] for b in curve] == [1.0, -2.0, 3.0, None]
+    assert res["agents"][1]["training_curve"] is None and "no training_monitor.csv" in (out / "learning.md").read_text()
     with pytest.raises(SystemExit):
         _script("learning_v1").main(["--agents", str(tmp_path / "nothing"), "--out", str(out)])
