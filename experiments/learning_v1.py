@@ -20,7 +20,9 @@ Per agent (one PPO training seed; a shipped agent's folder, or a training run's 
   blocks, each with its episode count, the mean and std of its accuracy reward in points against
   the zero action (``reward_accuracy / reward_scale``; diverged episodes, whose accuracy reward is
   absent, count as missing) and how many episodes diverged: whether the policy's paid signal rose
-  as it trained.
+  as it trained; ``training_by_bits``: the same episodes grouped by the width they played against
+  the recipe's (``plan_final_bits − recipe_bits``; the plus-one zero action's is +1), each group's
+  count and mean and std of the accuracy reward: what the width decision paid in training.
 
 Writes ``OUT/learning.json`` (``{"command", "agents": [...], "n_seeds", "all_through_gate",
 "replay_mean_over_seeds", "replay_std_over_seeds", "rule_means"}``; ``rule_means``: the
@@ -58,31 +60,59 @@ def _means(rows: list[dict]) -> dict[str, float]:
     return {t: round(100 * statistics.fmean(v), 2) for t, v in out.items()}
 
 
-def training_curve(monitor: Path, reward_scale: float, blocks: int = 4) -> list[dict] | None:
-    """The training episodes in ``blocks`` consecutive blocks: ``episodes``, ``reward_pt_mean``,
-    ``reward_pt_std`` (accuracy reward over ``reward_scale``, in points) and ``diverged``; None
-    without a monitor file."""
+def _monitor_rows(monitor: Path) -> list[dict] | None:
     import csv
 
     if not monitor.exists():
         return None
     with monitor.open() as f:
-        rows = list(csv.DictReader(line for line in f if not line.startswith("#")))
-    if not rows:
+        return list(csv.DictReader(line for line in f if not line.startswith("#"))) or None
+
+
+def _reward_pt(r: dict, reward_scale: float) -> float | None:
+    try:
+        return 100 * float(r["reward_accuracy"]) / reward_scale
+    except (KeyError, TypeError, ValueError):
+        return None  # a diverged episode has no accuracy reward
+
+
+def _stats(vals: list[float]) -> dict:
+    return {"reward_pt_mean": round(statistics.fmean(vals), 3) if vals else None,
+            "reward_pt_std": round(statistics.stdev(vals), 3) if len(vals) > 1 else None}
+
+
+def training_curve(monitor: Path, reward_scale: float, blocks: int = 4) -> list[dict] | None:
+    """The training episodes in ``blocks`` consecutive blocks: ``episodes``, ``reward_pt_mean``,
+    ``reward_pt_std`` (accuracy reward over ``reward_scale``, in points) and ``diverged``; None
+    without a monitor file."""
+    rows = _monitor_rows(monitor)
+    if rows is None:
         return None
     out = []
     for b in range(blocks):
         part = rows[b * len(rows) // blocks:(b + 1) * len(rows) // blocks]
-        vals = []
-        for r in part:
-            try:
-                vals.append(100 * float(r["reward_accuracy"]) / reward_scale)
-            except (KeyError, TypeError, ValueError):
-                pass
-        out.append({"episodes": len(part), "diverged": len(part) - len(vals),
-                     "reward_pt_mean": round(statistics.fmean(vals), 3) if vals else None,
-                     "reward_pt_std": round(statistics.stdev(vals), 3) if len(vals) > 1 else None})
+        vals = [v for v in (_reward_pt(r, reward_scale) for r in part) if v is not None]
+        out.append({"episodes": len(part), "diverged": len(part) - len(vals), **_stats(vals)})
     return out
+
+
+def training_by_bits(monitor: Path, reward_scale: float) -> dict[str, dict] | None:
+    """The training episodes grouped by ``plan_final_bits − recipe_bits`` (keys "-1", "+0", "+1", ...):
+    ``episodes`` and the accuracy reward's mean and std (diverged episodes left out); None without
+    a monitor file or those columns."""
+    rows = _monitor_rows(monitor)
+    if rows is None:
+        return None
+    groups: dict[int, list[float]] = {}
+    for r in rows:
+        v = _reward_pt(r, reward_scale)
+        try:
+            off = int(round(float(r["plan_final_bits"]) - float(r["recipe_bits"])))
+        except (KeyError, TypeError, ValueError):
+            continue
+        if v is not None:
+            groups.setdefault(off, []).append(v)
+    return {f"{k:+d}": {"episodes": len(v), **_stats(v)} for k, v in sorted(groups.items())} or None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -133,6 +163,7 @@ def main(argv: list[str] | None = None) -> int:
             "gate": {k: gate.get(k) for k in ("mean_diff", "std_diff", "passed", "tasks", "episodes")},
             "gate_bits_differ": sum(r["policy_bits"] != r["zero_action_bits"] for r in gate.get("rows", [])),
             "training_curve": training_curve(run_root / "training_monitor.csv", scale, a.curve_blocks),
+            "training_by_bits": training_by_bits(run_root / "training_monitor.csv", scale),
             "held_out": {"folder": str(dest), "overall": summary["overall"], "tuner_means": _means(summary["rows"])},
         })
     replay = [x["held_out"]["tuner_means"].get("ppo-replay") for x in agents]
@@ -161,6 +192,12 @@ def main(argv: list[str] | None = None) -> int:
         lines.append(f"- {x['agent']}: " + ("no training_monitor.csv" if c is None else " → ".join(
             f"{b['reward_pt_mean']:+.2f} ({b['episodes']} ep)" if b["reward_pt_mean"] is not None else f"– ({b['episodes']} ep)"
             for b in c)))
+    lines += ["", "Training episodes by the width played against the recipe's (plan_final_bits − recipe_bits; "
+              "the zero action's is +1): episodes, accuracy reward against the zero action (pt)", ""]
+    for x in agents:
+        g = x["training_by_bits"]
+        lines.append(f"- {x['agent']}: " + ("–" if g is None else ", ".join(
+            f"{k}: {v['episodes']} ep {v['reward_pt_mean']:+.2f}" for k, v in g.items())))
     lines += ["", "Rules on the same cells (test %, mean over cells of the 5-seed means): "
               + ", ".join(f"{t} {m}" for t, m in result["rule_means"].items()), ""]
     (out / "learning.md").write_text("\n".join(lines))

@@ -40,8 +40,8 @@ def test_learning_v1_gathers_each_seeds_gate_and_held_out_replay(tmp_path):
         (Path(path) / "gate.json").write_text(json.dumps(gate))
         if seed == 0:  # a training monitor as rltune train's VecMonitor writes it; the last episode diverged
             (Path(path) / "training_monitor.csv").write_text(
-                '#{"t_start": 0}\nr,l,t,scenario,reward_accuracy,reward_action\n'
-                "0.1,8,1,a,0.2,-0.01\n0.1,8,2,a,-0.4,-0.01\n0.1,8,3,a,0.6,-0.01\n-1,3,4,a,,-0.01\n")
+                '#{"t_start": 0}\nr,l,t,scenario,plan_final_bits,recipe_bits,reward_accuracy,reward_action\n'
+                "0.1,8,1,a,5,4,0.2,-0.01\n0.1,8,2,a,4,4,-0.4,-0.01\n0.1,8,3,a,5,4,0.6,-0.01\n-1,3,4,a,3,4,,-0.01\n")
         agents.append(str(path))
     base = tmp_path / "base"
     common = ["--held-out-tasks", "1", "--seeds", "1", "--max-episodes", "1", "--workers", "1", "--no-progress"]
@@ -59,6 +59,9 @@ def test_learning_v1_gathers_each_seeds_gate_and_held_out_replay(tmp_path):
     curve = res["agents"][0]["training_curve"]  # reward_scale 20 (the default): 0.2 is 1 pt
     assert [b["episodes"] for b in curve] == [1, 1, 1, 1] and [b["diverged"] for b in curve] == [0, 0, 0, 1]
     assert [b["reward_pt_mean"] for b in curve] == [1.0, -2.0, 3.0, None]
+    by_bits = res["agents"][0]["training_by_bits"]  # the diverged episode (-1) has no reward: left out
+    assert by_bits == {"+0": {"episodes": 1, "reward_pt_mean": -2.0, "reward_pt_std": None},
+                       "+1": {"episodes": 2, "reward_pt_mean": 2.0, "reward_pt_std": round(2 ** 0.5, 3)}}
     assert res["agents"][1]["training_curve"] is None and "no training_monitor.csv" in (out / "learning.md").read_text()
     with pytest.raises(SystemExit):
         _script("learning_v1").main(["--agents", str(tmp_path / "nothing"), "--out", str(out)])
