@@ -231,6 +231,10 @@ def train(cfg: dict[str, Any], run_dir: str | Path, resume: bool = False, progre
         done_steps = int(ckpt.name.split("_")[1])
         adam = load_optimizer(model, ckpt)
         model.num_timesteps = done_steps
+        # new draws from here on: the envs' task and seed draws and the action noise are seeded from
+        # the steps done, not replayed from the run's start (seeded with the plain seed, a resumed
+        # run drew the tasks it had already trained on)
+        model.set_random_seed(int(cfg.get("seed", 0)) * 1000 + done_steps)
         log.info("resuming from %s (%d steps done; optimizer state %s)", ckpt, done_steps,
                  "restored" if adam else "not found: Adam restarts")
         break

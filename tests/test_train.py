@@ -52,12 +52,20 @@ def test_short_ppo_run_writes_its_folder(trained):
     assert meta["training"]["scenarios"] == cfg["scenarios"]
 
 
-def test_resume_continues_from_the_last_checkpoint(trained):
+def test_resume_continues_from_the_last_checkpoint(trained, monkeypatch):
+    from stable_baselines3.common.vec_env import DummyVecEnv
+
     d, run, cfg = trained
     monitor = run / "monitor" / "env0.monitor.csv"
     before = monitor.read_text().splitlines()
     cfg2 = {**cfg, "total_timesteps": 144}
+    seeded = []
+    real_seed = DummyVecEnv.seed
+    monkeypatch.setattr(DummyVecEnv, "seed", lambda self, seed=None: seeded.append(seed) or real_seed(self, seed))
     train(cfg2, run, resume=True, progress_bar=False, command="pytest")
+    # the envs are reseeded from the steps done: a resumed run draws new tasks and seeds, not the
+    # ones it drew from step 0 (the run's seed 0 gave both the same seeds before)
+    assert seeded == [0 * 1000 + 96]
     assert (run / "checkpoints" / "step_144").exists()
     assert (run / "checkpoints" / "step_144" / "optimizer.safetensors").exists()
     after = monitor.read_text().splitlines()
