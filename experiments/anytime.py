@@ -55,7 +55,7 @@ DEFAULT_TARGETS = {  # the held-out scenarios, at two targets each where compres
 }
 TUNERS = ["recipe", "recipe-plus1", "sensitivity", "owl", "ppo-replay", "ppo-best-of-n", "ppo-warm-tpe", "random",
           "optuna-tpe"]
-ZERO_SEARCH = ("recipe", "recipe-plus1", "sensitivity", "owl")
+ZERO_SEARCH = ("recipe", "recipe-plus1", "sensitivity", "sensitivity-pick", "owl")
 POLICY_SEARCH = ("ppo-best-of-n", "ppo-warm-tpe")
 PER_BUDGET = ("ppo-finetune",)  # run at each N on its own
 

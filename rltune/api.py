@@ -36,7 +36,7 @@ from rltune.scenario import Scenario
 
 log = logging.getLogger("rltune")
 
-ONE_EPISODE_TUNERS = ("recipe", "recipe-plus1", "sensitivity", "fixed-8bit", "adaptive-tau", "ppo-replay")
+ONE_EPISODE_TUNERS = ("recipe", "recipe-plus1", "sensitivity", "sensitivity-pick", "fixed-8bit", "adaptive-tau", "ppo-replay")
 DEFAULT_SEARCH_EPISODES = 16
 
 

@@ -21,7 +21,7 @@ from pathlib import Path
 from rltune import __version__
 from rltune.errors import RltuneError
 
-TUNER_CHOICES = ("recipe", "recipe-plus1", "sensitivity", "owl", "fixed-8bit", "adaptive-tau", "random", "optuna-const",
+TUNER_CHOICES = ("recipe", "recipe-plus1", "sensitivity", "sensitivity-pick", "owl", "fixed-8bit", "adaptive-tau", "random", "optuna-const",
                  "optuna-tpe", "ppo-replay", "ppo-best-of-n", "ppo-warm-tpe", "ppo-finetune")  # rltune.tuners.TUNERS (tested equal)
 EVALUATE_DEFAULT_TUNERS = ["ppo-replay", "recipe", "fixed-8bit", "adaptive-tau", "random", "optuna-const", "optuna-tpe"]
 

@@ -25,7 +25,7 @@ from typing import Any, Iterable
 from rltune.errors import RltuneError, make_folder
 
 _ENVS: dict[tuple, Any] = {}
-ONE_EPISODE = ("recipe", "recipe-plus1", "sensitivity", "owl", "fixed-8bit", "adaptive-tau", "ppo-replay")
+ONE_EPISODE = ("recipe", "recipe-plus1", "sensitivity", "sensitivity-pick", "owl", "fixed-8bit", "adaptive-tau", "ppo-replay")
 
 
 @dataclass(frozen=True)

@@ -17,6 +17,8 @@ given ``budget_stages`` runs ``budget_stages // S`` episodes and never more (``s
 | optuna-tpe     | Optuna TPE over the schedule's parameters (the 5 action dimensions, held per episode) |
 | sensitivity    | zero search: per-layer bits and sparsity from Hessian-trace damage, an exact 0/1    |
 |                | program under the budget, then the recipe's ramp and KD (1 episode)               |
+| sensitivity-   | the same allocator at the probe's own pick (the recipe's width) when it is 3+     |
+| pick           | bits, else one bit more (the width decision measured on v1's training tasks)      |
 | owl            | zero search: OWL's per-layer sparsity from outlier ratios, shifted to the budget, |
 |                | the sensitivity rule's bit-width, the recipe's ramp and KD (1 episode)            |
 | ppo-replay     | a trained policy, one deterministic episode, zero-shot                            |
@@ -275,7 +277,14 @@ def tune_adaptive_tau(s: Session, start: float = 8.0, decay: float = 0.5, floor:
     s.play_knobs(None, knobs_at, {"tau_start": start, "decay": decay})
 
 
-def tune_sensitivity(s: Session) -> None:
+# sensitivity-pick: the probe's own pick is kept from this many bits up (below, one bit more). On v1
+# training tasks (experiments/results/learning-v1-16k/cut_effect.json, 111 tasks, the allocator's
+# split at both widths) playing the pick rather than one bit more cost 1.2 pt where the pick was 2
+# bits (22 tasks) and paid 0.1 to 0.8 pt at 3 to 7 bits
+PICK_MIN_BITS = 3
+
+
+def tune_sensitivity(s: Session, width: str = "plus1") -> None:
     """The zero-search allocator (:func:`rltune.layer_sensitivity.allocate`): per-layer final
     sparsity minimising the *measured* one-shot damage (val loss with only that layer pruned and
     quantized, no training) under the budget, by an exact 0/1 program; the bit-width is the
@@ -284,16 +293,24 @@ def tune_sensitivity(s: Session) -> None:
     the recipe's cubic ramp per layer, 8 bits until the last quarter of the stages, τ 4, α 0.9.
     Every layer's sparsity stays within ``TRUST_RADIUS`` of where the recipe's magnitude pruning at
     the same width puts it: the rule starts from ``recipe-plus1``'s split and tilts it.
-    Costs one episode; its probes are evaluations only (no training, no stages)."""
+    Costs one episode; its probes are evaluations only (no training, no stages).
+
+    ``width="pick"`` (the ``sensitivity-pick`` tuner): the same allocator at the probe's own pick
+    (the recipe's width) when that is at least :data:`PICK_MIN_BITS`, else one bit more: the width
+    decision measured on v1's training tasks, tested on tasks it was not found on."""
     s._reset()
     env = s.env
     fs, _ = env.float_student(s.scenario, env.float_seed)
     from rltune.env import nearest_feasible
 
-    width = nearest_feasible(env.probe_result, env.probe_result.recipe_bits + 1)
-    bits, sps, info = sensitivity_split(env, fs, width)
+    pick = env.probe_result.recipe_bits
+    if width == "pick" and pick >= PICK_MIN_BITS:
+        b = pick
+    else:
+        b = nearest_feasible(env.probe_result, pick + 1)
+    bits, sps, info = sensitivity_split(env, fs, b)
     _play_per_layer(s, bits, sps, {"bits": list(bits), "sparsity": list(sps), "predicted_damage": info["predicted_damage"],
-                                   "top_up": info.get("top_up")})
+                                   "top_up": info.get("top_up"), "width_rule": width})
 
 
 def sensitivity_split(env: DistillCompressEnv, fs, width: int):
@@ -671,7 +688,7 @@ def tune_ppo_finetune(s: Session, agent_path: str | Path, episodes_per_update: i
                    {"agent": str(agent_path), "finetuned_episodes": cell.episodes})
 
 
-TUNERS = ("recipe", "recipe-plus1", "sensitivity", "owl", "fixed-8bit", "adaptive-tau", "random", "optuna-const", "optuna-tpe", "ppo-replay",
+TUNERS = ("recipe", "recipe-plus1", "sensitivity", "sensitivity-pick", "owl", "fixed-8bit", "adaptive-tau", "random", "optuna-const", "optuna-tpe", "ppo-replay",
           "ppo-best-of-n", "ppo-warm-tpe", "ppo-finetune")
 STUDY_TUNERS = ("optuna-const", "optuna-tpe", "ppo-warm-tpe")  # tuners that keep an Optuna study
 
@@ -694,6 +711,8 @@ def run_tuner(name: str, env: DistillCompressEnv, scenario: int, target: str, se
         tune_recipe(s, bits8=True)
     elif name == "sensitivity":
         tune_sensitivity(s)
+    elif name == "sensitivity-pick":
+        tune_sensitivity(s, width="pick")
     elif name == "owl":
         tune_owl(s)
     elif name == "adaptive-tau":

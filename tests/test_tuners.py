@@ -42,7 +42,8 @@ def run_counting_stages(env, *args, **kw):
 def test_every_tuner_respects_its_stage_budget(env, tuner, budget):
     r, counted = run_counting_stages(env, tuner, env, 0, "6x", 0, budget)
     assert counted == r.stages_used <= budget
-    assert r.stages_used == (3 if tuner in ("recipe", "recipe-plus1", "sensitivity", "owl", "fixed-8bit", "adaptive-tau") else 3 * (budget // 3))
+    one_episode = ("recipe", "recipe-plus1", "sensitivity", "sensitivity-pick", "owl", "fixed-8bit", "adaptive-tau")
+    assert r.stages_used == (3 if tuner in one_episode else 3 * (budget // 3))
     assert r.test["ratio"] >= 6.0  # the target is met whatever the tuner chose
 
 
@@ -104,6 +105,22 @@ def test_sensitivity_allocates_per_layer_and_meets_the_budget(env):
     assert len(r.config["bits"]) == len(r.config["sparsity"]) == 2          # one per layer of the 13-16-3 MLP
     assert len(set(r.config["bits"])) == 1                                  # one width: per-layer widths measured worse
     assert r.test["packed_bytes"] <= env.meter.limit and r.stages_used == 3
+
+
+def test_sensitivity_pick_plays_the_probes_own_width_from_PICK_MIN_BITS_up(env, monkeypatch):
+    import rltune.tuners as T
+    from rltune.env import nearest_feasible
+
+    plus1 = run_tuner("sensitivity", env, 0, "6x", 0, 3)
+    monkeypatch.setattr(T, "PICK_MIN_BITS", 99)  # a pick below the threshold: one bit more, the sensitivity rule's episode
+    high = run_tuner("sensitivity-pick", env, 0, "6x", 0, 3)
+    assert high.config["bits"] == plus1.config["bits"] and high.val_acc == plus1.val_acc
+    monkeypatch.setattr(T, "PICK_MIN_BITS", 0)  # at or above it: the probe's own pick
+    low = run_tuner("sensitivity-pick", env, 0, "6x", 0, 3)
+    pick = env.probe_result.recipe_bits
+    assert set(low.config["bits"]) == {pick} and low.config["width_rule"] == "pick"
+    assert set(plus1.config["bits"]) == {nearest_feasible(env.probe_result, pick + 1)}
+    assert low.test["packed_bytes"] <= env.meter.limit and low.stages_used == 3
 
 
 def test_owl_tilts_sparsity_away_from_the_outlier_heavy_layer_and_meets_the_budget(env):
