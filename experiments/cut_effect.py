@@ -9,7 +9,8 @@ a training task; ``plan_final_bits``, ``recipe_bits``, ``reward_accuracy``). Per
 effect is the mean accuracy reward (in points against the zero action, ``reward_accuracy /
 reward_scale``) of its episodes at the recipe's width minus that of its episodes one bit above
 (the plus-one width the zero action plays); tasks with fewer than ``--min-episodes`` episodes in
-either arm are left out, and so are diverged episodes (no accuracy reward).
+either arm are left out, and so are diverged episodes (told by their divergence penalty,
+:func:`rltune.train.read_monitor`).
 
 Writes ``{"command", "monitors", "episodes", "tasks", "mean_effect_pt", "sd_effect_pt",
 "share_positive", "oracle_gain_pt", "split_half": {"tasks", "pearson", "spearman"},
@@ -35,18 +36,24 @@ import sys
 from pathlib import Path
 
 
-def load(monitors: list[Path], reward_scale: float) -> list[dict]:
+def load(monitors: list[Path], reward_scale: float, divergence_penalty: float = 1.0) -> list[dict]:
+    """The episodes of the monitors that have an accuracy reward (not diverged, finite columns)."""
+    from rltune.train import read_monitor
+
     rows = []
     for m in monitors:
-        with m.open() as f:
-            for r in csv.DictReader(line for line in f if not line.startswith("#")):
-                try:
-                    rows.append({"task": r["scenario"], "acc": 100 * float(r["reward_accuracy"]) / reward_scale,
-                                 "db": int(round(float(r["plan_final_bits"]) - float(r["recipe_bits"]))),
-                                 "recipe_bits": int(float(r["recipe_bits"])),
-                                 "float_val_acc": float(r["float_val_acc"]), "ratio": float(r["ratio"])})
-                except (KeyError, TypeError, ValueError):
-                    continue  # a diverged episode (no accuracy reward) or another kind of monitor
+        for r in read_monitor(m, reward_scale, divergence_penalty):
+            if r["reward_pt"] is None:
+                continue  # a diverged episode: no accuracy reward
+            try:
+                row = {"task": r["scenario"], "acc": r["reward_pt"],
+                       "db": int(round(float(r["plan_final_bits"]) - float(r["recipe_bits"]))),
+                       "recipe_bits": int(float(r["recipe_bits"])),
+                       "float_val_acc": float(r["float_val_acc"]), "ratio": float(r["ratio"])}
+            except (KeyError, TypeError, ValueError, OverflowError):
+                continue  # another kind of monitor, or a row cut short
+            if math.isfinite(row["float_val_acc"]) and math.isfinite(row["ratio"]) and row["ratio"] > 0:
+                rows.append(row)
     return rows
 
 
@@ -82,17 +89,23 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--monitors", nargs="+", required=True, help="training_monitor.csv files (one per training seed)")
     p.add_argument("--reward-scale", type=float, default=20.0)
+    p.add_argument("--divergence-penalty", type=float, default=1.0, help="the env's, to tell diverged episodes")
     p.add_argument("--min-episodes", type=int, default=3, help="episodes per arm for a task to count")
     p.add_argument("--folds", type=int, default=10)
     p.add_argument("--out", required=True, help="JSON file to write")
     a = p.parse_args(argv)
-    if a.min_episodes < 1 or a.folds < 2 or not a.reward_scale > 0:
-        p.error("--min-episodes >= 1, --folds >= 2 and --reward-scale > 0")
+    if a.min_episodes < 1 or a.folds < 2 or not a.reward_scale > 0 or not a.divergence_penalty > 0:
+        p.error("--min-episodes >= 1, --folds >= 2, --reward-scale > 0 and --divergence-penalty > 0")
     monitors = [Path(m) for m in a.monitors]
     for m in monitors:
         if not m.is_file():
             p.error(f"{m}: no such file")
-    rows = load(monitors, a.reward_scale)
+    from rltune.errors import RltuneError
+
+    try:
+        rows = load(monitors, a.reward_scale, a.divergence_penalty)
+    except RltuneError as e:
+        p.error(str(e))
     eff = effects(rows, a.min_episodes)
     if len(eff) < max(3, a.folds):
         p.error(f"only {len(eff)} tasks have {a.min_episodes}+ episodes in both arms: too few")
@@ -139,10 +152,13 @@ def main(argv: list[str] | None = None) -> int:
         "rows": [{"task": t, **{k: (round(v, 4) if isinstance(v, float) else v) for k, v in eff[t].items()}} for t in tasks],
     }
     out = Path(a.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(result, indent=1) + "\n")
-    os.replace(tmp, out)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp.write_text(json.dumps(result, indent=1) + "\n")
+        os.replace(tmp, out)
+    except OSError as e:
+        p.error(f"--out {out}: cannot write it ({e.strerror or e})")
     print(json.dumps({k: v for k, v in result.items() if k not in ("rows", "command", "monitors")}, indent=1))
     return 0
 

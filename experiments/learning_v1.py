@@ -18,8 +18,8 @@ Per agent (one PPO training seed; a shipped agent's folder, or a training run's 
 - ``training_curve``: from its ``training_monitor.csv`` (the training run's episodes, the
   stochastic policy on the training tasks), the episodes cut into ``--curve-blocks`` consecutive
   blocks, each with its episode count, the mean and std of its accuracy reward in points against
-  the zero action (``reward_accuracy / reward_scale``; diverged episodes, whose accuracy reward is
-  absent, count as missing) and how many episodes diverged: whether the policy's paid signal rose
+  the zero action (``reward_accuracy / reward_scale``; diverged episodes, told by their
+  divergence penalty, :func:`rltune.train.read_monitor`, are left out of the mean and counted) and how many episodes diverged: whether the policy's paid signal rose
   as it trained; ``training_by_bits``: the same episodes grouped by the width they played against
   the recipe's (``plan_final_bits − recipe_bits``; the plus-one zero action's is +1), each group's
   count and mean and std of the accuracy reward: what the width decision paid in training.
@@ -60,52 +60,44 @@ def _means(rows: list[dict]) -> dict[str, float]:
     return {t: round(100 * statistics.fmean(v), 2) for t, v in out.items()}
 
 
-def _monitor_rows(monitor: Path) -> list[dict] | None:
-    import csv
-
-    if not monitor.exists():
-        return None
-    with monitor.open() as f:
-        return list(csv.DictReader(line for line in f if not line.startswith("#"))) or None
-
-
-def _reward_pt(r: dict, reward_scale: float) -> float | None:
-    try:
-        return 100 * float(r["reward_accuracy"]) / reward_scale
-    except (KeyError, TypeError, ValueError):
-        return None  # a diverged episode has no accuracy reward
-
-
 def _stats(vals: list[float]) -> dict:
     return {"reward_pt_mean": round(statistics.fmean(vals), 3) if vals else None,
             "reward_pt_std": round(statistics.stdev(vals), 3) if len(vals) > 1 else None}
 
 
-def training_curve(monitor: Path, reward_scale: float, blocks: int = 4) -> list[dict] | None:
+def _monitor_rows(monitor: Path, reward_scale: float, divergence_penalty: float) -> list[dict] | None:
+    from rltune.train import read_monitor
+
+    if not monitor.exists():
+        return None
+    return read_monitor(monitor, reward_scale, divergence_penalty) or None
+
+
+def training_curve(monitor: Path, reward_scale: float, blocks: int = 4, divergence_penalty: float = 1.0) -> list[dict] | None:
     """The training episodes in ``blocks`` consecutive blocks: ``episodes``, ``reward_pt_mean``,
     ``reward_pt_std`` (accuracy reward over ``reward_scale``, in points) and ``diverged``; None
     without a monitor file."""
-    rows = _monitor_rows(monitor)
+    rows = _monitor_rows(monitor, reward_scale, divergence_penalty)
     if rows is None:
         return None
     out = []
     for b in range(blocks):
         part = rows[b * len(rows) // blocks:(b + 1) * len(rows) // blocks]
-        vals = [v for v in (_reward_pt(r, reward_scale) for r in part) if v is not None]
+        vals = [r["reward_pt"] for r in part if r["reward_pt"] is not None]
         out.append({"episodes": len(part), "diverged": len(part) - len(vals), **_stats(vals)})
     return out
 
 
-def training_by_bits(monitor: Path, reward_scale: float) -> dict[str, dict] | None:
+def training_by_bits(monitor: Path, reward_scale: float, divergence_penalty: float = 1.0) -> dict[str, dict] | None:
     """The training episodes grouped by ``plan_final_bits − recipe_bits`` (keys "-1", "+0", "+1", ...):
     ``episodes`` and the accuracy reward's mean and std (diverged episodes left out); None without
     a monitor file or those columns."""
-    rows = _monitor_rows(monitor)
+    rows = _monitor_rows(monitor, reward_scale, divergence_penalty)
     if rows is None:
         return None
     groups: dict[int, list[float]] = {}
     for r in rows:
-        v = _reward_pt(r, reward_scale)
+        v = r["reward_pt"]
         try:
             off = int(round(float(r["plan_final_bits"]) - float(r["recipe_bits"])))
         except (KeyError, TypeError, ValueError):
@@ -157,13 +149,14 @@ def main(argv: list[str] | None = None) -> int:
         training = meta.get("training") or {}
         run_root = folder.parent if folder.name == "agent" else folder
         scale = float((training.get("env") or {}).get("reward_scale", 20.0))
+        penalty = float((training.get("env") or {}).get("divergence_penalty", 1.0))
         agents.append({
             "agent": str(folder), "training_seed": training.get("seed"), "steps": training.get("steps_done"),
             "env": training.get("env"), "tasks": training.get("tasks"),
             "gate": {k: gate.get(k) for k in ("mean_diff", "std_diff", "passed", "tasks", "episodes")},
             "gate_bits_differ": sum(r["policy_bits"] != r["zero_action_bits"] for r in gate.get("rows", [])),
-            "training_curve": training_curve(run_root / "training_monitor.csv", scale, a.curve_blocks),
-            "training_by_bits": training_by_bits(run_root / "training_monitor.csv", scale),
+            "training_curve": training_curve(run_root / "training_monitor.csv", scale, a.curve_blocks, penalty),
+            "training_by_bits": training_by_bits(run_root / "training_monitor.csv", scale, penalty),
             "held_out": {"folder": str(dest), "overall": summary["overall"], "tuner_means": _means(summary["rows"])},
         })
     replay = [x["held_out"]["tuner_means"].get("ppo-replay") for x in agents]

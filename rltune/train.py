@@ -293,6 +293,35 @@ def train(cfg: dict[str, Any], run_dir: str | Path, resume: bool = False, progre
     return run
 
 
+def read_monitor(path: str | Path, reward_scale: float = 20.0, divergence_penalty: float = 1.0) -> list[dict[str, Any]]:
+    """The episodes of a training monitor (the CSV ``rltune train``'s Monitor / VecMonitor writes,
+    a ``#`` JSON line then a header), each row a dict of its columns plus ``diverged`` and
+    ``reward_pt`` (the accuracy reward in points against the baseline, ``100 · reward_accuracy /
+    reward_scale``; None for a diverged episode, whose ``reward_accuracy`` the env leaves at 0).
+    An episode diverged when its return, less its last step's accuracy and action rewards, is below
+    half the divergence penalty (``−divergence_penalty · reward_scale``; the earlier steps' action
+    penalties are hundredths of it). Raises RltuneError on a file it cannot read as one."""
+    import csv
+
+    path = Path(path)
+    try:
+        with path.open(newline="", encoding="utf-8") as f:
+            rows = list(csv.DictReader(line for line in f if not line.startswith("#")))
+    except (OSError, UnicodeDecodeError, csv.Error) as e:
+        raise RltuneError(f"{path}: not a training monitor this project wrote ({type(e).__name__}: {e})") from None
+    out = []
+    for r in rows:
+        try:
+            ret, acc, act = (float(r[k]) for k in ("r", "reward_accuracy", "reward_action"))
+        except (KeyError, TypeError, ValueError):
+            raise RltuneError(f"{path}: a row without the r, reward_accuracy and reward_action numbers") from None
+        if not all(math.isfinite(x) for x in (ret, acc, act)):
+            continue
+        diverged = ret - acc - act < -0.5 * divergence_penalty * reward_scale
+        out.append({**r, "diverged": diverged, "reward_pt": None if diverged else 100.0 * acc / reward_scale})
+    return out
+
+
 def layouts(env_id: str | None) -> tuple[list[str], list[str]]:
     """The observation and action layouts of an env id (v0 unless it names v1)."""
     if env_id == "rltune/DistillCompress-v1":

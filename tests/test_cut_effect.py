@@ -14,17 +14,20 @@ def _script():
     return mod
 
 
-def _monitor(path, effects, reps=4):
-    """A training monitor: per task, ``reps`` episodes at the recipe's width (reward = effect, in
-    points, ×20 / 100) and ``reps`` one bit above (reward 0), then a diverged episode."""
-    lines = ['#{"t_start": 0}', "r,l,t,scenario,target,float_val_acc,ratio,plan_final_bits,recipe_bits,reward_accuracy"]
+def _monitor(path, effects, reps=4, noise=None, bits=None):
+    """A training monitor: per task, ``reps`` episodes at the recipe's width (accuracy reward =
+    effect in points × 20 / 100, plus ``noise(k)``) and ``reps`` one bit above (reward 0 plus noise),
+    then a diverged episode (the env leaves its reward_accuracy at 0; its return carries the -20
+    divergence penalty)."""
+    noise = noise or (lambda k: 0.01 * ((k // 2) % 2))  # the same small wobble in both arms
+    lines = ['#{"t_start": 0}', "r,l,t,scenario,target,float_val_acc,ratio,plan_final_bits,recipe_bits,reward_accuracy,reward_action"]
     for i, (task, eff) in enumerate(effects.items()):
-        rb = 3 + i % 3
+        rb = bits[i] if bits else 3 + i % 3
         for k in range(reps):
-            noise = 0.01 * (k % 2)
-            lines.append(f"0,8,{k},{task},10x,0.9,10.0,{rb},{rb},{0.2 * eff + noise}")
-            lines.append(f"0,8,{k},{task},10x,0.9,10.0,{rb + 1},{rb},{noise}")
-        lines.append(f"-1,3,9,{task},10x,0.9,10.0,{rb},{rb},")
+            a, b = 0.2 * eff + noise(2 * k), noise(2 * k + 1)
+            lines.append(f"{a - 0.01},8,{k},{task},10x,0.9,10.0,{rb},{rb},{a},-0.01")
+            lines.append(f"{b - 0.01},8,{k},{task},10x,0.9,10.0,{rb + 1},{rb},{b},-0.01")
+        lines.append(f"-20.02,3,9,{task},10x,0.9,10.0,{rb},{rb},0.0,-0.01")
     path.write_text("\n".join(lines) + "\n")
 
 
@@ -44,6 +47,25 @@ def test_cut_effect_per_task_split_half_and_groups(tmp_path):
     assert {"r2", "sign_accuracy", "gain_pt"} <= set(res["predicted"])
 
 
+def test_cut_effect_split_half_sees_noise_and_the_ridge_sees_a_width_rule(tmp_path):
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    draws = rng.normal(0.0, 0.4, 100_000)  # accuracy-reward noise, 2 pt sd; no per-task effect
+    tasks = {f"gen0-{i:04d}-synthetic": 0.0 for i in range(40)}
+    _monitor(tmp_path / "noise.csv", tasks, reps=6, noise=lambda k, it=iter(draws): float(next(it)))
+    out = tmp_path / "noise.json"
+    assert _script().main(["--monitors", str(tmp_path / "noise.csv"), "--out", str(out)]) == 0
+    res = json.loads(out.read_text())
+    assert abs(res["split_half"]["pearson"]) < 0.4 and res["tasks"] == 40
+    # an effect that is a function of the recipe's width alone: the cross-validated ridge finds it
+    bits = [2 + i % 5 for i in range(40)]
+    _monitor(tmp_path / "rule.csv", {t: 2.0 * (b - 4) + 0.5 for t, b in zip(tasks, bits)}, reps=4, bits=bits)
+    assert _script().main(["--monitors", str(tmp_path / "rule.csv"), "--out", str(out)]) == 0
+    pred = json.loads(out.read_text())["predicted"]
+    assert pred["r2"] > 0.9 and pred["sign_accuracy"] == 1.0
+
+
 def test_cut_effect_refuses_too_few_tasks_and_missing_files(tmp_path):
     _monitor(tmp_path / "m.csv", {"gen0-0000-synthetic": 1.0})
     with pytest.raises(SystemExit) as e:
@@ -51,4 +73,8 @@ def test_cut_effect_refuses_too_few_tasks_and_missing_files(tmp_path):
     assert e.value.code == 2
     with pytest.raises(SystemExit) as e:
         _script().main(["--monitors", str(tmp_path / "nothing.csv"), "--out", str(tmp_path / "c.json")])
+    assert e.value.code == 2 and not (tmp_path / "c.json").exists()
+    (tmp_path / "bin.csv").write_bytes(b"\xff\xfe\x00garbage\n\x81")
+    with pytest.raises(SystemExit) as e:  # not UTF-8: one clear line, no traceback
+        _script().main(["--monitors", str(tmp_path / "bin.csv"), "--out", str(tmp_path / "c.json")])
     assert e.value.code == 2 and not (tmp_path / "c.json").exists()

@@ -41,7 +41,8 @@ def test_learning_v1_gathers_each_seeds_gate_and_held_out_replay(tmp_path):
         if seed == 0:  # a training monitor as rltune train's VecMonitor writes it; the last episode diverged
             (Path(path) / "training_monitor.csv").write_text(
                 '#{"t_start": 0}\nr,l,t,scenario,plan_final_bits,recipe_bits,reward_accuracy,reward_action\n'
-                "0.1,8,1,a,5,4,0.2,-0.01\n0.1,8,2,a,4,4,-0.4,-0.01\n0.1,8,3,a,5,4,0.6,-0.01\n-1,3,4,a,3,4,,-0.01\n")
+                "0.1,8,1,a,5,4,0.2,-0.01\n0.1,8,2,a,4,4,-0.4,-0.01\n0.1,8,3,a,5,4,0.6,-0.01\n"
+                "-20.03,3,4,a,3,4,0.0,-0.01\n")  # diverged: the env leaves reward_accuracy 0, the penalty is -20
         agents.append(str(path))
     base = tmp_path / "base"
     common = ["--held-out-tasks", "1", "--seeds", "1", "--max-episodes", "1", "--workers", "1", "--no-progress"]

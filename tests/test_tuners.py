@@ -112,6 +112,7 @@ def test_sensitivity_pick_plays_the_probes_own_width_from_PICK_MIN_BITS_up(env, 
     from rltune.env import nearest_feasible
 
     plus1 = run_tuner("sensitivity", env, 0, "6x", 0, 3)
+    assert nearest_feasible(env.probe_result, env.probe_result.recipe_bits + 1) != env.probe_result.recipe_bits  # two widths to tell apart
     monkeypatch.setattr(T, "PICK_MIN_BITS", 99)  # a pick below the threshold: one bit more, the sensitivity rule's episode
     high = run_tuner("sensitivity-pick", env, 0, "6x", 0, 3)
     assert high.config["bits"] == plus1.config["bits"] and high.val_acc == plus1.val_acc
