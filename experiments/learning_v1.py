@@ -66,6 +66,7 @@ def _stats(vals: list[float]) -> dict:
 
 
 def _monitor_rows(monitor: Path, reward_scale: float, divergence_penalty: float) -> list[dict] | None:
+    """The training monitor's episodes (:func:`rltune.train.read_monitor`), read once; None without one."""
     from rltune.train import read_monitor
 
     if not monitor.exists():
@@ -73,11 +74,10 @@ def _monitor_rows(monitor: Path, reward_scale: float, divergence_penalty: float)
     return read_monitor(monitor, reward_scale, divergence_penalty) or None
 
 
-def training_curve(monitor: Path, reward_scale: float, blocks: int = 4, divergence_penalty: float = 1.0) -> list[dict] | None:
-    """The training episodes in ``blocks`` consecutive blocks: ``episodes``, ``reward_pt_mean``,
-    ``reward_pt_std`` (accuracy reward over ``reward_scale``, in points) and ``diverged``; None
-    without a monitor file."""
-    rows = _monitor_rows(monitor, reward_scale, divergence_penalty)
+def training_curve(rows: list[dict] | None, blocks: int = 4) -> list[dict] | None:
+    """The training episodes (``_monitor_rows``) in ``blocks`` consecutive blocks: ``episodes``,
+    ``reward_pt_mean``, ``reward_pt_std`` (accuracy reward over ``reward_scale``, in points) and
+    ``diverged``; None without a monitor."""
     if rows is None:
         return None
     out = []
@@ -88,11 +88,10 @@ def training_curve(monitor: Path, reward_scale: float, blocks: int = 4, divergen
     return out
 
 
-def training_by_bits(monitor: Path, reward_scale: float, divergence_penalty: float = 1.0) -> dict[str, dict] | None:
+def training_by_bits(rows: list[dict] | None) -> dict[str, dict] | None:
     """The training episodes grouped by ``plan_final_bits − recipe_bits`` (keys "-1", "+0", "+1", ...):
     ``episodes`` and the accuracy reward's mean and std (diverged episodes left out); None without
-    a monitor file or those columns."""
-    rows = _monitor_rows(monitor, reward_scale, divergence_penalty)
+    a monitor or those columns."""
     if rows is None:
         return None
     groups: dict[int, list[float]] = {}
@@ -150,13 +149,14 @@ def main(argv: list[str] | None = None) -> int:
         run_root = folder.parent if folder.name == "agent" else folder
         scale = float((training.get("env") or {}).get("reward_scale", 20.0))
         penalty = float((training.get("env") or {}).get("divergence_penalty", 1.0))
+        episodes = _monitor_rows(run_root / "training_monitor.csv", scale, penalty)
         agents.append({
             "agent": str(folder), "training_seed": training.get("seed"), "steps": training.get("steps_done"),
             "env": training.get("env"), "tasks": training.get("tasks"),
             "gate": {k: gate.get(k) for k in ("mean_diff", "std_diff", "passed", "tasks", "episodes")},
             "gate_bits_differ": sum(r["policy_bits"] != r["zero_action_bits"] for r in gate.get("rows", [])),
-            "training_curve": training_curve(run_root / "training_monitor.csv", scale, a.curve_blocks, penalty),
-            "training_by_bits": training_by_bits(run_root / "training_monitor.csv", scale, penalty),
+            "training_curve": training_curve(episodes, a.curve_blocks),
+            "training_by_bits": training_by_bits(episodes),
             "held_out": {"folder": str(dest), "overall": summary["overall"], "tuner_means": _means(summary["rows"])},
         })
     replay = [x["held_out"]["tuner_means"].get("ppo-replay") for x in agents]

@@ -31,12 +31,12 @@ from torch import nn
 
 from rltune.errors import RltuneError
 from rltune.export import load_artifact, save_artifact
+from rltune.harness import ONE_EPISODE as ONE_EPISODE_TUNERS  # the one-episode tuners: one list, the harness's
 from rltune.problem import Problem
 from rltune.scenario import Scenario
 
 log = logging.getLogger("rltune")
 
-ONE_EPISODE_TUNERS = ("recipe", "recipe-plus1", "sensitivity", "sensitivity-pick", "fixed-8bit", "adaptive-tau", "ppo-replay")
 DEFAULT_SEARCH_EPISODES = 16
 
 
