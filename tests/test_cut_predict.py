@@ -1,0 +1,85 @@
+"""experiments/cut_predict.py: can the step-0 observation predict the one-bit cut's value."""
+
+import importlib.util
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+
+def _script():
+    spec = importlib.util.spec_from_file_location("cut_predict", Path(__file__).resolve().parents[1] / "experiments" / "cut_predict.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_cv_scores_find_a_signal_and_not_noise():
+    mod = _script()
+    rng = np.random.default_rng(0)
+    X = rng.normal(size=(120, 6))
+    y = 2.0 * X[:, 0] + 0.2 * rng.normal(size=120)  # the effect is the first feature
+    s = mod.cv_scores(X, y, "ridge", folds=5, repeats=2)
+    assert s["r2"] > 0.9 and s["sign_accuracy"] > 0.9
+    assert s["gain_pt"] == pytest.approx(np.clip(y, 0, None).mean(), rel=0.1)  # cuts about where it pays
+    noise = rng.normal(size=120)
+    for m in mod.MODELS:
+        n = mod.cv_scores(X, noise, m, folds=5, repeats=2)
+        assert n["r2"] < 0.1 and n["sign_accuracy"] < 0.65
+
+
+def test_layer_summary_ignores_slot_order_and_padding():
+    mod = _script()
+    feats = ["present", "param_share", "is_head", "dacc"]
+    rows = [[1, 0.2, 0, -0.1], [1, 0.7, 0, -0.5], [1, 0.1, 1, -0.9]]
+    pad = [0, 0, 0, 0]
+    a = [9.0] + sum(rows + [pad], [])  # one global feature, 4 slots
+    b = [9.0] + sum([rows[1], pad, rows[2], rows[0]], [])
+    sa, sb = mod.layer_summary([a], 1, 4, feats), mod.layer_summary([b], 1, 4, feats)
+    assert np.allclose(sa, sb)
+    # dacc: weighted mean, min, max over present layers (padding's 0 is not a max), the head's
+    dacc = sa[0, -4:]
+    assert np.allclose(dacc, [0.2 * -0.1 + 0.7 * -0.5 + 0.1 * -0.9, -0.9, -0.1, -0.9])
+
+
+def test_held_out_cells_pair_the_two_tuners(tmp_path):
+    mod = _script()
+    rows = [{"scenario": "x/tasks/gen0-0001-digits.yaml", "target": "8x", "tuner": "sensitivity", "episodes": 1, "test_acc_mean": 0.9},
+            {"scenario": "x/tasks/gen0-0001-digits.yaml", "target": "8x", "tuner": "sensitivity-pick", "episodes": 1, "test_acc_mean": 0.92},
+            {"scenario": "x/tasks/gen0-0002-digits.yaml", "target": "8x", "tuner": "sensitivity", "episodes": 1, "test_acc_mean": 0.8},
+            {"scenario": "x/tasks/gen0-0001-digits.yaml", "target": "8x", "tuner": "optuna-tpe", "episodes": 4, "test_acc_mean": 0.95}]
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "summary.json").write_text(json.dumps({"rows": rows}))
+    cells = mod.held_out_cells([tmp_path / "a"], "sensitivity", "sensitivity-pick")
+    assert cells == {("gen0-0001-digits", "8x"): pytest.approx({"keep": 90.0, "cut": 92.0})}  # 0002 has one arm only
+
+
+def test_bad_input_is_one_line_and_status_2(tmp_path, capsys):
+    mod = _script()
+    out = tmp_path / "o.json"
+    with pytest.raises(SystemExit) as e:
+        mod.main(["--effects", str(tmp_path / "missing.json"), "--out", str(out)])
+    assert e.value.code == 2
+    (tmp_path / "bad.json").write_bytes(b"\xff\xfe not json")
+    with pytest.raises(SystemExit) as e:
+        mod.main(["--effects", str(tmp_path / "bad.json"), "--out", str(out)])
+    assert e.value.code == 2
+    few = tmp_path / "few.json"
+    few.write_text(json.dumps({"rows": [{"task": "gen0-0001-digits", "effect_pt": 1.0}]}))
+    with pytest.raises(SystemExit) as e:
+        mod.main(["--effects", str(few), "--out", str(out)])
+    assert e.value.code == 2
+    many = tmp_path / "many.json"
+    many.write_text(json.dumps({"rows": [{"task": f"gen0-{i:04d}-digits", "effect_pt": 1.0} for i in range(12)]}))
+    (tmp_path / "h").mkdir()
+    (tmp_path / "h" / "summary.json").write_text("{not json")
+    with pytest.raises(SystemExit) as e:
+        mod.main(["--effects", str(many), "--held-out", str(tmp_path / "h"), "--out", str(out)])
+    assert e.value.code == 2
+    with pytest.raises(SystemExit) as e:  # a set that is not v1 generated tasks
+        mod.main(["--effects", str(many), "--set", "smoke", "--out", str(out),
+                  "--hyperparams", str(Path(__file__).resolve().parents[1] / "agents" / "ppo.yml")])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and not out.exists()
