@@ -234,7 +234,7 @@ def train(cfg: dict[str, Any], run_dir: str | Path, resume: bool = False, progre
         # new draws from here on: the envs' task and seed draws and the action noise are seeded from
         # the steps done, not replayed from the run's start (seeded with the plain seed, a resumed
         # run drew the tasks it had already trained on)
-        model.set_random_seed(int(cfg.get("seed", 0)) * 1000 + done_steps)
+        model.set_random_seed(resume_seed(int(cfg.get("seed", 0)), done_steps))
         log.info("resuming from %s (%d steps done; optimizer state %s)", ckpt, done_steps,
                  "restored" if adam else "not found: Adam restarts")
         break
@@ -291,6 +291,16 @@ def train(cfg: dict[str, Any], run_dir: str | Path, resume: bool = False, progre
     (run / "train_summary.json").write_text(json.dumps({"wall_seconds": wall, "total_timesteps": total,
                                                         "steps_per_second": remaining / wall if wall else None}, indent=1))
     return run
+
+
+def resume_seed(seed: int, done_steps: int) -> int:
+    """The seed a run of ``seed`` resumed after ``done_steps`` steps reseeds its envs and action noise
+    with: hashed from both (:class:`numpy.random.SeedSequence`), so no two (seed, steps) pairs share
+    one, and none is a run's own start (``seed * 1000 + rank``; ``seed * 1000 + steps`` made seed 0
+    resumed at step 1,000 draw what seed 1 drew at its start)."""
+    import numpy as np
+
+    return int(np.random.SeedSequence([int(seed), int(done_steps), 0x5E5]).generate_state(1)[0] % (2 ** 31 - 2 ** 16)) + 2 ** 16
 
 
 def read_monitor(path: str | Path, reward_scale: float = 20.0, divergence_penalty: float = 1.0) -> list[dict[str, Any]]:

@@ -65,7 +65,9 @@ def test_resume_continues_from_the_last_checkpoint(trained, monkeypatch):
     train(cfg2, run, resume=True, progress_bar=False, command="pytest")
     # the envs are reseeded from the steps done: a resumed run draws new tasks and seeds, not the
     # ones it drew from step 0 (the run's seed 0 gave both the same seeds before)
-    assert seeded == [0 * 1000 + 96]
+    from rltune.train import resume_seed
+
+    assert seeded == [resume_seed(0, 96)]
     assert (run / "checkpoints" / "step_144").exists()
     assert (run / "checkpoints" / "step_144" / "optimizer.safetensors").exists()
     after = monitor.read_text().splitlines()
@@ -131,3 +133,13 @@ def test_cli_replay_of_a_tampered_agent_is_one_line(trained, tmp_path, capsys):
     assert main(["replay", str(bad), "--scenario", str(d / "tiny-bc.yaml"), "--budget", "5x", "--out", str(tmp_path)]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("rltune: error:") and len(err.splitlines()) == 1
+
+
+def test_resume_seeds_never_repeat_a_start_or_each_other():
+    from rltune.train import resume_seed
+
+    seeds = {(s, n): resume_seed(s, n) for s in range(4) for n in (0, 96, 1000, 2048, 8192, 16384)}
+    assert len(set(seeds.values())) == len(seeds)  # seed 0 at 1,000 steps is not seed 1 at 0
+    starts = {s * 1000 + rank for s in range(100) for rank in range(64)}  # make_env_fn's first resets
+    assert not starts & set(seeds.values())
+    assert resume_seed(0, 96) == resume_seed(0, 96) and all(0 <= v < 2 ** 31 for v in seeds.values())
