@@ -13,7 +13,7 @@ of that task (``rltune/DistillCompress-v1`` built from ``--set``'s entry of ``ag
 reset on the task; float student 0). Feature sets: ``global`` (v0's block,
 :data:`rltune.env.OBS_LAYOUT`, the entries that vary), ``layers`` (the per-layer block summarised
 without its slot order: the parameter-share-weighted mean, min and max of each feature over the
-present layers, and the head's), ``global+layers`` and ``full`` (the raw observation). Models:
+present layers, the shares renormalised over the covered layers, and the head's), ``global+layers`` and ``full`` (the raw observation). Models:
 ridge (standardised, alpha by inner CV), gradient boosting (depth 2) and a random forest, each
 scored by ``--repeats`` × ``--folds``-fold cross-validation: R², how often the sign is right and
 ``gain_pt``, the mean over tasks of the effect where the prediction is positive (cutting where it
@@ -52,6 +52,7 @@ def layer_summary(obs, n_global: int, l_max: int, features: list[str]):
     blk = obs[:, n_global:n_global + l_max * len(features)].reshape(len(obs), l_max, len(features))
     present = blk[:, :, features.index("present")] > 0
     share = blk[:, :, features.index("param_share")]
+    share = share / np.maximum(share.sum(1, keepdims=True), 1e-12)  # the covered layers' shares, summing to 1
     head = blk[:, :, features.index("is_head")] > 0
     cols = []
     for j, f in enumerate(features):
@@ -123,10 +124,17 @@ def held_out_cells(folders: list[Path], keep: str, cut: str) -> dict[tuple[str, 
     acc: dict[tuple[str, str], dict[str, float]] = {}
     for f in folders:
         rows = json.loads((f / "summary.json").read_text(encoding="utf-8"))["rows"]
+        if not isinstance(rows, list) or not all(isinstance(r, dict) for r in rows):
+            raise TypeError(f"{f / 'summary.json'}: rows is not a list of objects")
         for r in rows:
             if r.get("tuner") in (keep, cut) and r.get("episodes") == 1 and r.get("test_acc_mean") is not None:
                 name = Path(str(r["scenario"])).stem
-                acc.setdefault((name, str(r["target"])), {})["keep" if r["tuner"] == keep else "cut"] = 100 * float(r["test_acc_mean"])
+                arm = "keep" if r["tuner"] == keep else "cut"
+                v = 100 * float(r["test_acc_mean"])
+                had = acc.setdefault((name, str(r["target"])), {}).get(arm)
+                if had is not None and abs(had - v) > 1e-9:
+                    raise ValueError(f"{name} @ {r['target']}: two {r['tuner']} rows disagree ({had:.3f} and {v:.3f})")
+                acc[(name, str(r["target"]))][arm] = v
     return {k: v for k, v in sorted(acc.items()) if len(v) == 2}
 
 
@@ -146,7 +154,7 @@ def observations(cfg: dict, wanted: list[tuple[str, str | None]], held_out: bool
     for name, target in wanted:
         if name not in names:
             raise RltuneError(f"task {name!r} is not in the {'held-out' if held_out else 'training'} tasks of the set")
-        opts = {"scenario": names.index(name)}
+        opts = {"scenario": names.index(name), "float_seed": 0}
         if target is not None:
             opts["target"] = target
         obs, _ = env.reset(options=opts)
@@ -177,6 +185,8 @@ def main(argv: list[str] | None = None) -> int:
     except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError) as e:
         p.error(f"--effects {a.effects}: not a cut_effect.json ({e})")
     rows = [(t, y) for t, y in rows if math.isfinite(y)]
+    if len(rows) >= 2 and max(y for _, y in rows) - min(y for _, y in rows) < 1e-12:
+        p.error(f"--effects {a.effects}: every task has the same effect: nothing to predict")
     if len(rows) < max(3, a.folds):
         p.error(f"--effects {a.effects}: {len(rows)} tasks, too few for {a.folds}-fold cross-validation")
     folders = [Path(f) for f in a.held_out]
@@ -245,6 +255,7 @@ def main(argv: list[str] | None = None) -> int:
         tmp.write_text(json.dumps(result, indent=1) + "\n")
         os.replace(tmp, out)
     except OSError as e:
+        tmp.unlink(missing_ok=True)
         p.error(f"--out {out}: cannot write it ({e.strerror or e})")
     print(json.dumps({k: v for k, v in result.items() if k in ("tasks", "baselines", "cv")}, indent=1))
     if held:

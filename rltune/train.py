@@ -295,9 +295,10 @@ def train(cfg: dict[str, Any], run_dir: str | Path, resume: bool = False, progre
 
 def resume_seed(seed: int, done_steps: int) -> int:
     """The seed a run of ``seed`` resumed after ``done_steps`` steps reseeds its envs and action noise
-    with: hashed from both (:class:`numpy.random.SeedSequence`), so no two (seed, steps) pairs share
-    one, and none is a run's own start (``seed * 1000 + rank``; ``seed * 1000 + steps`` made seed 0
-    resumed at step 1,000 draw what seed 1 drew at its start)."""
+    with: hashed from both (:class:`numpy.random.SeedSequence`) into [2**16, 2**31), so two (seed,
+    steps) pairs share one only by a ~2**-31 chance, and it is never a start seed below 2**16
+    (``seed * 1000 + rank`` for seeds up to 65); ``seed * 1000 + steps`` made seed 0 resumed at step
+    1,000 draw exactly what seed 1 drew at its start."""
     import numpy as np
 
     return int(np.random.SeedSequence([int(seed), int(done_steps), 0x5E5]).generate_state(1)[0] % (2 ** 31 - 2 ** 16)) + 2 ** 16
