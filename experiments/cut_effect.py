@@ -30,7 +30,6 @@ import argparse
 import csv
 import json
 import math
-import os
 import statistics
 import sys
 from pathlib import Path
@@ -100,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
     for m in monitors:
         if not m.is_file():
             p.error(f"{m}: no such file")
-    from rltune.errors import RltuneError
+    from rltune.errors import RltuneError, write_atomic
 
     try:
         rows = load(monitors, a.reward_scale, a.divergence_penalty)
@@ -152,13 +151,13 @@ def main(argv: list[str] | None = None) -> int:
         "rows": [{"task": t, **{k: (round(v, 4) if isinstance(v, float) else v) for k, v in eff[t].items()}} for t in tasks],
     }
     out = Path(a.out)
-    tmp = out.with_suffix(".json.tmp")
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
-        tmp.write_text(json.dumps(result, indent=1) + "\n")
-        os.replace(tmp, out)
+        write_atomic(out, (json.dumps(result, indent=1) + "\n").encode(), "--out")
     except OSError as e:
         p.error(f"--out {out}: cannot write it ({e.strerror or e})")
+    except RltuneError as e:
+        p.error(str(e))
     print(json.dumps({k: v for k, v in result.items() if k not in ("rows", "command", "monitors")}, indent=1))
     return 0
 

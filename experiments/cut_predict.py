@@ -35,7 +35,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import sys
 from pathlib import Path
 
@@ -140,20 +139,21 @@ def held_out_cells(folders: list[Path], keep: str, cut: str) -> dict[tuple[str, 
 
 def observations(cfg: dict, wanted: list[tuple[str, str | None]], held_out: bool) -> dict[str, list[float]]:
     """The step-0 observation of each ``(task name, target or None)`` in the v1 env of ``cfg``
-    (its tasks, training or held-out slice)."""
-    import gymnasium as gym
-
-    import rltune  # noqa: F401  (registers the envs)
+    (its task spec, training or held-out slice), built on those tasks only, as
+    :func:`rltune.train.gate_tasks` builds its env."""
+    from rltune.env_v1 import DistillCompressEnvV1
     from rltune.errors import RltuneError
+    from rltune.tasks import generate_tasks
 
-    kw = dict(cfg.get("env") or {})
-    kw.pop("targets", None)
-    env = gym.make(cfg["env_id"], tasks=cfg["tasks"], held_out=held_out, **kw).unwrapped
-    names = [t.name for t in env.tasks]
+    by_name = {t.name: t for t in generate_tasks(cfg["tasks"]) if t.held_out == held_out}
+    missing = [n for n, _ in wanted if n not in by_name]
+    if missing:
+        raise RltuneError(f"task {missing[0]!r} is not in the {'held-out' if held_out else 'training'} tasks of the set")
+    names = list(dict.fromkeys(n for n, _ in wanted))
+    kw = {k: v for k, v in (cfg.get("env") or {}).items() if k != "targets"}
+    env = DistillCompressEnvV1(tasks=[by_name[n] for n in names], held_out=held_out, **kw)
     out = {}
     for name, target in wanted:
-        if name not in names:
-            raise RltuneError(f"task {name!r} is not in the {'held-out' if held_out else 'training'} tasks of the set")
         opts = {"scenario": names.index(name), "float_seed": 0}
         if target is not None:
             opts["target"] = target
@@ -177,7 +177,7 @@ def main(argv: list[str] | None = None) -> int:
     a = p.parse_args(argv)
     if a.folds < 2 or a.repeats < 1:
         p.error("--folds >= 2 and --repeats >= 1")
-    from rltune.errors import RltuneError
+    from rltune.errors import RltuneError, write_atomic
 
     try:
         eff = json.loads(Path(a.effects).read_text(encoding="utf-8"))
@@ -249,14 +249,13 @@ def main(argv: list[str] | None = None) -> int:
                             "oracle_gain_pt": round(float(np.clip(y, 0, None).mean()), 3)},
               "cv": cv, "held_out": held}
     out = Path(a.out)
-    tmp = out.with_suffix(".json.tmp")
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
-        tmp.write_text(json.dumps(result, indent=1) + "\n")
-        os.replace(tmp, out)
+        write_atomic(out, (json.dumps(result, indent=1) + "\n").encode(), "--out")
     except OSError as e:
-        tmp.unlink(missing_ok=True)
         p.error(f"--out {out}: cannot write it ({e.strerror or e})")
+    except RltuneError as e:
+        p.error(str(e))
     print(json.dumps({k: v for k, v in result.items() if k in ("tasks", "baselines", "cv")}, indent=1))
     if held:
         print(json.dumps({k: v for k, v in held.items() if k != "rows"}, indent=1))
