@@ -281,6 +281,9 @@ def main(argv: list[str] | None = None) -> int:
                         "and optuna-*) join this summary for the same scenarios and targets, so a new agent is "
                         "compared with them without rerunning them; its held-out task files (DIR/tasks) are "
                         "used, so the scenario names match")
+    p.add_argument("--sampler-seed-offset", type=int, default=0, metavar="K",
+                   help="add K to every Optuna sampler's seed (training seeds, splits and float students stay the "
+                        "cell's): the same searches drawn afresh, e.g. optuna-tpe against itself (a folder keeps one K)")
     p.add_argument("--task-seed", type=int, default=0)
     p.add_argument("--n-tasks", type=int, default=240)
     p.add_argument("--no-progress", action="store_true")
@@ -308,6 +311,8 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(f"unknown tuners {unknown} (expected of {', '.join(KNOWN)})")
     if a.max_episodes < 1 or a.seeds < 1 or a.batch < 1 or a.workers < 1:
         raise SystemExit("--max-episodes, --seeds, --batch and --workers take whole numbers >= 1")
+    if a.sampler_seed_offset < 0:
+        raise SystemExit("--sampler-seed-offset takes a whole number >= 0")
     cap = _pairs(a.max_episodes_for, "--max-episodes-for", int)
     rerun = _pairs(a.rerun, "--rerun", lambda v: v.split(","))
     bad = [f"{n}={t}" for n, ts in rerun.items() for t in ts if n not in scenario_targets or t not in tuners]
@@ -335,7 +340,7 @@ def main(argv: list[str] | None = None) -> int:
     for scenario, targets in scenario_targets.items():
         S, M = stages[scenario], max_episodes[scenario]
         common = dict(seeds=a.seeds, out_dir=cells, agent=agent, workers=a.workers, batch=a.batch,
-                      progress=not a.no_progress)
+                      progress=not a.no_progress, sampler_seed_offset=a.sampler_seed_offset)
         if once:
             evaluate([scenario], {scenario: targets}, once, [M * S], **common)
         if per_budget:
@@ -400,6 +405,10 @@ def main(argv: list[str] | None = None) -> int:
     summary = {"command": recorded_command(), "commands": commands, "scenario_targets": scenario_targets, "max_episodes": max_episodes,
                "seeds": a.seeds, "tuners": tuners, "agent": a.agent if agent else None, "rows": rows,
                "answers": answers(rows), "notes": notes}
+    if a.sampler_seed_offset:
+        summary["sampler_seed_offset"] = a.sampler_seed_offset
+        notes.append(f"Every Optuna sampler's seed is the cell's seed + {a.sampler_seed_offset} (training seeds, splits "
+                     "and float students are the cell's): the same searches drawn afresh.")
     if baseline is not None:
         summary["baseline_from"] = baseline
         notes.append(f"The cells of {', '.join(baseline['tuners'])} are those of {baseline['folder']} (same scenarios, "

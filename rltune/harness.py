@@ -165,15 +165,22 @@ def evaluate(
     storage: str | None = None,
     study_prefix: str = "rltune",
     batch: int = 1,
+    sampler_seed_offset: int = 0,
 ) -> Path:
     """Run every missing cell, then write the summary, tables and plots. Returns ``out_dir``.
 
     ``trial_workers`` > 1 splits each Optuna cell's episodes over that many tasks that share one
     study through ``storage`` (default: SQLite in ``out_dir``; give a server URL such as
     ``postgresql://...`` when the tasks run on several machines); the cell's result is the best of
-    its parts by val, and its stage count their sum."""
+    its parts by val, and its stage count their sum.
+
+    ``sampler_seed_offset`` is added to every Optuna sampler's seed (the cells' training seeds,
+    data splits and float students stay the same): the same searches drawn afresh, e.g. to measure
+    how often a tuner beats itself. A folder keeps one offset."""
     if trial_workers < 1:
         raise RltuneError(f"trial_workers must be at least 1, got {trial_workers}")
+    if isinstance(sampler_seed_offset, bool) or not isinstance(sampler_seed_offset, int) or sampler_seed_offset < 0:
+        raise RltuneError(f"sampler_seed_offset must be a whole number >= 0, got {sampler_seed_offset!r}")
     out = Path(out_dir)
     make_folder(out)
     results = out / "results.jsonl"
@@ -228,12 +235,20 @@ def evaluate(
     # joins a study that does not
     run_id = meta.get("run_id") or uuid.uuid4().hex
     study = {"study_prefix": study_prefix, "run_id": run_id}
+    offsets = {r.get("sampler_seed_offset", 0) for r in runs}
+    if offsets and offsets != {sampler_seed_offset}:
+        raise RltuneError(f"{out}: its searches ran with sampler seed offset {sorted(offsets)[0]}, not "
+                          f"{sampler_seed_offset}; use another folder")
+    if sampler_seed_offset:
+        study["sampler_seed_offset"] = sampler_seed_offset
     from rltune.shipped import recorded_command
 
     this = {"command": recorded_command(), "scenarios": scenarios, "targets": per_target, "tuners": tuners,
             "budgets": list(budgets), "seeds": seeds, "agent": agent}
     if trial_workers > 1:
         this["trial_workers"] = trial_workers
+    if sampler_seed_offset:
+        this["sampler_seed_offset"] = sampler_seed_offset
     if this not in runs:  # several invocations may fill one folder; each is recorded
         runs.append(this)
     tmp = meta_path.with_suffix(".json.tmp")

@@ -422,11 +422,12 @@ def own_study(storage: str, name: str, run_id: str, fresh: bool):
 
 def _optuna_study(s: Session, name: str, storage: str | None, sampler_seed: int | None = None,
                   study_episodes: int | None = None, study_prefix: str = "rltune", run_id: str | None = None,
-                  constant_liar: bool = False):
+                  constant_liar: bool = False, sampler_seed_offset: int = 0):
     """The cell's study, named ``PREFIX-tuner-scenario-target-seed-Nep`` (cells of other budgets
     never share one). Several processes may share it (same storage, same name: the parts of one
     cell, ``sampler_seed`` set, each with its own seed); ``study_episodes`` is the whole study's
-    episode budget (it sets the random start).
+    episode budget (it sets the random start). ``sampler_seed_offset`` is added to the sampler's
+    seed (the episodes' training seeds stay the cell's): the same tuner's search drawn afresh.
 
     A study is marked with the evaluation's ``run_id`` (user attribute ``rltune_run``) when this
     run creates it. A cell run whole starts afresh: a study of that name that this evaluation
@@ -436,7 +437,8 @@ def _optuna_study(s: Session, name: str, storage: str | None, sampler_seed: int 
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     episodes = study_episodes or s.budget_stages // s.stages_per_episode
-    sampler = optuna.samplers.TPESampler(seed=s.seed if sampler_seed is None else sampler_seed,
+    seed = (s.seed if sampler_seed is None else sampler_seed) + sampler_seed_offset
+    sampler = optuna.samplers.TPESampler(seed=seed,
                                          n_startup_trials=min(8, max(1, episodes // 4)),
                                          constant_liar=constant_liar)
     name = study_name(study_prefix, name, s.env.scenarios[s.scenario].name, s.target, s.seed, episodes)

@@ -1,0 +1,148 @@
+"""How often does a search keep up with *itself* at every N? The null for the per-cell target
+"the best policy search >= Optuna TPE at every N" (issue 12).
+
+    python experiments/anytime_null.py \\
+        --series tpe=experiments/results/anytime-v1:optuna-tpe \\
+                 tpe-afresh=experiments/results/anytime-v1-tpe2:optuna-tpe \\
+                 warm-tpe=experiments/results/anytime-v1s:ppo-warm-tpe \\
+                 best-of-n=experiments/results/anytime-v1s:ppo-best-of-n \\
+        --pairs tpe-afresh:tpe tpe:tpe-afresh warm-tpe:tpe "warm-tpe|best-of-n:tpe" \\
+                warm-tpe:tpe-afresh "warm-tpe|best-of-n:tpe-afresh" \\
+        --out experiments/results/anytime-v1-tpe2/null.json
+
+A series is an anytime folder's searcher (``NAME=DIR:TUNER``): per cell (scenario × target) and
+seed, its run's best-by-val test accuracy after the first N episodes (``cells/results.jsonl``,
+the records ``experiments/anytime.py`` summarises). ``tpe-afresh`` above is optuna-tpe run again
+with ``--sampler-seed-offset``: the same cells, seeds, splits, float students and per-episode
+training seeds, only the sampler's draws new, so it is TPE against itself.
+
+A pair ``A:B`` asks, per cell present in both, whether the mean over the seeds both have of A is
+>= that of B at every N of :func:`rltune.tuners.anytime_points` (``A`` may be ``X|Y``: the larger
+of the two means at each N, as the harness's "best policy search"). Written per pair:
+``cells``, ``ge_every_n`` (N = 1 … max) and ``ge_every_n_from_2`` (N = 2 … max, the issue's
+range), ``mean_diff_pt`` per N (A − B over the cells), ``paired_sd_pt`` per N (for a pair of
+two single series: the per-seed paired difference's sd, averaged over the cells; the noise a
+mean of ``seeds`` carries is it / sqrt(seeds)), and per cell the N where A is below B.
+
+Writes ``{"command", "series", "pairs": {"A:B": {...}}}``; bad input exits with one line and status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import sys
+from pathlib import Path
+
+
+def load_series(folder: Path, tuner: str) -> dict[tuple[str, str], dict[int, dict[int, float]]]:
+    """{(scenario, target): {seed: {N: test accuracy}}} of ``tuner``'s whole-cell runs in ``folder``
+    (the largest budget of each cell and seed)."""
+    path = folder / "cells" / "results.jsonl"
+    best: dict[tuple[str, str, int], tuple[int, dict[int, float]]] = {}
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                r = json.loads(line)
+                if not isinstance(r, dict) or r.get("tuner") != tuner or "part" in r:
+                    continue
+                curve = {int(a["episodes"]): float(a["test_acc"]) for a in r["anytime"]}
+                key = (str(r["scenario"]), str(r["target"]), int(r["seed"]))
+                budget = int(r["budget_stages"])
+            except (ValueError, KeyError, TypeError) as e:
+                raise ValueError(f"{path}:{n}: not a result row of the harness ({type(e).__name__}: {e})") from None
+            if not curve or not all(math.isfinite(v) for v in curve.values()):
+                raise ValueError(f"{path}:{n}: a {tuner} row without a finite anytime curve")
+            if key not in best or budget > best[key][0]:
+                best[key] = (budget, curve)
+    out: dict[tuple[str, str], dict[int, dict[int, float]]] = {}
+    for (scenario, target, seed), (_, curve) in best.items():
+        out.setdefault((Path(scenario).name, target), {})[seed] = curve
+    return out
+
+
+def compare(series: dict[str, dict], a: str, b: str) -> dict:
+    """The pair ``a:b`` (``a`` may be ``X|Y``) over the cells both have."""
+    names = a.split("|")
+    cells = sorted(set.intersection(*(set(series[x]) for x in [*names, b])))
+    out_cells, ge_all, ge_from2 = [], 0, 0
+    diffs: dict[int, list[float]] = {}
+    sds: dict[int, list[float]] = {}
+    for cell in cells:
+        seeds = sorted(set.intersection(*(set(series[x][cell]) for x in [*names, b])))
+        ns = sorted(set.intersection(*(set(series[x][cell][s]) for x in [*names, b] for s in seeds))) if seeds else []
+        if not ns:
+            continue
+        below = []
+        for n in ns:
+            mb = statistics.fmean(series[b][cell][s][n] for s in seeds)
+            ma = max(statistics.fmean(series[x][cell][s][n] for s in seeds) for x in names)
+            diffs.setdefault(n, []).append(100 * (ma - mb))
+            if ma < mb:
+                below.append(n)
+            if len(names) == 1 and len(seeds) > 1:
+                sds.setdefault(n, []).append(100 * statistics.stdev(series[a][cell][s][n] - series[b][cell][s][n]
+                                                                   for s in seeds))
+        ge_all += not below
+        ge_from2 += not [n for n in below if n >= 2]
+        out_cells.append({"scenario": cell[0], "target": cell[1], "seeds": len(seeds), "below_at": below})
+    return {"cells": len(out_cells), "ge_every_n": ge_all, "ge_every_n_from_2": ge_from2,
+            "mean_diff_pt": {str(n): round(statistics.fmean(v), 3) for n, v in sorted(diffs.items())},
+            "paired_sd_pt": {str(n): round(statistics.fmean(v), 3) for n, v in sorted(sds.items())},
+            "by_cell": out_cells}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--series", nargs="+", required=True, metavar="NAME=DIR:TUNER")
+    p.add_argument("--pairs", nargs="+", required=True, metavar="A:B", help="A >= B at every N? (A may be X|Y)")
+    p.add_argument("--out", required=True)
+    a = p.parse_args(argv)
+
+    from rltune.errors import RltuneError, write_atomic
+    from rltune.shipped import recorded_command
+
+    try:
+        specs: dict[str, tuple[Path, str]] = {}
+        for s in a.series:
+            name, sep, rest = s.partition("=")
+            folder, sep2, tuner = rest.rpartition(":")
+            if not (sep and sep2 and name and folder and tuner) or "|" in name or ":" in name:
+                raise ValueError(f"--series {s!r}: expected NAME=DIR:TUNER (a NAME without '|' or ':')")
+            if name in specs:
+                raise ValueError(f"--series: {name!r} named twice")
+            specs[name] = (Path(folder), tuner)
+        pairs = []
+        for q in a.pairs:
+            left, sep, right = q.rpartition(":")
+            unknown = [x for x in [*left.split("|"), right] if x not in specs]
+            if not sep or unknown:
+                raise ValueError(f"--pairs {q!r}: expected A:B of --series names (A may be X|Y)"
+                                 + (f"; unknown {unknown}" if sep else ""))
+            pairs.append((left, right))
+        series = {}
+        for name, (folder, tuner) in specs.items():
+            series[name] = load_series(folder, tuner)
+            if not series[name]:
+                raise ValueError(f"--series {name}: no {tuner} rows in {folder / 'cells' / 'results.jsonl'}")
+        result = {"command": recorded_command(),
+                  "series": {n: {"folder": str(f), "tuner": t, "cells": len(series[n])} for n, (f, t) in specs.items()},
+                  "pairs": {f"{x}:{y}": compare(series, x, y) for x, y in pairs}}
+        out = Path(a.out)
+        write_atomic(out, (json.dumps(result, indent=1) + "\n").encode(), "--out")
+    except (OSError, UnicodeDecodeError, ValueError, RltuneError) as e:
+        print(f"anytime_null: {e}", file=sys.stderr)
+        return 2
+    for k, v in result["pairs"].items():
+        print(f"{k}: >= at every N in {v['ge_every_n']} of {v['cells']} cells ({v['ge_every_n_from_2']} from N = 2); "
+              f"mean diff pt {v['mean_diff_pt']}")
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
