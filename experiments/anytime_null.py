@@ -20,9 +20,12 @@ A pair ``A:B`` asks, per cell present in both, whether the mean over the seeds b
 >= that of B at every N of :func:`rltune.tuners.anytime_points` (``A`` may be ``X|Y``: the larger
 of the two means at each N, as the harness's "best policy search"). Written per pair:
 ``cells``, ``ge_every_n`` (N = 1 … max) and ``ge_every_n_from_2`` (N = 2 … max, the issue's
-range), ``mean_diff_pt`` per N (A − B over the cells), ``paired_sd_pt`` per N (for a pair of
-two single series: the per-seed paired difference's sd, averaged over the cells; the noise a
-mean of ``seeds`` carries is it / sqrt(seeds)), and per cell the N where A is below B.
+range), ``mean_diff_pt`` per N (A − B over the cells), ``paired_sd_pt`` per N (the sd over seeds
+of the paired difference, A's per-seed accuracy − B's, averaged over the cells; for ``X|Y`` the
+series with the larger mean at that N; a mean of ``seeds`` carries it / sqrt(seeds)),
+``clearly_below_somewhere`` (cells where at some N the mean paired difference is below −2 × that
+sd / sqrt(seeds): a shortfall the seeds resolve), and per cell the N where A is below B
+(``below_at``) and clearly below (``clearly_below_at``).
 
 Writes ``{"command", "series", "pairs": {"A:B": {...}}}``; bad input exits with one line and status 2.
 """
@@ -69,7 +72,7 @@ def compare(series: dict[str, dict], a: str, b: str) -> dict:
     """The pair ``a:b`` (``a`` may be ``X|Y``) over the cells both have."""
     names = a.split("|")
     cells = sorted(set.intersection(*(set(series[x]) for x in [*names, b])))
-    out_cells, ge_all, ge_from2 = [], 0, 0
+    out_cells, ge_all, ge_from2, clearly_below = [], 0, 0, 0
     diffs: dict[int, list[float]] = {}
     sds: dict[int, list[float]] = {}
     for cell in cells:
@@ -77,20 +80,27 @@ def compare(series: dict[str, dict], a: str, b: str) -> dict:
         ns = sorted(set.intersection(*(set(series[x][cell][s]) for x in [*names, b] for s in seeds))) if seeds else []
         if not ns:
             continue
-        below = []
+        below, clearly = [], []
         for n in ns:
             mb = statistics.fmean(series[b][cell][s][n] for s in seeds)
-            ma = max(statistics.fmean(series[x][cell][s][n] for s in seeds) for x in names)
-            diffs.setdefault(n, []).append(100 * (ma - mb))
-            if ma < mb:
+            means = {x: statistics.fmean(series[x][cell][s][n] for s in seeds) for x in names}
+            x = max(names, key=lambda y: (means[y], -names.index(y)))  # the larger mean (the first on ties)
+            diffs.setdefault(n, []).append(100 * (means[x] - mb))
+            if means[x] < mb:
                 below.append(n)
-            if len(names) == 1 and len(seeds) > 1:
-                sds.setdefault(n, []).append(100 * statistics.stdev(series[a][cell][s][n] - series[b][cell][s][n]
-                                                                   for s in seeds))
+            if len(seeds) > 1:
+                d = [series[x][cell][s][n] - series[b][cell][s][n] for s in seeds]
+                sd = statistics.stdev(d)
+                sds.setdefault(n, []).append(100 * sd)
+                if statistics.fmean(d) < -2 * sd / math.sqrt(len(d)):
+                    clearly.append(n)
         ge_all += not below
         ge_from2 += not [n for n in below if n >= 2]
-        out_cells.append({"scenario": cell[0], "target": cell[1], "seeds": len(seeds), "below_at": below})
+        clearly_below += bool(clearly)
+        out_cells.append({"scenario": cell[0], "target": cell[1], "seeds": len(seeds), "below_at": below,
+                          "clearly_below_at": clearly})
     return {"cells": len(out_cells), "ge_every_n": ge_all, "ge_every_n_from_2": ge_from2,
+            "clearly_below_somewhere": clearly_below,
             "mean_diff_pt": {str(n): round(statistics.fmean(v), 3) for n, v in sorted(diffs.items())},
             "paired_sd_pt": {str(n): round(statistics.fmean(v), 3) for n, v in sorted(sds.items())},
             "by_cell": out_cells}

@@ -54,7 +54,10 @@ def test_pairs_count_cells_at_every_n(tmp_path):
     assert r["b:a"]["ge_every_n_from_2"] == 1
     assert r["a:a"]["ge_every_n"] == 2  # a search always keeps up with itself
     # a|c: the larger mean at each N (c's 0.9 at N=4 in c1), so c1 passes; c2 still fails at N=1
-    assert r["a|c:b"]["ge_every_n"] == 1 and r["a|c:b"]["paired_sd_pt"] == {}
+    assert r["a|c:b"]["ge_every_n"] == 1
+    # c2: a's 0.5 against b's 0.6 at N=1, the same in both seeds: a shortfall the seeds resolve
+    assert [c["clearly_below_at"] for c in r["a:b"]["by_cell"]] == [[4], [1]]
+    assert r["a:b"]["clearly_below_somewhere"] == 2 and r["a:a"]["clearly_below_somewhere"] == 0
 
 
 def test_paired_sd_is_the_seed_difference_spread(tmp_path):
@@ -67,6 +70,22 @@ def test_paired_sd_is_the_seed_difference_spread(tmp_path):
     assert r["by_cell"][0]["seeds"] == 2  # only the seeds both have
     assert r["paired_sd_pt"]["1"] == pytest.approx(100 * 0.2 / 2 ** 0.5, abs=1e-3)  # sd of (0, 0.2)
     assert r["mean_diff_pt"]["1"] == pytest.approx(10.0)
+    assert r["clearly_below_somewhere"] == 0
+
+
+def test_clearly_below_needs_the_seeds_to_agree(tmp_path):
+    mod = _script()
+    # a is 1 pt below b on average, but the seeds disagree (-5, +3): not resolved; then 3 seeds agreeing
+    a = _folder(tmp_path, "a", "t", {("c", 0): [0.45, 0.5, 0.5], ("c", 1): [0.53, 0.5, 0.5]})
+    b = _folder(tmp_path, "b", "t", {("c", 0): [0.50, 0.5, 0.5], ("c", 1): [0.50, 0.5, 0.5]})
+    out = tmp_path / "n.json"
+    assert mod.main(["--series", f"a={a}:t", f"b={b}:t", "--pairs", "a:b", "--out", str(out)]) == 0
+    r = json.loads(out.read_text())["pairs"]["a:b"]
+    assert r["by_cell"][0]["below_at"] == [1] and r["by_cell"][0]["clearly_below_at"] == []
+    a2 = _folder(tmp_path, "a2", "t", {("c", s): [0.49 + 0.001 * s, 0.5, 0.5] for s in range(3)})
+    b2 = _folder(tmp_path, "b2", "t", {("c", s): [0.50, 0.5, 0.5] for s in range(3)})
+    assert mod.main(["--series", f"a={a2}:t", f"b={b2}:t", "--pairs", "a:b", "--out", str(out)]) == 0
+    assert json.loads(out.read_text())["pairs"]["a:b"]["by_cell"][0]["clearly_below_at"] == [1]
 
 
 @pytest.mark.parametrize("args, says", [
