@@ -44,6 +44,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from rltune.errors import RltuneError
+
 DEFAULT_TARGETS = {  # the held-out scenarios, at two targets each where compression costs accuracy
     "synthetic-10class": ["24x", "32x"],
     "synthetic-8class": ["24x", "32x"],
@@ -65,7 +67,7 @@ def _pairs(items: list[str], what: str, value) -> dict[str, Any]:
     for item in items:
         name, sep, v = item.partition("=")
         if not sep or not name or not v:
-            raise SystemExit(f"{what}: expected NAME=VALUE, got {item!r}")
+            raise RltuneError(f"{what}: expected NAME=VALUE, got {item!r}")
         out[name] = value(v)
     return out
 
@@ -301,23 +303,27 @@ def main(argv: list[str] | None = None) -> int:
         else ({} if a.held_out_tasks else dict(DEFAULT_TARGETS))
     base_dir = Path(a.baseline_from) if a.baseline_from else None
     if base_dir is not None and not (base_dir / "cells" / "results.jsonl").is_file():
-        raise SystemExit(f"--baseline-from {base_dir}: no cells/results.jsonl there")
+        raise RltuneError(f"--baseline-from {base_dir}: no cells/results.jsonl there")
     if a.held_out_tasks:
         scenario_targets.update(held_out_tasks(a.held_out_tasks, a.task_seed, a.n_tasks,
                                                (base_dir or Path(a.out)) / "tasks"))
     tuners = list(a.tuners) + (["ppo-finetune"] if a.finetune and "ppo-finetune" not in a.tuners else [])
     unknown = [t for t in tuners if t not in KNOWN]
     if unknown:
-        raise SystemExit(f"unknown tuners {unknown} (expected of {', '.join(KNOWN)})")
+        raise RltuneError(f"unknown tuners {unknown} (expected of {', '.join(KNOWN)})")
     if a.max_episodes < 1 or a.seeds < 1 or a.batch < 1 or a.workers < 1:
-        raise SystemExit("--max-episodes, --seeds, --batch and --workers take whole numbers >= 1")
-    if a.sampler_seed_offset < 0:
-        raise SystemExit("--sampler-seed-offset takes a whole number >= 0")
+        raise RltuneError("--max-episodes, --seeds, --batch and --workers take whole numbers >= 1")
+    from rltune.harness import check_sampler_seed_offset
+
+    try:  # before anything is written (--rerun drops rows below)
+        check_sampler_seed_offset(Path(a.out) / "cells", a.sampler_seed_offset, a.seeds)
+    except RltuneError as e:
+        raise RltuneError(f"--sampler-seed-offset: {e}") from None
     cap = _pairs(a.max_episodes_for, "--max-episodes-for", int)
     rerun = _pairs(a.rerun, "--rerun", lambda v: v.split(","))
     bad = [f"{n}={t}" for n, ts in rerun.items() for t in ts if n not in scenario_targets or t not in tuners]
     if bad:
-        raise SystemExit(f"--rerun {' '.join(bad)}: name a scenario of --scenario-targets and a tuner of --tuners")
+        raise RltuneError(f"--rerun {' '.join(bad)}: name a scenario of --scenario-targets and a tuner of --tuners")
     max_episodes = {s: min(a.max_episodes, cap.get(s, a.max_episodes)) for s in scenario_targets}
     stages = {s: load_scenario(resolve_scenario(s)).training["stages"] for s in scenario_targets}
     agent = None
@@ -356,7 +362,7 @@ def main(argv: list[str] | None = None) -> int:
             commands = [c for c in old.get("commands", [old.get("command")]) if c] + commands
             tuners = list(dict.fromkeys([*old.get("tuners", []), *tuners]))
         except (ValueError, KeyError, TypeError) as e:
-            raise SystemExit(f"{previous}: not a summary this script wrote ({e}); move it away to start afresh")
+            raise RltuneError(f"{previous}: not a summary this script wrote ({e}); move it away to start afresh")
         for s_ in old_targets:
             if s_ not in scenario_targets:
                 scenario_targets = {s_: old_targets[s_], **scenario_targets}
@@ -429,8 +435,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    from rltune.errors import RltuneError
-
     try:
         sys.exit(main())
     except RltuneError as e:  # a user error: one line, no traceback

@@ -25,7 +25,10 @@ of the paired difference, A's per-seed accuracy − B's, averaged over the cells
 series with the larger mean at that N; a mean of ``seeds`` carries it / sqrt(seeds)),
 ``clearly_below_somewhere`` (cells where at some N the mean paired difference is below −2 × that
 sd / sqrt(seeds): a shortfall the seeds resolve), and per cell the N where A is below B
-(``below_at``) and clearly below (``clearly_below_at``).
+(``below_at``) and clearly below (``clearly_below_at``), at the N both have for every seed (``compared_at``; ``not_compared_at``
+the N one side lacks, e.g. a scenario capped with ``--max-episodes-for`` in one folder only). A
+cell counts in ``ge_every_n_from_2`` only if some N >= 2 is compared. A pair without a cell in
+common is an error.
 
 Writes ``{"command", "series", "pairs": {"A:B": {...}}}``; bad input exits with one line and status 2.
 """
@@ -40,6 +43,18 @@ import sys
 from pathlib import Path
 
 
+def _whole(x) -> int:
+    if isinstance(x, bool) or not isinstance(x, int):
+        raise TypeError(f"{x!r} is not a whole number")
+    return x
+
+
+def _number(x) -> float:
+    if isinstance(x, bool) or not isinstance(x, (int, float)):
+        raise TypeError(f"{x!r} is not a number")
+    return float(x)
+
+
 def load_series(folder: Path, tuner: str) -> dict[tuple[str, str], dict[int, dict[int, float]]]:
     """{(scenario, target): {seed: {N: test accuracy}}} of ``tuner``'s whole-cell runs in ``folder``
     (the largest budget of each cell and seed)."""
@@ -51,15 +66,17 @@ def load_series(folder: Path, tuner: str) -> dict[tuple[str, str], dict[int, dic
                 continue
             try:
                 r = json.loads(line)
-                if not isinstance(r, dict) or r.get("tuner") != tuner or "part" in r:
+                if not isinstance(r, dict):
+                    raise TypeError("not an object")
+                if r.get("tuner") != tuner or "part" in r:
                     continue
-                curve = {int(a["episodes"]): float(a["test_acc"]) for a in r["anytime"]}
-                key = (str(r["scenario"]), str(r["target"]), int(r["seed"]))
-                budget = int(r["budget_stages"])
-            except (ValueError, KeyError, TypeError) as e:
+                curve = {_whole(a["episodes"]): _number(a["test_acc"]) for a in r["anytime"]}
+                key = (str(r["scenario"]), str(r["target"]), _whole(r["seed"]))
+                budget = _number(r["budget_stages"])
+            except (ValueError, KeyError, TypeError, OverflowError, RecursionError) as e:
                 raise ValueError(f"{path}:{n}: not a result row of the harness ({type(e).__name__}: {e})") from None
-            if not curve or not all(math.isfinite(v) for v in curve.values()):
-                raise ValueError(f"{path}:{n}: a {tuner} row without a finite anytime curve")
+            if not curve or not all(math.isfinite(v) for v in [*curve.values(), budget]):
+                raise ValueError(f"{path}:{n}: a {tuner} row without a finite anytime curve and budget")
             if key not in best or budget > best[key][0]:
                 best[key] = (budget, curve)
     out: dict[tuple[str, str], dict[int, dict[int, float]]] = {}
@@ -80,6 +97,7 @@ def compare(series: dict[str, dict], a: str, b: str) -> dict:
         ns = sorted(set.intersection(*(set(series[x][cell][s]) for x in [*names, b] for s in seeds))) if seeds else []
         if not ns:
             continue
+        every = set.union(*(set(series[x][cell][s]) for x in [*names, b] for s in seeds))
         below, clearly = [], []
         for n in ns:
             mb = statistics.fmean(series[b][cell][s][n] for s in seeds)
@@ -95,10 +113,13 @@ def compare(series: dict[str, dict], a: str, b: str) -> dict:
                 if statistics.fmean(d) < -2 * sd / math.sqrt(len(d)):
                     clearly.append(n)
         ge_all += not below
-        ge_from2 += not [n for n in below if n >= 2]
+        ge_from2 += not [n for n in below if n >= 2] and max(ns) >= 2
         clearly_below += bool(clearly)
-        out_cells.append({"scenario": cell[0], "target": cell[1], "seeds": len(seeds), "below_at": below,
+        out_cells.append({"scenario": cell[0], "target": cell[1], "seeds": len(seeds), "compared_at": ns,
+                          "not_compared_at": sorted(every - set(ns)), "below_at": below,
                           "clearly_below_at": clearly})
+    if not out_cells:
+        raise ValueError(f"--pairs {a}:{b}: no cell (scenario file name and target) with seeds and N in common")
     return {"cells": len(out_cells), "ge_every_n": ge_all, "ge_every_n_from_2": ge_from2,
             "clearly_below_somewhere": clearly_below,
             "mean_diff_pt": {str(n): round(statistics.fmean(v), 3) for n, v in sorted(diffs.items())},
@@ -117,6 +138,8 @@ def main(argv: list[str] | None = None) -> int:
     from rltune.shipped import recorded_command
 
     try:
+        if not a.out.strip():
+            raise ValueError("--out: give the JSON file to write")
         specs: dict[str, tuple[Path, str]] = {}
         for s in a.series:
             name, sep, rest = s.partition("=")
@@ -143,9 +166,11 @@ def main(argv: list[str] | None = None) -> int:
                   "series": {n: {"folder": str(f), "tuner": t, "cells": len(series[n])} for n, (f, t) in specs.items()},
                   "pairs": {f"{x}:{y}": compare(series, x, y) for x, y in pairs}}
         out = Path(a.out)
+        if any(out.resolve() == (f / "cells" / "results.jsonl").resolve() for f, _ in specs.values()):
+            raise ValueError(f"--out {out}: that is one of the series' results")
         write_atomic(out, (json.dumps(result, indent=1) + "\n").encode(), "--out")
     except (OSError, UnicodeDecodeError, ValueError, RltuneError) as e:
-        print(f"anytime_null: {e}", file=sys.stderr)
+        print("anytime_null: " + " ".join(str(e).split()), file=sys.stderr)
         return 2
     for k, v in result["pairs"].items():
         print(f"{k}: >= at every N in {v['ge_every_n']} of {v['cells']} cells ({v['ge_every_n_from_2']} from N = 2); "

@@ -149,6 +149,60 @@ def _append(path: Path, row: dict[str, Any]) -> None:
         os.fsync(f.fileno())
 
 
+MAX_SAMPLER_SEED = 2**32 - 1  # numpy's and so Optuna's samplers take seeds in [0, 2**32)
+
+
+def read_meta(out_dir: str | Path) -> dict[str, Any]:
+    """An evaluation folder's ``evaluation.json`` (``{"run_id", "runs": [...]}``), ``{}`` when it
+    has none; a file that is not such a record is a one-line RltuneError."""
+    path = Path(out_dir) / "evaluation.json"
+    if not path.exists():
+        return {}
+    try:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as e:
+        raise RltuneError(f"{path}: not this harness's record ({type(e).__name__}); move it away") from None
+    runs = meta.get("runs", []) if isinstance(meta, dict) else None
+    if not isinstance(runs, list) or not all(isinstance(r, dict) for r in runs) \
+            or not isinstance(meta.get("run_id", ""), str):
+        raise RltuneError(f"{path}: not this harness's record (expected {{\"run_id\": ..., \"runs\": [...]}}); "
+                          "move it away")
+    return meta
+
+
+def check_sampler_seed_offset(out_dir: str | Path, offset: int, seeds: int, trial_workers: int = 1) -> None:
+    """Refuse, before anything is written, a ``sampler_seed_offset`` that is not a whole number
+    >= 0, that maps one of the run's sampler seeds (a cell's seed, or ``seed * 1000 + part + 1``
+    for the parts of a split cell) onto another of them (the fresh draws would repeat some of the
+    unshifted run's), or past the largest seed a sampler takes; and one other than the folder's:
+    a folder keeps one offset (a folder with results and no record of one ran with 0)."""
+    if isinstance(offset, bool) or not isinstance(offset, int) or offset < 0:
+        raise RltuneError(f"sampler_seed_offset must be a whole number >= 0, got {offset!r}")
+    if offset:
+        bases = set(range(seeds))
+        if trial_workers > 1:
+            bases |= {s * 1000 + p + 1 for s in range(seeds) for p in range(trial_workers)}
+        if max(bases) + offset > MAX_SAMPLER_SEED:
+            raise RltuneError(f"sampler seed offset {offset}: the largest sampler seed would pass {MAX_SAMPLER_SEED}")
+        clash = sorted({b + offset for b in bases} & bases)
+        if clash:
+            raise RltuneError(f"sampler seed offset {offset}: it maps this run's sampler seeds onto others of them "
+                              f"(e.g. {clash[0]}), so its draws would repeat the unshifted run's; pick one above "
+                              f"{max(bases)}")
+    out = Path(out_dir)
+    if not out.is_dir():
+        return
+    offsets = {r.get("sampler_seed_offset", 0) for r in read_meta(out).get("runs", [])}
+    if not offsets and (out / "results.jsonl").is_file() and (out / "results.jsonl").stat().st_size:
+        offsets = {0}
+    for o in offsets:
+        if isinstance(o, bool) or not isinstance(o, int):
+            raise RltuneError(f"{out / 'evaluation.json'}: a sampler_seed_offset of {o!r} is not this harness's")
+    if offsets and offsets != {offset}:
+        raise RltuneError(f"{out}: its searches ran with sampler seed offset {sorted(offsets)[0]}, not "
+                          f"{offset}; use another folder")
+
+
 def evaluate(
     scenarios: Iterable[str],
     targets: dict[str, list[str]] | list[str],
@@ -179,8 +233,7 @@ def evaluate(
     how often a tuner beats itself. A folder keeps one offset."""
     if trial_workers < 1:
         raise RltuneError(f"trial_workers must be at least 1, got {trial_workers}")
-    if isinstance(sampler_seed_offset, bool) or not isinstance(sampler_seed_offset, int) or sampler_seed_offset < 0:
-        raise RltuneError(f"sampler_seed_offset must be a whole number >= 0, got {sampler_seed_offset!r}")
+    check_sampler_seed_offset(out_dir, sampler_seed_offset, seeds, trial_workers)
     out = Path(out_dir)
     make_folder(out)
     results = out / "results.jsonl"
@@ -229,16 +282,12 @@ def evaluate(
 
         optuna.storages.RDBStorage(storage)
     meta_path = out / "evaluation.json"
-    meta = json.loads(meta_path.read_text()) if meta_path.exists() else {}
+    meta = read_meta(out)
     runs = meta.get("runs", [])
     # this evaluation folder's id: the Optuna studies it creates carry it, and it never deletes or
     # joins a study that does not
     run_id = meta.get("run_id") or uuid.uuid4().hex
     study = {"study_prefix": study_prefix, "run_id": run_id}
-    offsets = {r.get("sampler_seed_offset", 0) for r in runs}
-    if offsets and offsets != {sampler_seed_offset}:
-        raise RltuneError(f"{out}: its searches ran with sampler seed offset {sorted(offsets)[0]}, not "
-                          f"{sampler_seed_offset}; use another folder")
     if sampler_seed_offset:
         study["sampler_seed_offset"] = sampler_seed_offset
     from rltune.shipped import recorded_command
@@ -443,7 +492,7 @@ def compact_table(summary: list[dict[str, Any]]) -> str:
 
 def write_summary(out: Path) -> list[dict[str, Any]]:
     rows = [r for r in read_results(out / "results.jsonl") if "part" not in r]  # parts are merged
-    meta = json.loads((out / "evaluation.json").read_text()) if (out / "evaluation.json").exists() else {}
+    meta = read_meta(out)
     summary = summarize(rows)
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
     (out / "benchmark.md").write_text(to_markdown(summary, meta))

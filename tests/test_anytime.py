@@ -3,6 +3,7 @@
 import numpy as np
 import pytest
 
+from rltune.errors import RltuneError
 from rltune.env import DistillCompressEnv
 from rltune.scenario import parse_scenario
 from rltune.stage import final_report
@@ -175,7 +176,7 @@ def test_the_anytime_script_writes_its_summary_and_plots_and_resumes(agent, tmp_
     assert list(both["scenario_targets"]) == [str(f), str(g)] and both["commands"]
     assert {r["scenario"] for r in both["rows"]} == {str(f), str(g)}
     assert [r for r in both["rows"] if r["scenario"] == str(f)] == [r for r in rows]  # the first kept whole
-    with pytest.raises(SystemExit):
+    with pytest.raises(RltuneError, match="--rerun"):  # one line and status 2 from the command line
         script.main([*argv, "--rerun", f"{g}=recipe"])  # not a scenario of this run
 
 
@@ -259,6 +260,6 @@ def test_baseline_from_joins_another_folders_agent_free_cells_without_rerunning_
                         "--baseline-from", str(base)]) == 0
     again = json.loads((new / "summary.json").read_text())
     assert pick(again, "recipe") and {r["scenario"] for r in pick(again, "recipe")} == {str(f), str(g)}
-    with pytest.raises(SystemExit):
+    with pytest.raises(RltuneError, match="--baseline-from"):
         script.main([*common, "--tuners", "ppo-replay", "--agent", str(agent), "--out", str(new),
                      "--baseline-from", str(tmp_path / "nowhere")])

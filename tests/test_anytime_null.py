@@ -129,14 +129,161 @@ def test_sampler_seed_offset_draws_the_search_afresh(tmp_path):
     assert draws(1000, seed=0) == draws(0, seed=1000)  # the offset is added to the cell's seed
 
 
-def test_harness_folder_keeps_one_sampler_seed_offset(tmp_path):
+def _curves(diffs_pt: list[float], n: int = 1) -> tuple[dict, dict]:
+    """Two series of one cell whose per-seed paired differences at N = ``n`` are ``diffs_pt``."""
+    a = {("c", s): [0.5 + (d / 100 if k == n else 0.0) for k in (1, 2, 4)] for s, d in enumerate(diffs_pt)}
+    b = {("c", s): [0.5, 0.5, 0.5] for s in range(len(diffs_pt))}
+    return a, b
+
+
+@pytest.mark.parametrize("mean, sd, clearly", [(-1.0, 0.9, True), (-0.6, 0.9, False), (-1.0, 1.2, False)])
+def test_clearly_below_is_two_standard_errors(tmp_path, mean, sd, clearly):
+    """4 seeds: clearly below when mean < -2 sd / sqrt(4) = -sd (not -2 sd, not -sd / 2)."""
+    mod = _script()
+    c = sd * (3 / 4) ** 0.5  # four values mean +- c have sd = sd
+    a, b = _curves([mean - c, mean - c, mean + c, mean + c])
+    fa, fb = _folder(tmp_path, "a", "t", a), _folder(tmp_path, "b", "t", b)
+    out = tmp_path / "n.json"
+    assert mod.main(["--series", f"a={fa}:t", f"b={fb}:t", "--pairs", "a:b", "--out", str(out)]) == 0
+    r = json.loads(out.read_text())["pairs"]["a:b"]
+    assert r["paired_sd_pt"]["1"] == pytest.approx(sd, abs=1e-3)
+    assert r["by_cell"][0]["clearly_below_at"] == ([1] if clearly else [])
+
+
+def test_from_2_parts_ties_and_missing_n(tmp_path):
+    mod = _script()
+    a, b = _curves([-1.0, -1.0], n=2)  # below at N = 2 only
+    fa, fb = _folder(tmp_path, "a", "t", a), _folder(tmp_path, "b", "t", b)
+    # a part row of a split cell, far above: never read as the cell's
+    rows = (fa / "cells" / "results.jsonl").read_text()
+    part = {"tuner": "t", "scenario": "x/c.yaml", "target": "8x", "seed": 0, "budget_stages": 99, "part": 0,
+            "anytime": [{"episodes": n, "test_acc": 1.0} for n in (1, 2, 4)]}
+    (fa / "cells" / "results.jsonl").write_text(rows + json.dumps(part) + "\n")
+    # y: the same means as a, but its seeds spread; x|y and y|x pick the first on the tie
+    y = _folder(tmp_path, "y", "t", {("c", 0): [0.49, 0.49, 0.49], ("c", 1): [0.51, 0.49, 0.51]})
+    fx = _folder(tmp_path, "x", "t", {("c", s): [0.5, 0.49, 0.5] for s in range(2)})
+    # one N short: a curve that stops at N = 2
+    short = _folder(tmp_path, "s", "t", {("c", s): [0.6, 0.6] for s in range(2)})
+    out = tmp_path / "n.json"
+    assert mod.main(["--series", f"a={fa}:t", f"b={fb}:t", f"x={fx}:t", f"y={y}:t", f"s={short}:t",
+                     "--pairs", "a:b", "x|y:b", "y|x:b", "s:b", "--out", str(out)]) == 0
+    r = json.loads(out.read_text())["pairs"]
+    assert r["a:b"]["ge_every_n"] == 0 and r["a:b"]["ge_every_n_from_2"] == 0 and r["a:b"]["mean_diff_pt"]["1"] == 0
+    assert r["x|y:b"]["paired_sd_pt"]["1"] == pytest.approx(0.0)  # x's seeds agree
+    assert r["y|x:b"]["paired_sd_pt"]["1"] == pytest.approx(100 * 0.02 / 2 ** 0.5, abs=1e-3)  # y's do not
+    assert r["s:b"]["by_cell"][0]["compared_at"] == [1, 2] and r["s:b"]["by_cell"][0]["not_compared_at"] == [4]
+
+
+@pytest.mark.parametrize("line, says", [
+    ('{"tuner": "t", "scenario": "c", "target": "8x", "seed": 1.9, "budget_stages": 6, '
+     '"anytime": [{"episodes": 1, "test_acc": 0.5}]}', "not a whole number"),
+    ('{"tuner": "t", "scenario": "c", "target": "8x", "seed": 0, "budget_stages": 6, '
+     '"anytime": [{"episodes": true, "test_acc": 0.5}]}', "not a whole number"),
+    ('{"tuner": "t", "scenario": "c", "target": "8x", "seed": 0, "budget_stages": 6, '
+     '"anytime": [{"episodes": 1, "test_acc": "0.5"}]}', "not a number"),
+    ('{"tuner": "t", "scenario": "c", "target": "8x", "seed": 0, "budget_stages": Infinity, '
+     '"anytime": [{"episodes": 1, "test_acc": 0.5}]}', "finite"),
+    ('{"tuner": "t", "scenario": "c", "target": "8x", "seed": 0, "budget_stages": 6, '
+     '"anytime": [{"episodes": 1e400, "test_acc": 0.5}]}', "not a whole number"),
+    ('[1, 2]', "not an object"),
+    ('[' * 100000, "not a result row"),
+])
+def test_hostile_rows_are_one_line_and_status_2(tmp_path, capsys, line, says):
+    mod = _script()
+    d = tmp_path / "d" / "cells"
+    d.mkdir(parents=True)
+    (d / "results.jsonl").write_text(line + "\n")
+    out = tmp_path / "n.json"
+    assert mod.main(["--series", f"a={d.parent}:t", "--pairs", "a:a", "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert says in err and len(err.splitlines()) == 1 and not out.exists()
+
+
+def test_out_never_overwrites_an_input_and_no_common_cell_is_an_error(tmp_path, capsys):
+    mod = _script()
+    a = _folder(tmp_path, "a", "t", {("c", 0): [0.5, 0.5, 0.5]})
+    b = _folder(tmp_path, "b", "t", {("other", 0): [0.5, 0.5, 0.5]})
+    before = (a / "cells" / "results.jsonl").read_bytes()
+    assert mod.main(["--series", f"a={a}:t", "--pairs", "a:a", "--out", str(a / "cells" / "results.jsonl")]) == 2
+    assert (a / "cells" / "results.jsonl").read_bytes() == before
+    assert mod.main(["--series", f"a={a}:t", f"b={b}:t", "--pairs", "a:b", "--out", str(tmp_path / "n.json")]) == 2
+    assert mod.main(["--series", "a\nb=x:t", "--pairs", "a:a", "--out", " "]) == 2
+    errs = capsys.readouterr().err.strip().splitlines()
+    assert len(errs) == 3 and "one of the series" in errs[0] and "no cell" in errs[1] and "--out" in errs[2]
+
+
+def _fake_cells(monkeypatch):
+    import rltune.harness as H
+
+    seen = []
+
+    def fake(c, agent, storage, study, batch):
+        seen.append(dict(study))
+        return {"key": c.key, "scenario": c.scenario, "target": c.target, "tuner": c.tuner, "seed": c.seed,
+                "test": {"test_acc": 0.5}}
+
+    monkeypatch.setattr(H, "run_cell", fake)
+    monkeypatch.setattr(H, "write_summary", lambda out: [])
+    return seen
+
+
+def test_evaluate_hands_the_offset_to_every_cell_and_a_folder_keeps_one(tmp_path, monkeypatch):
     from rltune.errors import RltuneError
     from rltune.harness import evaluate
 
-    with pytest.raises(RltuneError, match="sampler_seed_offset"):
-        evaluate(["x"], ["8x"], ["optuna-tpe"], [6], 1, tmp_path / "a", sampler_seed_offset=-1)
-    out = tmp_path / "b"
-    out.mkdir()
-    (out / "evaluation.json").write_text(json.dumps({"run_id": "r", "runs": [{"sampler_seed_offset": 1000}]}))
-    with pytest.raises(RltuneError, match="offset 1000"):
-        evaluate(["x"], ["8x"], ["optuna-tpe"], [6], 1, out)
+    seen = _fake_cells(monkeypatch)
+    run = lambda out, **k: evaluate(["x"], ["8x"], ["optuna-tpe"], [6], k.pop("seeds", 2), out,  # noqa: E731
+                                    progress=False, **k)
+    k_dir, zero_dir = tmp_path / "k", tmp_path / "zero"
+    run(k_dir, sampler_seed_offset=1000)
+    assert [s.get("sampler_seed_offset") for s in seen] == [1000, 1000]
+    assert json.loads((k_dir / "evaluation.json").read_text())["runs"][-1]["sampler_seed_offset"] == 1000
+    seen.clear()
+    run(zero_dir)
+    assert seen and all("sampler_seed_offset" not in s for s in seen)
+    for folder, offset, other in ((k_dir, 0, 1000), (zero_dir, 1000, 0)):
+        before = {p.name: p.read_bytes() for p in folder.iterdir()}
+        with pytest.raises(RltuneError, match=f"offset {other}, not {offset}"):
+            run(folder, sampler_seed_offset=offset)
+        assert {p.name: p.read_bytes() for p in folder.iterdir()} == before  # refused before any write
+    old = tmp_path / "old"  # results from before offsets were recorded: they ran with 0
+    old.mkdir()
+    (old / "results.jsonl").write_text('{"key": "k"}\n')
+    with pytest.raises(RltuneError, match="offset 0, not 1000"):
+        run(old, sampler_seed_offset=1000)
+    with pytest.raises(RltuneError, match="maps"):
+        run(tmp_path / "n1", seeds=5, sampler_seed_offset=3)  # seed 0 + 3 is seed 3's sampler
+    with pytest.raises(RltuneError, match="maps"):  # split cells: seed 0 part 0 + 1000 is seed 1 part 0
+        run(tmp_path / "n2", seeds=2, trial_workers=2, sampler_seed_offset=1000)
+    with pytest.raises(RltuneError, match="largest"):
+        run(tmp_path / "n3", sampler_seed_offset=2**32)
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    for text in ('{"runs": [{"sampler_seed_offset": "x"}, {}]}', '{"runs": 3}', "[" * 100000, "\xff"):
+        (bad / "evaluation.json").write_text(text, encoding="latin-1")
+        with pytest.raises(RltuneError, match="evaluation.json"):
+            run(bad, sampler_seed_offset=1000)
+    assert not (tmp_path / "n1").exists() and not (tmp_path / "n3").exists()
+
+
+def test_anytime_refuses_another_offset_before_rerun_drops_rows(tmp_path):
+    import importlib.util
+
+    from rltune.errors import RltuneError
+
+    spec = importlib.util.spec_from_file_location(
+        "anytime_script", Path(__file__).resolve().parents[1] / "experiments" / "anytime.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    cells = tmp_path / "out" / "cells"
+    cells.mkdir(parents=True)
+    (cells / "evaluation.json").write_text(json.dumps({"run_id": "r", "runs": [{"tuners": ["optuna-tpe"]}]}))
+    rows = json.dumps({"key": "k", "scenario": "s.yaml", "target": "8x", "tuner": "optuna-tpe", "seed": 0}) + "\n"
+    (cells / "results.jsonl").write_text(rows)
+    with pytest.raises(RltuneError, match="--sampler-seed-offset: .*offset 0, not 1000"):
+        script.main(["--scenario-targets", "s.yaml=8x", "--tuners", "optuna-tpe", "--sampler-seed-offset", "1000",
+                     "--rerun", "s.yaml=optuna-tpe", "--out", str(tmp_path / "out"), "--no-progress"])
+    assert (cells / "results.jsonl").read_text() == rows and sorted(p.name for p in cells.iterdir()) == [
+        "evaluation.json", "results.jsonl"]
+    with pytest.raises(RltuneError, match="whole number"):
+        script.main(["--scenario-targets", "s.yaml=8x", "--sampler-seed-offset", "-1", "--out", str(tmp_path / "o2")])
