@@ -141,9 +141,20 @@ class Context:
         data = problem.data
         teacher = problem.teacher
         was_training = teacher.training
-        logits = {split: predict(teacher, getattr(data, f"x_{split}"))  # no_grad, eval mode
-                  for split in ("train", "val", "test", "transfer")}
-        teacher.train(was_training)  # the user's module is left as it was given
+        logits = {}
+        try:
+            for split in ("train", "val", "test", "transfer"):
+                logits[split] = predict(teacher, getattr(data, f"x_{split}"))  # no_grad, eval mode
+        except Exception as e:
+            if problem.student_spec is not None:  # rltune's own teacher failing is rltune's bug
+                raise
+            text = str(e).strip().splitlines()
+            hint = (" (the transfer split is your transfer= inputs, or mixup of train's when none are given: "
+                    "pass transfer= inputs your teacher takes)" if split == "transfer" else "")
+            raise RltuneError(f"{problem.name}: the teacher failed on the {split} split: {type(e).__name__}: "
+                              f"{text[0][:300] if text else ''}{hint}") from None
+        finally:
+            teacher.train(was_training)  # the user's module is left as it was given
         bad = [k for k, v in logits.items() if v.numel() and not torch.isfinite(v).all()]
         if bad:
             raise RltuneError(f"{problem.name}: the teacher returns NaN or infinite logits on the {bad[0]} split")

@@ -303,3 +303,32 @@ def test_the_real_mnist_digits_are_images():
     assert d.input_shape == (1, 28, 28) and d.n_classes == 10
     assert (len(d.y_train), len(d.y_val), len(d.y_test)) == (3000, 1000, 1000)
     assert len(d.x_transfer) == 50
+
+
+def test_a_user_teacher_failing_on_a_split_is_one_line_and_left_as_given():
+    """A teacher that casts its own input (token ids) passes the 16-row check, then meets mixup's
+    fractional and out-of-range ids on the transfer split: one line naming the split, not a traceback."""
+    from rltune.context import Context
+
+    V = 50
+    x = np.random.default_rng(0).integers(0, V, size=(300, 12))
+    y = x[:, 0] % 4
+
+    class Emb(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.e, self.o = nn.Embedding(V, 8), nn.Linear(96, 4)
+
+        def forward(self, x):
+            return self.o(self.e(x.long()).flatten(1))
+
+    teacher = Emb().train()
+    p = rltune.Problem(teacher, Emb(), train=(x[:180], y[:180]), val=(x[180:240], y[180:240]),
+                       test=(x[240:], y[240:]), stages=2, epochs_per_stage=1, pretrain_epochs=1, transfer_size=300)
+    with pytest.raises(RltuneError, match=r"the teacher failed on the transfer split: IndexError.*transfer=") as e:
+        Context.build(p)
+    assert "\n" not in str(e.value) and teacher.training  # its mode restored
+    # the same ids given as the transfer set: it builds
+    p2 = rltune.Problem(teacher, Emb(), train=(x[:180], y[:180]), val=(x[180:240], y[180:240]),
+                        test=(x[240:], y[240:]), transfer=x[:100], stages=2, epochs_per_stage=1, pretrain_epochs=1)
+    assert Context.build(p2).logits["transfer"].shape == (100, 4)
