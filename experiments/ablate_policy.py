@@ -2,17 +2,30 @@
 
     python experiments/ablate_policy.py --agent agents/ppo-v1 --seeds 5 \
         --cells experiments/results/anytime-v1/tasks/gen0-0210-synthetic.yaml=38x ...
+    python experiments/ablate_policy.py --agent agents/ppo-v1s-seed1 --seeds 5 \
+        --cells-from experiments/results/anytime-v1s --rules-from experiments/results/anytime-v1 \
+        --out experiments/results/ablate_policy_v1s.json
 
 For each cell and seed, the policy's deterministic episode as the harness's ``ppo-replay`` plays it
-(same reset seed and float student), and the same episode with
+(same env: the v1 twin of the harness's env with the zero rule and deadzones the agent was trained
+with, ``training.env`` in its agent.json; same reset seed and float student), and the same episode
+with
 
 * ``no_layers``:   the per-layer entries (bit offsets, sparsity tilts) zeroed: global pruning;
 * ``no_schedule``: the ramp, τ, α and when-bits-drop entries zeroed (its bit-width kept);
 * ``bits_only``:   both zeroed: only its bit-width choice is left;
 
-and the zero action (``recipe-plus1``). Test accuracy of each (the test split read for the report
-only). Writes ``--out`` (JSON): the command, the rows, and per variant the mean paired difference
-to the full policy over every cell and seed.
+and the zero action (``zero``: the agent's zero rule, ``recipe-plus1`` for ``ppo-v1``, the allocator
+for ``ppo-v1s-*``). Test accuracy of each (the test split read for the report only). ``--cells-from``
+takes the cells of an anytime folder's ``summary.json`` (every scenario at its targets).
+``--rules-from`` (an anytime folder) adds, per variant, the cells where its mean over the seeds is >=
+every zero-search rule's there (``recipe``, ``recipe-plus1``, ``sensitivity``; the issue's replay
+target, asked of each part of the policy). Writes ``--out`` (JSON): the command, the rows, per variant
+the mean test accuracy and the mean paired difference to the full policy over every cell and seed,
+``same_as_full`` (variant: the cell-seeds where its test accuracy equals the full policy's, of
+``rows_n``), ``cells_bits_differ_from_zero`` (cells where the policy's bit-width differs from the
+zero action's in some seed), ``by_cell`` (each variant's mean per cell) and with ``--rules-from`` ``ge_every_rule`` (variant:
+count) and ``rules_cells``. Bad input: one line, status 2.
 """
 
 from __future__ import annotations
@@ -43,21 +56,75 @@ def masked(a: np.ndarray, variant: str) -> np.ndarray:
     return a
 
 
+RULES = ("recipe", "recipe-plus1", "sensitivity")
+
+
+def summarize(rows: list[dict], rules: dict[tuple[str, str], dict[str, float]] | None = None) -> dict:
+    """Per variant: mean test %, mean paired difference to ``full``, the per-cell means and, given
+    the rules' mean test accuracies per (scenario stem, target), the cells where the variant's mean
+    is >= every rule's."""
+    cells: dict[tuple[str, str], list[dict]] = {}
+    for r in rows:
+        cells.setdefault((r["scenario"], r["target"]), []).append(r)
+    by_cell = [{"scenario": sc, "target": t, "seeds": len(rs),
+                **{v: statistics.fmean(100 * r[v]["test_acc"] for r in rs) for v in VARIANTS},
+                "seeds_bits_differ_from_zero": sum(r["full"].get("bits") != r["zero"].get("bits") for r in rs)}
+               for (sc, t), rs in cells.items()]
+    out = {"mean_test_acc": {v: statistics.fmean(100 * r[v]["test_acc"] for r in rows) for v in VARIANTS},
+           "mean_minus_full": {v: statistics.fmean(100 * (r[v]["test_acc"] - r["full"]["test_acc"]) for r in rows)
+                               for v in VARIANTS},
+           "same_as_full": {v: sum(r[v]["test_acc"] == r["full"]["test_acc"] for r in rows) for v in VARIANTS},
+           "rows_n": len(rows),
+           "cells_bits_differ_from_zero": sum(c["seeds_bits_differ_from_zero"] > 0 for c in by_cell),
+           "by_cell": by_cell}
+    if rules is not None:
+        have = [c for c in by_cell if (c["scenario"], c["target"]) in rules]
+        for c in have:
+            c["rules"] = {k: 100 * v for k, v in rules[(c["scenario"], c["target"])].items()}
+        out["rules_cells"] = len(have)
+        out["ge_every_rule"] = {v: sum(c[v] >= max(c["rules"].values()) - 1e-9 for c in have) for v in VARIANTS}
+    return out
+
+
+def read_summary_cells(folder: Path) -> dict[str, list[str]]:
+    """{scenario: [targets]} of an anytime folder's summary.json."""
+    d = json.loads((folder / "summary.json").read_text(encoding="utf-8"))
+    st = d["scenario_targets"]
+    if not isinstance(st, dict) or not all(isinstance(v, list) and all(isinstance(t, str) for t in v)
+                                           for v in st.values()):
+        raise ValueError("scenario_targets is not {scenario: [targets]}")
+    return st
+
+
+def read_rules(folder: Path) -> dict[tuple[str, str], dict[str, float]]:
+    """{(scenario stem, target): {rule: mean test accuracy}} of an anytime folder's summary.json,
+    for the cells that have every rule."""
+    d = json.loads((folder / "summary.json").read_text(encoding="utf-8"))
+    got: dict[tuple[str, str], dict[str, float]] = {}
+    for r in d["rows"]:
+        if r["tuner"] in RULES and r["episodes"] == 1:
+            got.setdefault((Path(r["scenario"]).stem, str(r["target"])), {})[r["tuner"]] = float(r["test_acc_mean"])
+    return {k: v for k, v in got.items() if set(v) == set(RULES)}
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--agent", default="agents/ppo-v1")
-    p.add_argument("--cells", nargs="+", required=True, metavar="SCENARIO=TARGET")
+    p.add_argument("--cells", nargs="+", default=[], metavar="SCENARIO=TARGET")
+    p.add_argument("--cells-from", metavar="DIR", help="the cells of an anytime folder's summary.json")
+    p.add_argument("--rules-from", metavar="DIR", help="an anytime folder with the rules' cells (summary.json)")
     p.add_argument("--seeds", type=int, default=5)
     p.add_argument("--out", default="experiments/results/ablate_policy.json")
     a = p.parse_args(argv)
 
     import torch
 
-    from rltune.env_v1 import DistillCompressEnvV1
-    from rltune.shipped import recorded_command
+    from rltune.env import DistillCompressEnv
+    from rltune.errors import RltuneError, make_folder, write_atomic
+    from rltune.shipped import recorded_command, resolve_scenario
     from rltune.stage import final_report
     from rltune.train import run_episode
-    from rltune.tuners import _load_agent
+    from rltune.tuners import V1, Session, _env_id, _load_agent, _policy_env
 
     class Masked:  # the agent's deterministic action with a variant's entries zeroed
         def __init__(self, variant: str):
@@ -66,30 +133,54 @@ def main(argv: list[str] | None = None) -> int:
         def predict(self, obs, deterministic: bool = True):
             return masked(agent.predict(obs, deterministic=True), self.variant)
 
-    torch.set_num_threads(1)
-    agent = _load_agent(a.agent)
-    rows = []
-    for cell in a.cells:
-        scen, _, target = cell.partition("=")
-        env = DistillCompressEnvV1(scenarios=[scen], targets=[target], reward_baseline="float")
-        for seed in range(a.seeds):
-            row = {"scenario": Path(scen).stem, "target": target, "seed": seed}
-            for v in VARIANTS:
-                info = run_episode(env, Masked(v), seed=seed * 100_003,
-                                   options={"scenario": 0, "target": target, "float_seed": seed})
-                rep = final_report(env.context(0), env.state, latency=False)
-                row[v] = {"test_acc": rep["test_acc"], "val_acc": float(info["val_acc"]),
-                          "bits": env.plan["final_bits"], "per_layer": env.layer_plan is not None,
-                          "diverged": info.get("diverged", "")}
-            rows.append(row)
-            print(row["scenario"], target, seed, {v: round(100 * row[v]["test_acc"], 2) for v in VARIANTS}, flush=True)
-    summary = {v: statistics.fmean(100 * (r[v]["test_acc"] - r["full"]["test_acc"]) for r in rows) for v in VARIANTS}
-    out = {"command": recorded_command(), "seeds": a.seeds, "cells": a.cells,
-           "mean_test_acc": {v: statistics.fmean(100 * r[v]["test_acc"] for r in rows) for v in VARIANTS},
-           "mean_minus_full": summary, "rows": rows}
-    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(a.out).write_text(json.dumps(out, indent=1) + "\n")
-    print(json.dumps({"mean_test_acc": out["mean_test_acc"], "mean_minus_full": summary}, indent=1))
+    try:
+        if a.seeds < 1:
+            raise RltuneError("--seeds takes a whole number >= 1")
+        cells = [c.partition("=") for c in a.cells]
+        if any(not sep or not sc or not t for sc, sep, t in cells):
+            raise RltuneError("--cells: expected SCENARIO=TARGET")
+        pairs = [(sc, t) for sc, _, t in cells]
+        try:
+            if a.cells_from:
+                pairs += [(sc, t) for sc, ts in read_summary_cells(Path(a.cells_from)).items() for t in ts]
+            rules = read_rules(Path(a.rules_from)) if a.rules_from else None
+        except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError, AttributeError, RecursionError) as e:
+            raise RltuneError(f"--cells-from / --rules-from: not an anytime folder's summary.json ({type(e).__name__}: {e})") from None
+        if not pairs:
+            raise RltuneError("no cells: give --cells or --cells-from")
+        torch.set_num_threads(1)
+        agent = _load_agent(a.agent)
+        if _env_id(agent) != V1:
+            raise RltuneError(f"{a.agent}: not a v1 agent (its per-layer entries are what this ablates)")
+        out_path = Path(a.out)
+        make_folder(out_path.parent)
+        rows = []
+        for scen, target in pairs:
+            base = DistillCompressEnv(scenarios=[str(resolve_scenario(scen))], targets=[target])
+            # the env ppo-replay plays the agent in (its caches shared over the seeds and variants)
+            env = _policy_env(Session(base, 0, target, 0, base.scenarios[0].training["stages"]), agent)
+            for seed in range(a.seeds):
+                row = {"scenario": Path(scen).stem, "target": target, "seed": seed}
+                for v in VARIANTS:
+                    info = run_episode(env, Masked(v), seed=seed * 100_003,
+                                       options={"scenario": 0, "target": target, "float_seed": seed})
+                    rep = final_report(env.context(0), env.state, latency=False)
+                    row[v] = {"test_acc": rep["test_acc"], "val_acc": float(info["val_acc"]),
+                              "bits": env.plan["final_bits"], "per_layer": env.layer_plan is not None,
+                              "diverged": info.get("diverged", "")}
+                rows.append(row)
+                print(row["scenario"], target, seed, {v: round(100 * row[v]["test_acc"], 2) for v in VARIANTS},
+                      flush=True)
+        out = {"command": recorded_command(), "agent": a.agent, "seeds": a.seeds,
+               "cells": [f"{sc}={t}" for sc, t in pairs], "rules_from": a.rules_from, **summarize(rows, rules),
+               "rows": rows}
+        write_atomic(out_path, (json.dumps(out, indent=1) + "\n").encode(), "--out")
+    except RltuneError as e:
+        print("ablate_policy: " + " ".join(str(e).split()), file=sys.stderr)
+        return 2
+    print(json.dumps({k: out[k] for k in ("mean_test_acc", "mean_minus_full", "same_as_full", "rows_n",
+                                          "cells_bits_differ_from_zero", "ge_every_rule", "rules_cells")
+                      if k in out}, indent=1))
     return 0
 
 

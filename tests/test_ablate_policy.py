@@ -1,0 +1,77 @@
+"""experiments/ablate_policy.py: which part of a v1 policy's action is masked, and the summary."""
+
+import importlib.util
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+
+def _script():
+    spec = importlib.util.spec_from_file_location(
+        "ablate_policy", Path(__file__).resolve().parents[1] / "experiments" / "ablate_policy.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_masked_zeroes_each_variants_entries():
+    from rltune.env import ACTION_LAYOUT
+
+    mod = _script()
+    n0, bits = len(ACTION_LAYOUT), ACTION_LAYOUT.index("final_bits")
+    a = np.arange(1, n0 + 5, dtype=np.float32)
+    assert np.array_equal(mod.masked(a, "full"), a)
+    nl = mod.masked(a, "no_layers")
+    assert np.array_equal(nl[:n0], a[:n0]) and not nl[n0:].any()
+    ns = mod.masked(a, "no_schedule")
+    assert ns[bits] == a[bits] and not np.delete(ns[:n0], bits).any() and np.array_equal(ns[n0:], a[n0:])
+    bo = mod.masked(a, "bits_only")
+    assert bo[bits] == a[bits] and np.count_nonzero(bo) == 1
+    assert not mod.masked(a, "zero").any()
+    assert np.array_equal(a, np.arange(1, n0 + 5))  # the agent's own action is left alone
+
+
+def _row(sc, seed, bits=(4, 4), **acc):
+    return {"scenario": sc, "target": "8x", "seed": seed,
+            **{v: {"test_acc": acc.get(v, acc["full"]), "bits": bits[v == "zero"]}
+               for v in ("full", "no_layers", "no_schedule", "bits_only", "zero")}}
+
+
+def test_summary_counts_cells_at_or_above_every_rule():
+    mod = _script()
+    rows = [_row("a", 0, full=0.80, zero=0.70), _row("a", 1, (3, 4), full=0.90, zero=0.70),
+            _row("b", 0, full=0.50, bits_only=0.60, zero=0.60)]
+    rules = {("a", "8x"): {"recipe": 0.85, "recipe-plus1": 0.80, "sensitivity": 0.70},
+             ("b", "8x"): {"recipe": 0.55, "recipe-plus1": 0.50, "sensitivity": 0.60}}
+    s = mod.summarize(rows, rules)
+    # a: full 85 (= the recipe's 85: counts), zero 70; b: full 50, bits_only and zero 60 (= sensitivity)
+    assert s["ge_every_rule"] == {"full": 1, "no_layers": 1, "no_schedule": 1, "bits_only": 2, "zero": 1}
+    assert s["rules_cells"] == 2
+    assert s["same_as_full"] == {"full": 3, "no_layers": 3, "no_schedule": 3, "bits_only": 2, "zero": 0}
+    assert s["rows_n"] == 3 and s["cells_bits_differ_from_zero"] == 1
+    assert s["mean_minus_full"]["zero"] == pytest.approx(100 * ((0.7 - 0.8) + (0.7 - 0.9) + (0.6 - 0.5)) / 3)
+    by = {c["scenario"]: c for c in s["by_cell"]}
+    assert by["a"]["full"] == pytest.approx(85.0) and by["a"]["seeds"] == 2 and by["a"]["rules"]["recipe"] == 85.0
+    assert "ge_every_rule" not in mod.summarize(rows)
+    assert mod.summarize(rows, {("a", "8x"): rules[("a", "8x")]})["rules_cells"] == 1  # b has no rules: left out
+
+
+def test_rules_are_read_from_a_summary_and_bad_input_is_one_line(tmp_path, capsys):
+    mod = _script()
+    rows = [{"scenario": "x/tasks/a.yaml", "target": "8x", "tuner": t, "episodes": 1, "test_acc_mean": m}
+            for t, m in (("recipe", 0.8), ("recipe-plus1", 0.7), ("sensitivity", 0.9), ("optuna-tpe", 1.0))]
+    rows.append({"scenario": "x/tasks/b.yaml", "target": "8x", "tuner": "recipe", "episodes": 1, "test_acc_mean": 0.5})
+    (tmp_path / "summary.json").write_text(json.dumps({"rows": rows, "scenario_targets": {"x/tasks/a.yaml": ["8x"]}}))
+    assert mod.read_rules(tmp_path) == {("a", "8x"): {"recipe": 0.8, "recipe-plus1": 0.7, "sensitivity": 0.9}}
+    assert mod.read_summary_cells(tmp_path) == {"x/tasks/a.yaml": ["8x"]}
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "summary.json").write_text('{"rows": 3, "scenario_targets": []}')
+    for args in (["--cells-from", str(bad)], ["--cells", "x=8x", "--rules-from", str(bad)],
+                 ["--cells", "no-target"], ["--cells-from", str(tmp_path / "nowhere")], []):
+        assert mod.main([*args, "--out", str(tmp_path / "o.json")]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("ablate_policy: ") and len(err.splitlines()) == 1
+    assert not (tmp_path / "o.json").exists()
