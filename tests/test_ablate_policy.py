@@ -1,19 +1,14 @@
 """experiments/ablate_policy.py: which part of a v1 policy's action is masked, and the summary."""
 
-import importlib.util
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
+from experiment_loader import load_experiment
 
 
 def _script():
-    spec = importlib.util.spec_from_file_location(
-        "ablate_policy", Path(__file__).resolve().parents[1] / "experiments" / "ablate_policy.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_experiment("ablate_policy")
 
 
 def test_masked_zeroes_each_variants_entries():

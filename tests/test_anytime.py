@@ -8,6 +8,7 @@ from rltune.env import DistillCompressEnv
 from rltune.scenario import parse_scenario
 from rltune.stage import final_report
 from rltune.tuners import anytime_curve, anytime_points, run_tuner
+from experiment_loader import load_experiment
 
 TINY = parse_scenario({
     "name": "tiny-any", "dataset": {"source": "wine", "transfer": 200},
@@ -112,14 +113,7 @@ def test_ppo_warm_tpe_first_trial_is_the_policys_replay(env, agent, tmp_path, ba
 
 
 def _anytime_script():
-    import importlib.util
-    from pathlib import Path
-
-    path = Path(__file__).resolve().parents[1] / "experiments" / "anytime.py"
-    spec = importlib.util.spec_from_file_location("anytime_script", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_experiment("anytime", "anytime_script")
 
 
 def test_the_anytime_script_writes_its_summary_and_plots_and_resumes(agent, tmp_path, monkeypatch):
@@ -211,15 +205,11 @@ def test_the_replay_targets_and_their_count():
 
 
 def test_held_out_tasks_become_scenario_files_at_their_own_targets(tmp_path):
-    import importlib.util
-    from pathlib import Path
 
     from rltune.scenario import load_scenario
     from rltune.tasks import TaskSpec, generate_tasks
 
-    spec = importlib.util.spec_from_file_location("anytime_script", Path(__file__).parent.parent / "experiments" / "anytime.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = load_experiment("anytime", "anytime_script")
     got = mod.held_out_tasks(3, 0, 240, tmp_path / "tasks")
     held = [t for t in generate_tasks(TaskSpec(seed=0, n_tasks=240)) if t.held_out][:3]
     assert list(got.values()) == [[t.target] for t in held]

@@ -1,19 +1,15 @@
 """experiments/anytime_null.py (a search against itself at every N) and the harness's sampler seed offset."""
 
-import importlib.util
 import json
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+from experiment_loader import load_experiment
 
 
 def _script():
-    spec = importlib.util.spec_from_file_location(
-        "anytime_null", Path(__file__).resolve().parents[1] / "experiments" / "anytime_null.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_experiment("anytime_null")
 
 
 def _folder(root: Path, name: str, tuner: str, curves: dict) -> Path:
@@ -267,14 +263,9 @@ def test_evaluate_hands_the_offset_to_every_cell_and_a_folder_keeps_one(tmp_path
 
 
 def test_anytime_refuses_another_offset_before_rerun_drops_rows(tmp_path):
-    import importlib.util
-
     from rltune.errors import RltuneError
 
-    spec = importlib.util.spec_from_file_location(
-        "anytime_script", Path(__file__).resolve().parents[1] / "experiments" / "anytime.py")
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
+    script = load_experiment("anytime", "anytime_script")
     cells = tmp_path / "out" / "cells"
     cells.mkdir(parents=True)
     (cells / "evaluation.json").write_text(json.dumps({"run_id": "r", "runs": [{"tuners": ["optuna-tpe"]}]}))

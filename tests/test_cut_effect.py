@@ -1,17 +1,13 @@
 """experiments/cut_effect.py: what the one-bit cut paid per task in training episodes."""
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
+from experiment_loader import load_experiment
 
 
 def _script():
-    spec = importlib.util.spec_from_file_location("cut_effect", Path(__file__).resolve().parents[1] / "experiments" / "cut_effect.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_experiment("cut_effect")
 
 
 def _monitor(path, effects, reps=4, noise=None, bits=None):

@@ -1,18 +1,15 @@
 """experiments/cut_predict.py: can the step-0 observation predict the one-bit cut's value."""
 
-import importlib.util
 import json
 from pathlib import Path
 
 import numpy as np
 import pytest
+from experiment_loader import load_experiment
 
 
 def _script():
-    spec = importlib.util.spec_from_file_location("cut_predict", Path(__file__).resolve().parents[1] / "experiments" / "cut_predict.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_experiment("cut_predict")
 
 
 def test_cv_scores_find_a_signal_and_not_noise():

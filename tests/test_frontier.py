@@ -1,19 +1,15 @@
 """experiments/frontier.py: the allocator points join the frontier, and bad arguments end with status 2."""
 
-import importlib.util
 import subprocess
 import sys
 from pathlib import Path
+from experiment_loader import load_experiment
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def _frontier():
-    spec = importlib.util.spec_from_file_location("frontier", ROOT / "experiments" / "frontier.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules["frontier"] = mod  # dataclasses look their module up there
-    spec.loader.exec_module(mod)
-    return mod
+    return load_experiment("frontier")
 
 
 def _pt(acc, ratio, **kw):

@@ -1,6 +1,5 @@
 """experiments/learning_v1.py: training seeds, each with its gate and its held-out replay."""
 
-import importlib.util
 import json
 from pathlib import Path
 
@@ -8,6 +7,7 @@ import pytest
 
 from rltune.env_v1 import ACTION_LAYOUT_V1, OBS_LAYOUT_V1, DistillCompressEnvV1
 from rltune.scenario import parse_scenario
+from experiment_loader import load_experiment
 
 TINY = parse_scenario({
     "name": "tiny-lv1", "dataset": {"source": "wine", "transfer": 200},
@@ -18,10 +18,7 @@ TINY = parse_scenario({
 
 
 def _script(name):
-    spec = importlib.util.spec_from_file_location(name, Path(__file__).resolve().parents[1] / "experiments" / f"{name}.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_experiment(name)
 
 
 def test_learning_v1_gathers_each_seeds_gate_and_held_out_replay(tmp_path):
