@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import statistics
 import sys
 from pathlib import Path
@@ -103,7 +104,10 @@ def read_rules(folder: Path) -> dict[tuple[str, str], dict[str, float]]:
     got: dict[tuple[str, str], dict[str, float]] = {}
     for r in d["rows"]:
         if r["tuner"] in RULES and r["episodes"] == 1:
-            got.setdefault((Path(r["scenario"]).stem, str(r["target"])), {})[r["tuner"]] = float(r["test_acc_mean"])
+            acc = float(r["test_acc_mean"])
+            if not math.isfinite(acc):
+                raise ValueError(f"a {r['tuner']} row with test_acc_mean {acc}")
+            got.setdefault((Path(r["scenario"]).stem, str(r["target"])), {})[r["tuner"]] = acc
     return {k: v for k, v in got.items() if set(v) == set(RULES)}
 
 
@@ -146,17 +150,29 @@ def main(argv: list[str] | None = None) -> int:
             rules = read_rules(Path(a.rules_from)) if a.rules_from else None
         except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError, AttributeError, RecursionError) as e:
             raise RltuneError(f"--cells-from / --rules-from: not an anytime folder's summary.json ({type(e).__name__}: {e})") from None
+        pairs = list(dict.fromkeys(pairs))  # a cell given twice is played once
         if not pairs:
             raise RltuneError("no cells: give --cells or --cells-from")
+        if rules is not None:
+            missing = [f"{sc}={t}" for sc, t in pairs if (Path(sc).stem, t) not in rules]
+            if missing:
+                raise RltuneError(f"--rules-from {a.rules_from}: no recipe, recipe-plus1 and sensitivity rows for "
+                                  f"{missing[0]} (cells are matched by file name and target as written)")
+        out_path = Path(a.out)
+        inputs = [Path(d) / "summary.json" for d in (a.cells_from, a.rules_from) if d]
+        if any(out_path.resolve() == f.resolve() for f in inputs):
+            raise RltuneError(f"--out {out_path}: that is one of the inputs")
         torch.set_num_threads(1)
         agent = _load_agent(a.agent)
         if _env_id(agent) != V1:
             raise RltuneError(f"{a.agent}: not a v1 agent (its per-layer entries are what this ablates)")
-        out_path = Path(a.out)
         make_folder(out_path.parent)
+        # every cell's env first: a bad scenario or target is told before any episode is played
+        bases = {(scen, target): DistillCompressEnv(scenarios=[str(resolve_scenario(scen))], targets=[target])
+                 for scen, target in pairs}
         rows = []
         for scen, target in pairs:
-            base = DistillCompressEnv(scenarios=[str(resolve_scenario(scen))], targets=[target])
+            base = bases[(scen, target)]
             # the env ppo-replay plays the agent in (its caches shared over the seeds and variants)
             env = _policy_env(Session(base, 0, target, 0, base.scenarios[0].training["stages"]), agent)
             for seed in range(a.seeds):

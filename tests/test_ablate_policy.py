@@ -36,7 +36,7 @@ def _row(sc, seed, bits=(4, 4), **acc):
 
 def test_summary_counts_cells_at_or_above_every_rule():
     mod = _script()
-    rows = [_row("a", 0, full=0.80, zero=0.70), _row("a", 1, (3, 4), full=0.90, zero=0.70),
+    rows = [_row("a", 0, (3, 4), full=0.80, zero=0.70), _row("a", 1, (3, 4), full=0.90, zero=0.70),
             _row("b", 0, full=0.50, bits_only=0.60, zero=0.60)]
     rules = {("a", "8x"): {"recipe": 0.85, "recipe-plus1": 0.80, "sensitivity": 0.70},
              ("b", "8x"): {"recipe": 0.55, "recipe-plus1": 0.50, "sensitivity": 0.60}}
@@ -45,7 +45,8 @@ def test_summary_counts_cells_at_or_above_every_rule():
     assert s["ge_every_rule"] == {"full": 1, "no_layers": 1, "no_schedule": 1, "bits_only": 2, "zero": 1}
     assert s["rules_cells"] == 2
     assert s["same_as_full"] == {"full": 3, "no_layers": 3, "no_schedule": 3, "bits_only": 2, "zero": 0}
-    assert s["rows_n"] == 3 and s["cells_bits_differ_from_zero"] == 1
+    assert s["rows_n"] == 3 and s["cells_bits_differ_from_zero"] == 1  # cells, not the 2 seeds of a
+    assert [c["seeds_bits_differ_from_zero"] for c in s["by_cell"]] == [2, 0]
     assert s["mean_minus_full"]["zero"] == pytest.approx(100 * ((0.7 - 0.8) + (0.7 - 0.9) + (0.6 - 0.5)) / 3)
     by = {c["scenario"]: c for c in s["by_cell"]}
     assert by["a"]["full"] == pytest.approx(85.0) and by["a"]["seeds"] == 2 and by["a"]["rules"]["recipe"] == 85.0
@@ -58,6 +59,7 @@ def test_rules_are_read_from_a_summary_and_bad_input_is_one_line(tmp_path, capsy
     rows = [{"scenario": "x/tasks/a.yaml", "target": "8x", "tuner": t, "episodes": 1, "test_acc_mean": m}
             for t, m in (("recipe", 0.8), ("recipe-plus1", 0.7), ("sensitivity", 0.9), ("optuna-tpe", 1.0))]
     rows.append({"scenario": "x/tasks/b.yaml", "target": "8x", "tuner": "recipe", "episodes": 1, "test_acc_mean": 0.5})
+    rows.append({"scenario": "x/tasks/a.yaml", "target": "8x", "tuner": "recipe", "episodes": 32, "test_acc_mean": 0.1})
     (tmp_path / "summary.json").write_text(json.dumps({"rows": rows, "scenario_targets": {"x/tasks/a.yaml": ["8x"]}}))
     assert mod.read_rules(tmp_path) == {("a", "8x"): {"recipe": 0.8, "recipe-plus1": 0.7, "sensitivity": 0.9}}
     assert mod.read_summary_cells(tmp_path) == {"x/tasks/a.yaml": ["8x"]}
@@ -70,3 +72,53 @@ def test_rules_are_read_from_a_summary_and_bad_input_is_one_line(tmp_path, capsy
         err = capsys.readouterr().err.strip()
         assert err.startswith("ablate_policy: ") and len(err.splitlines()) == 1
     assert not (tmp_path / "o.json").exists()
+
+
+def test_cells_are_checked_before_any_episode_and_the_agent_must_be_v1(tmp_path, capsys, monkeypatch):
+    mod = _script()
+    import rltune.train
+
+    monkeypatch.setattr(rltune.train, "run_episode", lambda *a, **k: pytest.fail("an episode was played"))
+    rules = tmp_path / "rules"
+    rules.mkdir()
+    rows = [{"scenario": "x/wine-mlp.yaml", "target": "16x", "tuner": t, "episodes": 1, "test_acc_mean": 0.9}
+            for t in mod.RULES]
+    (rules / "summary.json").write_text(json.dumps({"rows": rows, "scenario_targets": {}}))
+    out = str(tmp_path / "o.json")
+    for args, says in (
+            (["--agent", "agents/ppo-v0", "--cells", "wine-mlp=16x"], "not a v1 agent"),
+            (["--agent", "agents/ppo-v1s-seed1", "--cells", "wine-mlp=16x", "nowhere-at-all=16x"], "nowhere-at-all"),
+            (["--agent", "agents/ppo-v1s-seed1", "--cells", "wine-mlp=16x", "wine-mlp=abc"], "abc"),
+            (["--agent", "agents/ppo-v1s-seed1", "--cells", "wine-mlp=24x", "--rules-from", str(rules)], "wine-mlp=24x"),
+            (["--agent", "agents/ppo-v1s-seed1", "--cells", "wine-mlp=16x", "--rules-from", str(rules),
+              "--out", str(rules / "summary.json")], "one of the inputs")):
+        assert mod.main(args if "--out" in args else [*args, "--out", out]) == 2
+        err = capsys.readouterr().err.strip()
+        assert says in err and len(err.splitlines()) == 1, err
+    assert not (tmp_path / "o.json").exists()
+
+
+def test_the_agent_plays_in_the_env_ppo_replay_plays_it_in(monkeypatch):
+    """Its trained zero rule and deadzones (training.env in agent.json), not the v1 defaults."""
+    mod = _script()
+    import rltune.train
+    from rltune.tuners import _load_agent
+
+    class Played(Exception):
+        pass
+
+    seen = []
+
+    def fake(env, policy, seed=0, options=None):
+        seen.append((env, seed, options))
+        raise Played
+
+    monkeypatch.setattr(rltune.train, "run_episode", fake)
+    with pytest.raises(Played):
+        mod.main(["--agent", "agents/ppo-v1s-seed1", "--cells", "wine-mlp=16x", "--seeds", "1", "--out", "/dev/null"])
+    env, seed, options = seen[0]
+    trained = _load_agent("agents/ppo-v1s-seed1").meta["training"]["env"]
+    assert (env.zero_rule, env.tilt_deadzone, env.schedule_deadzone) == (
+        trained["zero_rule"], trained["tilt_deadzone"], trained["schedule_deadzone"])
+    assert trained["zero_rule"] != "plus1"  # the case the old env (v1's default zero rule) got wrong
+    assert seed == 0 and options == {"scenario": 0, "target": "16x", "float_seed": 0}

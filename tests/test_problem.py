@@ -332,3 +332,22 @@ def test_a_user_teacher_failing_on_a_split_is_one_line_and_left_as_given():
     p2 = rltune.Problem(teacher, Emb(), train=(x[:180], y[:180]), val=(x[180:240], y[180:240]),
                         test=(x[240:], y[240:]), transfer=x[:100], stages=2, epochs_per_stage=1, pretrain_epochs=1)
     assert Context.build(p2).logits["transfer"].shape == (100, 4)
+
+
+def test_rltunes_own_teacher_failing_keeps_its_traceback(monkeypatch):
+    """Only a user's teacher failing becomes one line; rltune's own (a scenario's) is rltune's bug."""
+    import rltune.context as C
+    from rltune.scenario import parse_scenario
+
+    tiny = parse_scenario({"name": "tiny-own", "dataset": {"source": "wine", "transfer": 50},
+                           "teacher": {"arch": "mlp", "hidden": [8], "epochs": 2},
+                           "student": {"arch": "mlp", "hidden": [8], "pretrain_epochs": 1},
+                           "training": {"stages": 2, "epochs_per_stage": 1}})
+    p = rltune.Problem.from_scenario(tiny)
+
+    def broken(model, x):
+        raise IndexError("a bug")
+
+    monkeypatch.setattr(C, "predict", broken)
+    with pytest.raises(IndexError, match="a bug"):
+        C.Context.build(p)
