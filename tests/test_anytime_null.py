@@ -278,3 +278,13 @@ def test_anytime_refuses_another_offset_before_rerun_drops_rows(tmp_path):
         "evaluation.json", "results.jsonl"]
     with pytest.raises(RltuneError, match="whole number"):
         script.main(["--scenario-targets", "s.yaml=8x", "--sampler-seed-offset", "-1", "--out", str(tmp_path / "o2")])
+
+
+def test_a_cell_compared_at_n_1_only_does_not_count_from_2(tmp_path):
+    mod = _script()
+    a = _folder(tmp_path, "a", "t", {("c", 0): [0.6]})
+    b = _folder(tmp_path, "b", "t", {("c", 0): [0.5]})
+    out = tmp_path / "n.json"
+    assert mod.main(["--series", f"a={a}:t", f"b={b}:t", "--pairs", "a:b", "--out", str(out)]) == 0
+    r = json.loads(out.read_text())["pairs"]["a:b"]
+    assert r["ge_every_n"] == 1 and r["ge_every_n_from_2"] == 0 and r["by_cell"][0]["compared_at"] == [1]
