@@ -53,6 +53,12 @@ def split_episodes(episodes: int, parts: int, part: int) -> int:
     return episodes // parts + (1 if part < episodes % parts else 0)
 
 
+def part_sampler_seed(seed: int, part: int) -> int:
+    """The Optuna sampler seed of part ``part`` of a cell of seed ``seed`` split over workers (each
+    part draws its own trials; ``sampler_seed_offset`` is added to it)."""
+    return seed * 1000 + part + 1
+
+
 def run_cell(cell: Cell, agent: str | None = None, storage: str | None = None,
              study: dict[str, Any] | None = None, batch: int = 1) -> dict[str, Any]:
     """Run one cell in this process (environments are cached per process)."""
@@ -71,7 +77,7 @@ def run_cell(cell: Cell, agent: str | None = None, storage: str | None = None,
         S = env.scenarios[0].training["stages"]
         episodes = cell.budget_stages // S
         r = run_tuner(cell.tuner, env, 0, cell.target, cell.seed, S * split_episodes(episodes, cell.parts, cell.part),
-                      storage=storage, sampler_seed=cell.seed * 1000 + cell.part + 1, study_episodes=episodes,
+                      storage=storage, sampler_seed=part_sampler_seed(cell.seed, cell.part), study_episodes=episodes,
                       study=study, batch=batch)
     else:
         r = run_tuner(cell.tuner, env, 0, cell.target, cell.seed, cell.budget_stages, agent=agent, storage=storage,
@@ -172,7 +178,7 @@ def read_meta(out_dir: str | Path) -> dict[str, Any]:
 
 def check_sampler_seed_offset(out_dir: str | Path, offset: int, seeds: int, trial_workers: int = 1) -> None:
     """Refuse, before anything is written, a ``sampler_seed_offset`` that is not a whole number
-    >= 0, that maps one of the run's sampler seeds (a cell's seed, or ``seed * 1000 + part + 1``
+    >= 0, that maps one of the run's sampler seeds (a cell's seed, or :func:`part_sampler_seed`
     for the parts of a split cell) onto another of them (the fresh draws would repeat some of the
     unshifted run's), or past the largest seed a sampler takes; and one other than the folder's:
     a folder keeps one offset (a folder with results and no record of one ran with 0)."""
@@ -181,7 +187,7 @@ def check_sampler_seed_offset(out_dir: str | Path, offset: int, seeds: int, tria
     if offset:
         bases = set(range(seeds))
         if trial_workers > 1:
-            bases |= {s * 1000 + p + 1 for s in range(seeds) for p in range(trial_workers)}
+            bases |= {part_sampler_seed(s, p) for s in range(seeds) for p in range(trial_workers)}
         if max(bases) + offset > MAX_SAMPLER_SEED:
             raise RltuneError(f"sampler seed offset {offset}: the largest sampler seed would pass {MAX_SAMPLER_SEED}")
         clash = sorted({b + offset for b in bases} & bases)
