@@ -18,11 +18,13 @@ training seeds, only the sampler's draws new, so it is TPE against itself.
 
 A pair ``A:B`` asks, per cell present in both, whether the mean over the seeds both have of A is
 >= that of B at every N of :func:`rltune.tuners.anytime_points` (``A`` may be ``X|Y``: the larger
-of the two means at each N, as the harness's "best policy search"). Written per pair:
+of the two means at each N, as the harness's "best policy search"; ``B`` too, so
+``replay:recipe|recipe-plus1|sensitivity`` asks "replay >= every rule", the issue's replay target,
+at N = 1 for one-episode tuners). Written per pair:
 ``cells``, ``ge_every_n`` (N = 1 … max) and ``ge_every_n_from_2`` (N = 2 … max, the issue's
 range), ``mean_diff_pt`` per N (A − B over the cells), ``paired_sd_pt`` per N (the sd over seeds
 of the paired difference, A's per-seed accuracy − B's, averaged over the cells; for ``X|Y`` the
-series with the larger mean at that N; a mean of ``seeds`` carries it / sqrt(seeds)),
+series with the larger mean at that N, on either side; a mean of ``seeds`` carries it / sqrt(seeds)),
 ``clearly_below_somewhere`` (cells where at some N the mean paired difference is below −2 × that
 sd / sqrt(seeds): a shortfall the seeds resolve), and per cell the N where A is below B
 (``below_at``) and clearly below (``clearly_below_at``), at the N both have for every seed (``compared_at``; ``not_compared_at``
@@ -86,28 +88,30 @@ def load_series(folder: Path, tuner: str) -> dict[tuple[str, str], dict[int, dic
 
 
 def compare(series: dict[str, dict], a: str, b: str) -> dict:
-    """The pair ``a:b`` (``a`` may be ``X|Y``) over the cells both have."""
-    names = a.split("|")
-    cells = sorted(set.intersection(*(set(series[x]) for x in [*names, b])))
+    """The pair ``a:b`` (either may be ``X|Y``: the larger mean at each N) over the cells all have."""
+    names, bnames = a.split("|"), b.split("|")
+    everyone = [*names, *bnames]
+    cells = sorted(set.intersection(*(set(series[x]) for x in everyone)))
     out_cells, ge_all, ge_from2, clearly_below = [], 0, 0, 0
     diffs: dict[int, list[float]] = {}
     sds: dict[int, list[float]] = {}
     for cell in cells:
-        seeds = sorted(set.intersection(*(set(series[x][cell]) for x in [*names, b])))
-        ns = sorted(set.intersection(*(set(series[x][cell][s]) for x in [*names, b] for s in seeds))) if seeds else []
+        seeds = sorted(set.intersection(*(set(series[x][cell]) for x in everyone)))
+        ns = sorted(set.intersection(*(set(series[x][cell][s]) for x in everyone for s in seeds))) if seeds else []
         if not ns:
             continue
-        every = set.union(*(set(series[x][cell][s]) for x in [*names, b] for s in seeds))
+        every = set.union(*(set(series[x][cell][s]) for x in everyone for s in seeds))
         below, clearly = [], []
         for n in ns:
-            mb = statistics.fmean(series[b][cell][s][n] for s in seeds)
-            means = {x: statistics.fmean(series[x][cell][s][n] for s in seeds) for x in names}
+            means = {x: statistics.fmean(series[x][cell][s][n] for s in seeds) for x in everyone}
             x = max(names, key=lambda y: (means[y], -names.index(y)))  # the larger mean (the first on ties)
+            y = max(bnames, key=lambda z: (means[z], -bnames.index(z)))
+            mb = means[y]
             diffs.setdefault(n, []).append(100 * (means[x] - mb))
             if means[x] < mb:
                 below.append(n)
             if len(seeds) > 1:
-                d = [series[x][cell][s][n] - series[b][cell][s][n] for s in seeds]
+                d = [series[x][cell][s][n] - series[y][cell][s][n] for s in seeds]
                 sd = statistics.stdev(d)
                 sds.setdefault(n, []).append(100 * sd)
                 if statistics.fmean(d) < -2 * sd / math.sqrt(len(d)):
@@ -130,7 +134,7 @@ def compare(series: dict[str, dict], a: str, b: str) -> dict:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--series", nargs="+", required=True, metavar="NAME=DIR:TUNER")
-    p.add_argument("--pairs", nargs="+", required=True, metavar="A:B", help="A >= B at every N? (A may be X|Y)")
+    p.add_argument("--pairs", nargs="+", required=True, metavar="A:B", help="A >= B at every N? (A and B may be X|Y)")
     p.add_argument("--out", required=True)
     a = p.parse_args(argv)
 
@@ -152,9 +156,9 @@ def main(argv: list[str] | None = None) -> int:
         pairs = []
         for q in a.pairs:
             left, sep, right = q.rpartition(":")
-            unknown = [x for x in [*left.split("|"), right] if x not in specs]
+            unknown = [x for x in [*left.split("|"), *right.split("|")] if x not in specs]
             if not sep or unknown:
-                raise ValueError(f"--pairs {q!r}: expected A:B of --series names (A may be X|Y)"
+                raise ValueError(f"--pairs {q!r}: expected A:B of --series names (A and B may be X|Y)"
                                  + (f"; unknown {unknown}" if sep else ""))
             pairs.append((left, right))
         series = {}

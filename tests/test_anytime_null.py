@@ -288,3 +288,26 @@ def test_a_cell_compared_at_n_1_only_does_not_count_from_2(tmp_path):
     assert mod.main(["--series", f"a={a}:t", f"b={b}:t", "--pairs", "a:b", "--out", str(out)]) == 0
     r = json.loads(out.read_text())["pairs"]["a:b"]
     assert r["ge_every_n"] == 1 and r["ge_every_n_from_2"] == 0 and r["by_cell"][0]["compared_at"] == [1]
+
+
+def test_b_may_be_several_series_the_larger_mean_each_n(tmp_path):
+    """``r:p|q`` is "r >= every one of p and q": against the larger of their means at each N, paired
+    against that series' seeds."""
+    mod = _script()
+    r = _folder(tmp_path, "r", "t", {("c1", 0): [0.60], ("c1", 1): [0.60], ("c2", 0): [0.60], ("c2", 1): [0.60]})
+    # c1: p 0.55, q 0.65 (q the larger, so r is below); c2: p 0.50 and q 0.58 (r is >= both)
+    p = _folder(tmp_path, "p", "t", {("c1", 0): [0.55], ("c1", 1): [0.55], ("c2", 0): [0.50], ("c2", 1): [0.50]})
+    q = _folder(tmp_path, "q", "t", {("c1", 0): [0.64], ("c1", 1): [0.66], ("c2", 0): [0.58], ("c2", 1): [0.58]})
+    out = tmp_path / "n.json"
+    assert mod.main(["--series", f"r={r}:t", f"p={p}:t", f"q={q}:t",
+                     "--pairs", "r:p|q", "r:p", "r:q|p", "--out", str(out)]) == 0
+    res = json.loads(out.read_text())["pairs"]
+    assert res["r:p"]["ge_every_n"] == 2
+    for k in ("r:p|q", "r:q|p"):
+        assert res[k]["cells"] == 2 and res[k]["ge_every_n"] == 1
+        assert [c["below_at"] for c in res[k]["by_cell"]] == [[1], []]
+        assert res[k]["mean_diff_pt"]["1"] == pytest.approx(100 * (-0.05 + 0.02) / 2)
+        # paired with q's seeds in both cells: c1 spread 0.02 / sqrt 2, c2 none
+        assert res[k]["paired_sd_pt"]["1"] == pytest.approx(100 * 0.02 / 2 ** 0.5 / 2, abs=1e-3)
+    # an unknown name on the right is refused like one on the left
+    assert mod.main(["--series", f"r={r}:t", f"p={p}:t", "--pairs", "r:p|nope", "--out", str(out)]) == 2
