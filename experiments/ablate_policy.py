@@ -16,7 +16,11 @@ with
 * ``bits_only``:   both zeroed: only its bit-width choice is left;
 
 and the zero action (``zero``: the agent's zero rule, ``recipe-plus1`` for ``ppo-v1``, the allocator
-for ``ppo-v1s-*``). Test accuracy of each (the test split read for the report only). ``--cells-from``
+for ``ppo-v1s-*``). Test accuracy of each (the test split read for the report only). Each row also
+keeps the full policy's raw step-0 action (``step0_action``, the per-layer entries of the model's
+layers only), and ``step0`` sums up how far its entries are from the thresholds where they act:
+the width moves a bit once ``|final_bits|`` >= 0.25 (``round(2a)``), a layer's bit offset once
+``|a|`` >= 0.5, a tilt and a schedule entry once past the agent's deadzone. ``--cells-from``
 takes the cells of an anytime folder's ``summary.json`` (every scenario at its targets).
 ``--rules-from`` (an anytime folder) adds, per variant, the cells where its mean over the seeds is >=
 every zero-search rule's there (``recipe``, ``recipe-plus1``, ``sensitivity``; the issue's replay
@@ -24,7 +28,8 @@ target, asked of each part of the policy). Writes ``--out`` (JSON): the command,
 the mean test accuracy and the mean paired difference to the full policy over every cell and seed,
 ``same_as_full`` (variant: the cell-seeds where its test accuracy equals the full policy's, of
 ``rows_n``), ``cells_bits_differ_from_zero`` (cells where the policy's bit-width differs from the
-zero action's in some seed), ``by_cell`` (each variant's mean per cell) and with ``--rules-from`` ``ge_every_rule`` (variant:
+``zero action's in some seed), ``step0``, ``by_cell`` (each variant's mean per cell and the mean
+step-0 ``final_bits`` entry) and with ``--rules-from`` ``ge_every_rule`` (variant:
 count) and ``rules_cells``. Bad input: one line, status 2.
 """
 
@@ -69,7 +74,9 @@ def summarize(rows: list[dict], rules: dict[tuple[str, str], dict[str, float]] |
         cells.setdefault((r["scenario"], r["target"]), []).append(r)
     by_cell = [{"scenario": sc, "target": t, "seeds": len(rs),
                 **{v: statistics.fmean(100 * r[v]["test_acc"] for r in rs) for v in VARIANTS},
-                "seeds_bits_differ_from_zero": sum(r["full"].get("bits") != r["zero"].get("bits") for r in rs)}
+                "seeds_bits_differ_from_zero": sum(r["full"].get("bits") != r["zero"].get("bits") for r in rs),
+                **({"final_bits_action": statistics.fmean(r["step0_action"]["final_bits"] for r in rs)}
+                   if all("step0_action" in r for r in rs) else {})}
                for (sc, t), rs in cells.items()]
     out = {"mean_test_acc": {v: statistics.fmean(100 * r[v]["test_acc"] for r in rows) for v in VARIANTS},
            "mean_minus_full": {v: statistics.fmean(100 * (r[v]["test_acc"] - r["full"]["test_acc"]) for r in rows)
@@ -77,6 +84,8 @@ def summarize(rows: list[dict], rules: dict[tuple[str, str], dict[str, float]] |
            "same_as_full": {v: sum(r[v]["test_acc"] == r["full"]["test_acc"] for r in rows) for v in VARIANTS},
            "rows_n": len(rows),
            "cells_bits_differ_from_zero": sum(c["seeds_bits_differ_from_zero"] > 0 for c in by_cell),
+           **({"step0": step0_summary([r["step0_action"] for r in rows])}
+              if rows and all("step0_action" in r for r in rows) else {}),
            "by_cell": by_cell}
     if rules is not None:
         have = [c for c in by_cell if (c["scenario"], c["target"]) in rules]
@@ -85,6 +94,32 @@ def summarize(rows: list[dict], rules: dict[tuple[str, str], dict[str, float]] |
         out["rules_cells"] = len(have)
         out["ge_every_rule"] = {v: sum(c[v] >= max(c["rules"].values()) - 1e-9 for c in have) for v in VARIANTS}
     return out
+
+
+def step0_action(a: np.ndarray, n_layers: int) -> dict:
+    """The raw step-0 action by entry: v0's five by name, the bit offsets and tilts of the slots
+    the model's ``n_layers`` layers fill (padding slots are ignored by the env)."""
+    from rltune.env import ACTION_LAYOUT
+    from rltune.env_v1 import L_MAX, layer_slots
+
+    a = np.asarray(a, np.float64).reshape(-1)
+    n0, slots = len(ACTION_LAYOUT), range(len(layer_slots(n_layers)))
+    return {**{k: round(float(a[i]), 4) for i, k in enumerate(ACTION_LAYOUT)},
+            "bit_offsets": [round(float(a[n0 + i]), 4) for i in slots],
+            "tilts": [round(float(a[n0 + L_MAX + i]), 4) for i in slots]}
+
+
+def step0_summary(acts: list[dict]) -> dict:
+    """Range of the width entry and the largest magnitude of the other entries, over the rows."""
+    def top(xs):
+        return max((abs(x) for x in xs), default=0.0)
+
+    return {"final_bits_min": min(a["final_bits"] for a in acts), "final_bits_max": max(a["final_bits"] for a in acts),
+            "width_moves_at": 0.25,
+            "schedule_max_abs": top(a[k] for a in acts for k in ("ramp_shape", "temperature", "alpha")),
+            "bits_drop_max_abs": top(a["bits_drop"] for a in acts),
+            "bit_offset_max_abs": top(x for a in acts for x in a["bit_offsets"]), "bit_offset_moves_at": 0.5,
+            "tilt_max_abs": top(x for a in acts for x in a["tilts"])}
 
 
 def read_summary_cells(folder: Path) -> dict[str, list[str]]:
@@ -123,6 +158,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
+    from rltune import compression as C
     from rltune.env import DistillCompressEnv
     from rltune.errors import RltuneError, make_folder, write_atomic
     from rltune.shipped import recorded_command, resolve_scenario
@@ -133,9 +169,13 @@ def main(argv: list[str] | None = None) -> int:
     class Masked:  # the agent's deterministic action with a variant's entries zeroed
         def __init__(self, variant: str):
             self.variant = variant
+            self.first = None  # the raw action at the episode's first step
 
         def predict(self, obs, deterministic: bool = True):
-            return masked(agent.predict(obs, deterministic=True), self.variant)
+            raw = agent.predict(obs, deterministic=True)
+            if self.first is None:
+                self.first = np.array(raw, np.float64).reshape(-1)
+            return masked(raw, self.variant)
 
     try:
         if a.seeds < 1:
@@ -178,8 +218,11 @@ def main(argv: list[str] | None = None) -> int:
             for seed in range(a.seeds):
                 row = {"scenario": Path(scen).stem, "target": target, "seed": seed}
                 for v in VARIANTS:
-                    info = run_episode(env, Masked(v), seed=seed * 100_003,
+                    player = Masked(v)
+                    info = run_episode(env, player, seed=seed * 100_003,
                                        options={"scenario": 0, "target": target, "float_seed": seed})
+                    if v == "full":
+                        row["step0_action"] = step0_action(player.first, len(C.layers(env.state.model)))
                     rep = final_report(env.context(0), env.state, latency=False)
                     row[v] = {"test_acc": rep["test_acc"], "val_acc": float(info["val_acc"]),
                               "bits": env.plan["final_bits"], "per_layer": env.layer_plan is not None,
@@ -190,12 +233,19 @@ def main(argv: list[str] | None = None) -> int:
         out = {"command": recorded_command(), "agent": a.agent, "seeds": a.seeds,
                "cells": [f"{sc}={t}" for sc, t in pairs], "rules_from": a.rules_from, **summarize(rows, rules),
                "rows": rows}
+        if "step0" in out:  # where the tilts and schedule entries start to act for this agent
+            from rltune.env_v1 import DEADZONE
+
+            trained = (agent.meta.get("training") or {}).get("env") or {}
+            tdz, sdz = trained.get("tilt_deadzone"), trained.get("schedule_deadzone")
+            out["step0"]["tilt_acts_at"] = DEADZONE if tdz is None else tdz
+            out["step0"]["schedule_acts_at"] = 0.0 if sdz is None else sdz
         write_atomic(out_path, (json.dumps(out, indent=1) + "\n").encode(), "--out")
     except RltuneError as e:
         print("ablate_policy: " + " ".join(str(e).split()), file=sys.stderr)
         return 2
     print(json.dumps({k: out[k] for k in ("mean_test_acc", "mean_minus_full", "same_as_full", "rows_n",
-                                          "cells_bits_differ_from_zero", "ge_every_rule", "rules_cells")
+                                          "cells_bits_differ_from_zero", "step0", "ge_every_rule", "rules_cells")
                       if k in out}, indent=1))
     return 0
 

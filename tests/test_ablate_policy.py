@@ -122,3 +122,30 @@ def test_the_agent_plays_in_the_env_ppo_replay_plays_it_in(monkeypatch):
         trained["zero_rule"], trained["tilt_deadzone"], trained["schedule_deadzone"])
     assert trained["zero_rule"] != "plus1"  # the case the old env (v1's default zero rule) got wrong
     assert seed == 0 and options == {"scenario": 0, "target": "16x", "float_seed": 0}
+
+
+def test_step0_action_keeps_the_models_layers_and_the_summary_the_margins():
+    from rltune.env import ACTION_LAYOUT
+    from rltune.env_v1 import ACTION_LAYOUT_V1, L_MAX
+
+    mod = _script()
+    n0 = len(ACTION_LAYOUT)
+    a = np.zeros(len(ACTION_LAYOUT_V1))
+    a[:n0] = [-0.27, 0.1, -0.2, 0.05, 0.3]
+    a[n0:n0 + L_MAX] = 0.9  # padding slots: not the model's, dropped
+    a[n0:n0 + 2] = [0.1, -0.4]
+    a[n0 + L_MAX:] = -0.9
+    a[n0 + L_MAX:n0 + L_MAX + 2] = [0.2, -0.3]
+    s = mod.step0_action(a, 2)
+    assert s["final_bits"] == pytest.approx(-0.27) and s["bits_drop"] == pytest.approx(0.3)
+    assert s["bit_offsets"] == pytest.approx([0.1, -0.4]) and s["tilts"] == pytest.approx([0.2, -0.3])
+    assert len(mod.step0_action(a, 12)["bit_offsets"]) == L_MAX  # more layers than slots: every slot
+    b = dict(s, final_bits=-0.15, temperature=0.45, bit_offsets=[0.6], tilts=[])
+    m = mod.step0_summary([s, b])
+    assert (m["final_bits_min"], m["final_bits_max"]) == (pytest.approx(-0.27), pytest.approx(-0.15))
+    assert m["schedule_max_abs"] == pytest.approx(0.45) and m["bits_drop_max_abs"] == pytest.approx(0.3)
+    assert m["bit_offset_max_abs"] == pytest.approx(0.6) and m["tilt_max_abs"] == pytest.approx(0.3)
+    rows = [dict(_row("a", 0, full=0.5), step0_action=s), dict(_row("a", 1, full=0.5), step0_action=b)]
+    out = mod.summarize(rows)
+    assert out["step0"] == m and out["by_cell"][0]["final_bits_action"] == pytest.approx(-0.21)
+    assert "step0" not in mod.summarize([_row("a", 0, full=0.5)])  # rows from before the field: no summary
