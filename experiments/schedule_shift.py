@@ -1,0 +1,279 @@
+"""Does the schedule correction Optuna's best configurations share pay on tasks it was not read from?
+
+    python experiments/schedule_shift.py --shift-from experiments/results/anytime-v1 \\
+        --entries temperature alpha --train-tasks 40 --seeds 5 --workers 2 \\
+        --out experiments/results/schedule_shift/train40.json
+
+Issue 12 asks which decision the policy fails to learn. Its ablation (``ablate_policy.py``) says
+its schedule entries (ramp, τ, α, when the bits drop) never leave their deadzones on held-out
+tasks; the best configurations TPE finds there lean one way (lower τ and α than the recipe's τ 4,
+α 0.9). Is that lean a decision that pays, and could the policy have learned it from its training
+tasks?
+
+``--shift-from DIR[:TUNER]`` reads the shift: the mean over cells and seeds of TUNER's
+(``optuna-tpe``) best configuration at its largest budget (``config.action``, v0's five action
+entries, in ``DIR/cells/results.jsonl``), with each entry's sd and t (mean / (sd / sqrt(n))).
+``--entries`` keeps those entries and zeroes the rest; ``--shift NAME=VALUE`` gives it outright.
+
+Per cell (scenario × target) and seed, two one-episode plays in the v1 env with ``--zero-rule``
+(default ``sensitivity``: the allocator, the zero action ``ppo-v1s-*`` is paid against), no
+deadzones, the same reset seed and float student as the harness's: ``zero`` (the zero action, the
+``sensitivity`` tuner's episode) and ``shifted`` (the zero action with the shift's entries).
+Cells: ``--cells-from`` (an anytime folder's ``summary.json``), ``--cells SCENARIO=TARGET``, or
+``--train-tasks N``: N tasks the agents trained on (not ``held_out``) of ``TaskSpec(seed=--task-seed,
+n_tasks=--n-tasks)``, taken family by family in turn, each at its own target.
+
+Writes ``--out`` (JSON): the command, the shift (and what it was read from), per variant the mean
+test and val accuracy, ``diff_pt`` (shifted − zero: the mean over cells of the per-cell mean paired
+difference, with the sd over cells and its standard error, for test and val), ``cells_ge`` (cells
+where shifted's mean test accuracy is >= zero's), ``by_family`` and ``rows``. Finished cells are kept in
+``--out`` + ``.rows.jsonl`` as they finish, and a rerun with the same shift reuses them. Bad
+input: one line, status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import sys
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+ENTRIES = ("final_bits", "ramp_shape", "temperature", "alpha", "bits_drop")
+
+
+def read_shift(folder: Path, tuner: str) -> dict:
+    """Mean, sd and t of each action entry of ``tuner``'s best configurations (largest budget per
+    cell and seed) in ``folder/cells/results.jsonl``."""
+    path = folder / "cells" / "results.jsonl"
+    best: dict[tuple, tuple[float, list[float]]] = {}
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                r = json.loads(line)
+                if not isinstance(r, dict) or r.get("tuner") != tuner or "part" in r:
+                    continue
+                a = [float(x) for x in r["config"]["action"]]
+                budget = float(r["budget_stages"])
+                key = (str(r["scenario"]), str(r["target"]), int(r["seed"]))
+            except (ValueError, KeyError, TypeError, OverflowError, RecursionError) as e:
+                raise ValueError(f"{path}:{n}: not a result row with config.action ({type(e).__name__}: {e})") from None
+            if len(a) != len(ENTRIES) or not all(math.isfinite(x) and -1.0 <= x <= 1.0 for x in [*a]):
+                raise ValueError(f"{path}:{n}: config.action is not {len(ENTRIES)} numbers in [-1, 1]")
+            if key not in best or budget > best[key][0]:
+                best[key] = (budget, a)
+    if len(best) < 2:
+        raise ValueError(f"{path}: fewer than 2 {tuner} configurations to read a shift from")
+    acts = [a for _, a in best.values()]
+    out = {"folder": str(folder), "tuner": tuner, "n": len(acts), "mean": {}, "sd": {}, "t": {}}
+    for i, k in enumerate(ENTRIES):
+        xs = [a[i] for a in acts]
+        m, sd = statistics.fmean(xs), statistics.stdev(xs)
+        out["mean"][k], out["sd"][k] = round(m, 4), round(sd, 4)
+        out["t"][k] = round(m / (sd / math.sqrt(len(xs))), 2) if sd > 0 else None
+    return out
+
+
+def train_tasks(n: int, seed: int, n_tasks: int) -> list:
+    """The first ``n`` trained-on tasks, one family after another in turn."""
+    from rltune.tasks import TaskSpec, generate_tasks
+
+    by: dict[str, list] = {}
+    for t in generate_tasks(TaskSpec(seed=seed, n_tasks=n_tasks)):
+        if not t.held_out:
+            by.setdefault(t.family, []).append(t)
+    picked, i = [], 0
+    while len(picked) < n and any(i < len(v) for v in by.values()):
+        picked += [v[i] for v in by.values() if i < len(v)]
+        i += 1
+    return picked[:n]
+
+
+def play_cell(job: dict) -> list[dict]:
+    """Both variants on every seed of one cell (runs in a worker)."""
+    import numpy as np
+    import torch
+
+    from rltune.env import DistillCompressEnv
+    from rltune.env_v1 import ACTION_LAYOUT_V1, DistillCompressEnvV1
+    from rltune.stage import final_report
+    from rltune.train import run_episode
+
+    torch.set_num_threads(1)
+    base = DistillCompressEnv(scenarios=[job["scenario"]], targets=[job["target"]])
+    env = DistillCompressEnvV1.like(base, zero_rule=job["zero_rule"])
+    shifted = np.zeros(len(ACTION_LAYOUT_V1), np.float32)
+    for k, v in job["shift"].items():
+        shifted[ENTRIES.index(k)] = v
+
+    class Fixed:
+        def __init__(self, a):
+            self.a = a
+
+        def predict(self, obs, deterministic=True):
+            return self.a
+
+    rows = []
+    for seed in job["seeds"]:
+        row = {"cell": job["name"], "target": job["target"], "family": job["family"], "seed": seed}
+        for name, a in (("zero", np.zeros_like(shifted)), ("shifted", shifted)):
+            info = run_episode(env, Fixed(a), seed=seed * 100_003,
+                               options={"scenario": 0, "target": job["target"], "float_seed": seed})
+            rep = final_report(env.context(0), env.state, latency=False)
+            row[name] = {"test_acc": float(rep["test_acc"]), "val_acc": float(info["val_acc"]),
+                         "bits": env.plan["final_bits"], "diverged": info.get("diverged", "")}
+        rows.append(row)
+    return rows
+
+
+def summarize(rows: list[dict]) -> dict:
+    cells: dict[tuple, list[dict]] = {}
+    for r in rows:
+        cells.setdefault((r["cell"], r["target"]), []).append(r)
+
+    def diff(rs, key):
+        return statistics.fmean(100 * (r["shifted"][key] - r["zero"][key]) for r in rs)
+
+    def block(groups):
+        out = {"cells": len(groups)}
+        for key, name in (("test_acc", "test"), ("val_acc", "val")):
+            d = [diff(rs, key) for rs in groups]
+            sd = statistics.stdev(d) if len(d) > 1 else 0.0
+            out[f"diff_{name}_pt"] = round(statistics.fmean(d), 3)
+            out[f"diff_{name}_sd_pt"] = round(sd, 3)
+            out[f"diff_{name}_se_pt"] = round(sd / math.sqrt(len(d)), 3)
+        out["cells_ge"] = sum(diff(rs, "test_acc") >= -1e-9 for rs in groups)
+        for v in ("zero", "shifted"):
+            out[f"{v}_test_pct"] = round(statistics.fmean(100 * r[v]["test_acc"] for rs in groups for r in rs), 3)
+        return out
+
+    fam: dict[str, list] = {}
+    for (c, t), rs in cells.items():
+        fam.setdefault(rs[0]["family"], []).append(rs)
+    return {**block(list(cells.values())), "by_family": {f: block(g) for f, g in sorted(fam.items())}}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--shift-from", metavar="DIR[:TUNER]")
+    p.add_argument("--entries", nargs="+", choices=ENTRIES, help="the entries of --shift-from's mean to play")
+    p.add_argument("--shift", nargs="+", default=[], metavar="ENTRY=VALUE")
+    p.add_argument("--cells", nargs="+", default=[], metavar="SCENARIO=TARGET")
+    p.add_argument("--cells-from", metavar="DIR")
+    p.add_argument("--train-tasks", type=int, default=0, metavar="N")
+    p.add_argument("--task-seed", type=int, default=0)
+    p.add_argument("--n-tasks", type=int, default=240)
+    p.add_argument("--zero-rule", default="sensitivity", choices=("sensitivity", "plus1"))
+    p.add_argument("--seeds", type=int, default=5)
+    p.add_argument("--workers", type=int, default=1)
+    p.add_argument("--out", required=True)
+    a = p.parse_args(argv)
+
+    from rltune.errors import RltuneError, make_folder, write_atomic
+    from rltune.shipped import recorded_command, resolve_scenario
+
+    try:
+        if not 1 <= a.seeds <= 1000 or not 1 <= a.workers <= 64 or a.train_tasks < 0:
+            raise RltuneError("--seeds (1..1000), --workers (1..64) and --train-tasks (>= 0) are whole numbers in range")
+        shift, source = {}, None
+        if a.shift_from:
+            folder, _, tuner = a.shift_from.partition(":")
+            try:
+                source = read_shift(Path(folder), tuner or "optuna-tpe")
+            except (OSError, UnicodeDecodeError, ValueError) as e:
+                raise RltuneError(f"--shift-from {a.shift_from}: {e}") from None
+            if not a.entries:
+                raise RltuneError("--shift-from: say which --entries of the mean to play")
+            shift = {k: source["mean"][k] for k in a.entries}
+        for s in a.shift:
+            k, sep, v = s.partition("=")
+            try:
+                x = float(v)
+            except ValueError:
+                x = float("nan")
+            if not sep or k not in ENTRIES or not -1.0 <= x <= 1.0:
+                raise RltuneError(f"--shift {s!r}: expected ENTRY=VALUE, ENTRY of {', '.join(ENTRIES)}, VALUE in [-1, 1]")
+            shift[k] = x
+        if not shift or not any(shift.values()):
+            raise RltuneError("no shift: give --shift-from with --entries, or --shift")
+        jobs = []
+        for c in a.cells:
+            sc, sep, t = c.partition("=")
+            if not sep or not sc or not t:
+                raise RltuneError(f"--cells {c!r}: expected SCENARIO=TARGET")
+            jobs.append({"scenario": str(resolve_scenario(sc)), "name": Path(sc).stem, "target": t, "family": "cells"})
+        if a.cells_from:
+            try:
+                st = json.loads((Path(a.cells_from) / "summary.json").read_text(encoding="utf-8"))["scenario_targets"]
+                cells = [(str(sc), str(t)) for sc, ts in st.items() for t in ts]
+            except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError, AttributeError, RecursionError) as e:
+                raise RltuneError(f"--cells-from {a.cells_from}: not an anytime folder's summary.json ({type(e).__name__})") from None
+            for sc, t in cells:
+                jobs.append({"scenario": str(resolve_scenario(sc)), "name": Path(sc).stem, "target": t,
+                             "family": Path(sc).stem.rsplit("-", 1)[-1]})
+        if a.train_tasks:
+            for t in train_tasks(a.train_tasks, a.task_seed, a.n_tasks):
+                jobs.append({"scenario": t.load(), "name": t.name, "target": t.target, "family": t.family})
+        if not jobs:
+            raise RltuneError("no cells: give --cells, --cells-from or --train-tasks")
+        # every scenario and target is checked before any episode is played
+        from rltune.env import DistillCompressEnv
+
+        for j in jobs:
+            DistillCompressEnv(scenarios=[j["scenario"]], targets=[j["target"]])
+        out_path = Path(a.out)
+        make_folder(out_path.parent)
+        rows_path = Path(str(out_path) + ".rows.jsonl")
+        done: dict[tuple, dict] = {}
+        if rows_path.exists():
+            for line in rows_path.read_text(encoding="utf-8").splitlines():
+                try:
+                    r = json.loads(line)
+                    if r.get("shift") == shift and r.get("zero_rule") == a.zero_rule:
+                        done[(r["cell"], r["target"], r["seed"])] = r
+                except (ValueError, KeyError, TypeError, AttributeError):
+                    continue  # a torn last line: played again
+        seeds = list(range(a.seeds))
+        todo = []
+        for j in jobs:
+            j.update(shift=shift, zero_rule=a.zero_rule,
+                     seeds=[s for s in seeds if (j["name"], j["target"], s) not in done])
+            if j["seeds"]:
+                todo.append(j)
+        with open(rows_path, "a", encoding="utf-8") as log:
+            def keep(rows):
+                for r in rows:
+                    r.update(shift=shift, zero_rule=a.zero_rule)
+                    done[(r["cell"], r["target"], r["seed"])] = r
+                    log.write(json.dumps(r) + "\n")
+                log.flush()
+                r0 = rows[0]
+                print(r0["cell"], r0["target"], "shifted − zero test pt:",
+                      round(statistics.fmean(100 * (r["shifted"]["test_acc"] - r["zero"]["test_acc"]) for r in rows), 2),
+                      flush=True)
+
+            if a.workers == 1:
+                for j in todo:
+                    keep(play_cell(j))
+            else:
+                with ProcessPoolExecutor(a.workers) as ex:
+                    for rows in ex.map(play_cell, todo):
+                        keep(rows)
+        rows = [done[(j["name"], j["target"], s)] for j in jobs for s in seeds]
+        out = {"command": recorded_command(), "zero_rule": a.zero_rule, "seeds": a.seeds, "shift": shift,
+               "shift_from": source, **summarize(rows), "rows": rows}
+        write_atomic(out_path, (json.dumps(out, indent=1) + "\n").encode(), "--out")
+    except RltuneError as e:
+        print("schedule_shift: " + " ".join(str(e).split()), file=sys.stderr)
+        return 2
+    print(json.dumps({k: v for k, v in out.items() if k not in ("rows", "by_family", "command")}, indent=1))
+    print(json.dumps(out["by_family"], indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
