@@ -16,18 +16,21 @@ the records ``experiments/anytime.py`` summarises). ``tpe-afresh`` above is optu
 with ``--sampler-seed-offset``: the same cells, seeds, splits, float students and per-episode
 training seeds, only the sampler's draws new, so it is TPE against itself.
 
-A pair ``A:B`` asks, per cell present in both, whether the mean over the seeds both have of A is
+A pair ``A:B`` asks, per cell every series named has, whether the mean over the seeds they all have of A is
 >= that of B at every N of :func:`rltune.tuners.anytime_points` (``A`` may be ``X|Y``: the larger
 of the two means at each N, as the harness's "best policy search"; ``B`` too, so
 ``replay:recipe|recipe-plus1|sensitivity`` asks "replay >= every rule", the issue's replay target,
 at N = 1 for one-episode tuners). Written per pair:
 ``cells``, ``ge_every_n`` (N = 1 … max) and ``ge_every_n_from_2`` (N = 2 … max, the issue's
 range), ``mean_diff_pt`` per N (A − B over the cells), ``paired_sd_pt`` per N (the sd over seeds
-of the paired difference, A's per-seed accuracy − B's, averaged over the cells; for ``X|Y`` the
+of the paired difference, A's per-seed accuracy − B's, averaged over the cells with 2 seeds or more; for ``X|Y`` the
 series with the larger mean at that N, on either side; a mean of ``seeds`` carries it / sqrt(seeds)),
 ``clearly_below_somewhere`` (cells where at some N the mean paired difference is below −2 × that
-sd / sqrt(seeds): a shortfall the seeds resolve), and per cell the N where A is below B
-(``below_at``) and clearly below (``clearly_below_at``), at the N both have for every seed (``compared_at``; ``not_compared_at``
+sd / sqrt(seeds): a shortfall the seeds resolve; for ``B = X|Y`` against the one with the larger
+mean, the first named on ties), ``clearly_below_any_somewhere`` (the same against each of B's
+series: a near-tie in B's means cannot hide a resolved shortfall), and per cell the N where A is
+below B (``below_at``), clearly below (``clearly_below_at``) and clearly below one of B's series
+(``clearly_below_any_at``), at the N both have for every seed (``compared_at``; ``not_compared_at``
 the N one side lacks, e.g. a scenario capped with ``--max-episodes-for`` in one folder only). A
 cell counts in ``ge_every_n_from_2`` only if some N >= 2 is compared. A pair without a cell in
 common is an error.
@@ -77,8 +80,8 @@ def load_series(folder: Path, tuner: str) -> dict[tuple[str, str], dict[int, dic
                 budget = _number(r["budget_stages"])
             except (ValueError, KeyError, TypeError, OverflowError, RecursionError) as e:
                 raise ValueError(f"{path}:{n}: not a result row of the harness ({type(e).__name__}: {e})") from None
-            if not curve or not all(math.isfinite(v) for v in [*curve.values(), budget]):
-                raise ValueError(f"{path}:{n}: a {tuner} row without a finite anytime curve and budget")
+            if not curve or not math.isfinite(budget) or not all(0.0 <= v <= 1.0 for v in curve.values()):
+                raise ValueError(f"{path}:{n}: a {tuner} row without an anytime curve of accuracies in [0, 1] and a finite budget")
             if key not in best or budget > best[key][0]:
                 best[key] = (budget, curve)
     out: dict[tuple[str, str], dict[int, dict[int, float]]] = {}
@@ -92,7 +95,7 @@ def compare(series: dict[str, dict], a: str, b: str) -> dict:
     names, bnames = a.split("|"), b.split("|")
     everyone = [*names, *bnames]
     cells = sorted(set.intersection(*(set(series[x]) for x in everyone)))
-    out_cells, ge_all, ge_from2, clearly_below = [], 0, 0, 0
+    out_cells, ge_all, ge_from2, clearly_below, clearly_any = [], 0, 0, 0, 0
     diffs: dict[int, list[float]] = {}
     sds: dict[int, list[float]] = {}
     for cell in cells:
@@ -101,11 +104,11 @@ def compare(series: dict[str, dict], a: str, b: str) -> dict:
         if not ns:
             continue
         every = set.union(*(set(series[x][cell][s]) for x in everyone for s in seeds))
-        below, clearly = [], []
+        below, clearly, clearly_b = [], [], []
         for n in ns:
             means = {x: statistics.fmean(series[x][cell][s][n] for s in seeds) for x in everyone}
             x = max(names, key=lambda y: (means[y], -names.index(y)))  # the larger mean (the first on ties)
-            y = max(bnames, key=lambda z: (means[z], -bnames.index(z)))
+            y = max(bnames, key=lambda z: (means[z], -bnames.index(z)))  # likewise
             mb = means[y]
             diffs.setdefault(n, []).append(100 * (means[x] - mb))
             if means[x] < mb:
@@ -116,16 +119,22 @@ def compare(series: dict[str, dict], a: str, b: str) -> dict:
                 sds.setdefault(n, []).append(100 * sd)
                 if statistics.fmean(d) < -2 * sd / math.sqrt(len(d)):
                     clearly.append(n)
+                for z in bnames:  # against each of B's series, not only the one with the larger mean
+                    dz = [series[x][cell][s][n] - series[z][cell][s][n] for s in seeds]
+                    if statistics.fmean(dz) < -2 * statistics.stdev(dz) / math.sqrt(len(dz)):
+                        clearly_b.append(n)
+                        break
         ge_all += not below
         ge_from2 += not [n for n in below if n >= 2] and max(ns) >= 2
         clearly_below += bool(clearly)
+        clearly_any += bool(clearly_b)
         out_cells.append({"scenario": cell[0], "target": cell[1], "seeds": len(seeds), "compared_at": ns,
                           "not_compared_at": sorted(every - set(ns)), "below_at": below,
-                          "clearly_below_at": clearly})
+                          "clearly_below_at": clearly, "clearly_below_any_at": clearly_b})
     if not out_cells:
         raise ValueError(f"--pairs {a}:{b}: no cell (scenario file name and target) with seeds and N in common")
     return {"cells": len(out_cells), "ge_every_n": ge_all, "ge_every_n_from_2": ge_from2,
-            "clearly_below_somewhere": clearly_below,
+            "clearly_below_somewhere": clearly_below, "clearly_below_any_somewhere": clearly_any,
             "mean_diff_pt": {str(n): round(statistics.fmean(v), 3) for n, v in sorted(diffs.items())},
             "paired_sd_pt": {str(n): round(statistics.fmean(v), 3) for n, v in sorted(sds.items())},
             "by_cell": out_cells}

@@ -12,8 +12,10 @@ tasks?
 
 ``--shift-from DIR[:TUNER]`` reads the shift: the mean over cells and seeds of TUNER's
 (``optuna-tpe``) best configuration at its largest budget (``config.action``, v0's five action
-entries, in ``DIR/cells/results.jsonl``), with each entry's sd and t (mean / (sd / sqrt(n))).
-``--entries`` keeps those entries and zeroes the rest; ``--shift NAME=VALUE`` gives it outright.
+entries, in ``DIR/cells/results.jsonl``), with the sd of its per-cell means and t (their mean /
+(sd / sqrt(cells)); ``None`` when they do not spread): a cell's seeds are not independent draws.
+``--entries`` keeps those entries and zeroes the rest; ``--shift NAME=VALUE`` gives entries
+outright (after ``--shift-from``'s, over them).
 
 Per cell (scenario × target) and seed, two one-episode plays in the v1 env with ``--zero-rule``
 (default ``sensitivity``: the allocator, the zero action ``ppo-v1s-*`` is paid against), no
@@ -23,12 +25,14 @@ Cells: ``--cells-from`` (an anytime folder's ``summary.json``), ``--cells SCENAR
 ``--train-tasks N``: N tasks the agents trained on (not ``held_out``) of ``TaskSpec(seed=--task-seed,
 n_tasks=--n-tasks)``, taken family by family in turn, each at its own target.
 
-Writes ``--out`` (JSON): the command, the shift (and what it was read from), per variant the mean
-test and val accuracy, ``diff_pt`` (shifted − zero: the mean over cells of the per-cell mean paired
-difference, with the sd over cells and its standard error, for test and val), ``cells_ge`` (cells
-where shifted's mean test accuracy is >= zero's), ``by_family`` and ``rows``. Finished cells are kept in
-``--out`` + ``.rows.jsonl`` as they finish, and a rerun with the same shift reuses them. Bad
-input: one line, status 2.
+Writes ``--out`` (JSON): the command, the shift played and ``shift_from`` (what it was read from),
+``zero_test_pct`` and ``shifted_test_pct`` (mean test %), ``diff_test_pt`` and ``diff_val_pt``
+(shifted − zero: the mean over cells of the per-cell mean paired difference) with ``_sd_pt`` (over
+cells) and ``_se_pt`` (its standard error), ``cells_ge`` (cells where shifted's mean test accuracy is
+>= zero's), the same ``by_family`` and the ``rows``. A cell is named by its file stem (a trained-on
+task by its name) and target, and played once. Finished cells are kept in ``--out`` +
+``.rows.jsonl`` as each finishes, and a rerun with the same shift and ``--zero-rule`` reuses them.
+``--train-tasks N`` takes fewer than N if the spec has fewer. Bad input: one line, status 2.
 """
 
 from __future__ import annotations
@@ -38,7 +42,7 @@ import json
 import math
 import statistics
 import sys
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 
 ENTRIES = ("final_bits", "ramp_shape", "temperature", "alpha", "bits_drop")
@@ -57,25 +61,46 @@ def read_shift(folder: Path, tuner: str) -> dict:
                 r = json.loads(line)
                 if not isinstance(r, dict) or r.get("tuner") != tuner or "part" in r:
                     continue
-                a = [float(x) for x in r["config"]["action"]]
-                budget = float(r["budget_stages"])
-                key = (str(r["scenario"]), str(r["target"]), int(r["seed"]))
+                act = r["config"]["action"]
+                if not isinstance(act, list) or not all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in act):
+                    raise TypeError("config.action is not a list of numbers")
+                a = [float(x) for x in act]
+                budget, seed = r["budget_stages"], r["seed"]
+                if isinstance(budget, bool) or not isinstance(budget, (int, float)) or not math.isfinite(budget):
+                    raise TypeError(f"budget_stages {budget!r} is not a finite number")
+                if isinstance(seed, bool) or not isinstance(seed, int):
+                    raise TypeError(f"seed {seed!r} is not a whole number")
+                key = (str(r["scenario"]), str(r["target"]), seed)
             except (ValueError, KeyError, TypeError, OverflowError, RecursionError) as e:
                 raise ValueError(f"{path}:{n}: not a result row with config.action ({type(e).__name__}: {e})") from None
             if len(a) != len(ENTRIES) or not all(math.isfinite(x) and -1.0 <= x <= 1.0 for x in [*a]):
                 raise ValueError(f"{path}:{n}: config.action is not {len(ENTRIES)} numbers in [-1, 1]")
             if key not in best or budget > best[key][0]:
                 best[key] = (budget, a)
-    if len(best) < 2:
-        raise ValueError(f"{path}: fewer than 2 {tuner} configurations to read a shift from")
+    cells: dict[tuple, list[list[float]]] = {}
+    for (scenario, target, _), (_, a) in best.items():
+        cells.setdefault((scenario, target), []).append(a)
+    if len(cells) < 2:
+        raise ValueError(f"{path}: {tuner} configurations of fewer than 2 cells to read a shift from")
     acts = [a for _, a in best.values()]
-    out = {"folder": str(folder), "tuner": tuner, "n": len(acts), "mean": {}, "sd": {}, "t": {}}
+    out = {"folder": str(folder), "tuner": tuner, "n": len(acts), "cells": len(cells),
+           "mean": {}, "sd": {}, "t": {}}
     for i, k in enumerate(ENTRIES):
         xs = [a[i] for a in acts]
-        m, sd = statistics.fmean(xs), statistics.stdev(xs)
-        out["mean"][k], out["sd"][k] = round(m, 4), round(sd, 4)
-        out["t"][k] = round(m / (sd / math.sqrt(len(xs))), 2) if sd > 0 else None
+        per_cell = [statistics.fmean(a[i] for a in v) for v in cells.values()]
+        sd = statistics.stdev(per_cell)  # over the cells: a cell's seeds are not independent draws
+        out["mean"][k], out["sd"][k] = round(statistics.fmean(xs), 4), round(sd, 4)
+        out["t"][k] = round(statistics.fmean(per_cell) / (sd / math.sqrt(len(per_cell))), 2) if sd > 0 else None
     return out
+
+
+def _good_row(r: dict) -> bool:
+    """A kept row this script wrote: both variants with accuracies in [0, 1]."""
+    return (isinstance(r["cell"], str) and isinstance(r["target"], str) and isinstance(r["seed"], int)
+            and isinstance(r.get("family"), str)
+            and all(isinstance(r[v], dict) and all(isinstance(r[v][k], (int, float)) and not isinstance(r[v][k], bool)
+                                                   and 0.0 <= r[v][k] <= 1.0 for k in ("test_acc", "val_acc"))
+                    for v in ("zero", "shifted")))
 
 
 def train_tasks(n: int, seed: int, n_tasks: int) -> list:
@@ -180,8 +205,10 @@ def main(argv: list[str] | None = None) -> int:
         if not 1 <= a.seeds <= 1000 or not 1 <= a.workers <= 64 or a.train_tasks < 0:
             raise RltuneError("--seeds (1..1000), --workers (1..64) and --train-tasks (>= 0) are whole numbers in range")
         shift, source = {}, None
+        if a.entries and not a.shift_from:
+            raise RltuneError("--entries picks entries of --shift-from's mean: give --shift-from too")
         if a.shift_from:
-            folder, _, tuner = a.shift_from.partition(":")
+            folder, _, tuner = a.shift_from.rpartition(":") if ":" in a.shift_from else (a.shift_from, "", "")
             try:
                 source = read_shift(Path(folder), tuner or "optuna-tpe")
             except (OSError, UnicodeDecodeError, ValueError) as e:
@@ -189,15 +216,17 @@ def main(argv: list[str] | None = None) -> int:
             if not a.entries:
                 raise RltuneError("--shift-from: say which --entries of the mean to play")
             shift = {k: source["mean"][k] for k in a.entries}
+        given = set()
         for s in a.shift:
             k, sep, v = s.partition("=")
             try:
                 x = float(v)
             except ValueError:
                 x = float("nan")
-            if not sep or k not in ENTRIES or not -1.0 <= x <= 1.0:
+            if not sep or k not in ENTRIES or not -1.0 <= x <= 1.0 or k in given:
                 raise RltuneError(f"--shift {s!r}: expected ENTRY=VALUE, ENTRY of {', '.join(ENTRIES)}, VALUE in [-1, 1]")
             shift[k] = x
+            given.add(k)
         if not shift or not any(shift.values()):
             raise RltuneError("no shift: give --shift-from with --entries, or --shift")
         jobs = []
@@ -220,23 +249,47 @@ def main(argv: list[str] | None = None) -> int:
                 jobs.append({"scenario": t.load(), "name": t.name, "target": t.target, "family": t.family})
         if not jobs:
             raise RltuneError("no cells: give --cells, --cells-from or --train-tasks")
+        unique: dict[tuple, dict] = {}
+        for j in jobs:  # rows are kept by (name, target): one job each, and one scenario per name
+            o = unique.setdefault((j["name"], j["target"]), j)
+            if o is not j and isinstance(j["scenario"], str) and o["scenario"] != j["scenario"]:
+                raise RltuneError(f"cells {o['scenario']} and {j['scenario']}: the same name {j['name']!r} at {j['target']}")
+        jobs = list(unique.values())
+        if not a.out.strip():
+            raise RltuneError("--out: give the JSON file to write")
+        out_path = Path(a.out)
+        rows_path = Path(str(out_path) + ".rows.jsonl")
+        inputs = []
+        if a.shift_from:
+            inputs.append(Path(source["folder"]) / "cells" / "results.jsonl")
+        if a.cells_from:
+            inputs.append(Path(a.cells_from) / "summary.json")
+        if any(q.resolve() == f.resolve() for q in (out_path, rows_path) for f in inputs):
+            raise RltuneError(f"--out {out_path}: that (or its .rows.jsonl) is one of the inputs")
+        for q in (out_path, rows_path):
+            if q.exists() and not q.is_file():
+                raise RltuneError(f"--out {out_path}: {q} is there and not a file")
         # every scenario and target is checked before any episode is played
         from rltune.env import DistillCompressEnv
 
         for j in jobs:
             DistillCompressEnv(scenarios=[j["scenario"]], targets=[j["target"]])
-        out_path = Path(a.out)
         make_folder(out_path.parent)
-        rows_path = Path(str(out_path) + ".rows.jsonl")
         done: dict[tuple, dict] = {}
+        torn = False
         if rows_path.exists():
-            for line in rows_path.read_text(encoding="utf-8").splitlines():
+            try:
+                text = rows_path.read_bytes().decode("utf-8", errors="replace")
+            except OSError as e:
+                raise RltuneError(f"{rows_path}: {e.strerror or e}") from None
+            torn = bool(text) and not text.endswith("\n")
+            for line in text.splitlines():
                 try:
                     r = json.loads(line)
-                    if r.get("shift") == shift and r.get("zero_rule") == a.zero_rule:
+                    if r.get("shift") == shift and r.get("zero_rule") == a.zero_rule and _good_row(r):
                         done[(r["cell"], r["target"], r["seed"])] = r
-                except (ValueError, KeyError, TypeError, AttributeError):
-                    continue  # a torn last line: played again
+                except (ValueError, KeyError, TypeError, AttributeError, RecursionError):
+                    continue  # a torn or foreign line: played again
         seeds = list(range(a.seeds))
         todo = []
         for j in jobs:
@@ -244,7 +297,14 @@ def main(argv: list[str] | None = None) -> int:
                      seeds=[s for s in seeds if (j["name"], j["target"], s) not in done])
             if j["seeds"]:
                 todo.append(j)
-        with open(rows_path, "a", encoding="utf-8") as log:
+        try:
+            log = open(rows_path, "a", encoding="utf-8")
+        except OSError as e:
+            raise RltuneError(f"cannot append to {rows_path}: {e.strerror or e}") from None
+        with log:
+            if torn:  # end the torn line, or the first row kept now would join it
+                log.write("\n")
+
             def keep(rows):
                 for r in rows:
                     r.update(shift=shift, zero_rule=a.zero_rule)
@@ -260,9 +320,20 @@ def main(argv: list[str] | None = None) -> int:
                 for j in todo:
                     keep(play_cell(j))
             else:
-                with ProcessPoolExecutor(a.workers) as ex:
-                    for rows in ex.map(play_cell, todo):
-                        keep(rows)
+                error = None
+                with ProcessPoolExecutor(a.workers) as ex:  # each cell kept as it finishes
+                    futures = [ex.submit(play_cell, j) for j in todo]
+                    for f in as_completed(futures):
+                        if f.cancelled():
+                            continue
+                        if f.exception() is None:
+                            keep(f.result())
+                        elif error is None:  # the rest not started; the running ones finish and are kept
+                            error = f.exception()
+                            for g in futures:
+                                g.cancel()
+                if error is not None:
+                    raise error
         rows = [done[(j["name"], j["target"], s)] for j in jobs for s in seeds]
         out = {"command": recorded_command(), "zero_rule": a.zero_rule, "seeds": a.seeds, "shift": shift,
                "shift_from": source, **summarize(rows), "rows": rows}

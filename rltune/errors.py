@@ -29,6 +29,12 @@ def write_atomic(path, data: bytes, what: str = "file") -> int:
     from pathlib import Path
 
     path = Path(path)
+    try:
+        special = path.exists() and not path.is_file()
+    except OSError:
+        special = False  # cannot tell: the write below fails with its own reason
+    if special:  # a folder, a pipe, or a device such as /dev/null (as root os.replace would replace it)
+        raise RltuneError(f"cannot write {what} {path}: it is there and not a regular file")
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         with open(tmp, "wb") as f:

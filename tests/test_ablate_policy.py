@@ -1,6 +1,7 @@
 """experiments/ablate_policy.py: which part of a v1 policy's action is masked, and the summary."""
 
 import json
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -98,7 +99,7 @@ def test_cells_are_checked_before_any_episode_and_the_agent_must_be_v1(tmp_path,
     assert not (tmp_path / "o.json").exists()
 
 
-def test_the_agent_plays_in_the_env_ppo_replay_plays_it_in(monkeypatch):
+def test_the_agent_plays_in_the_env_ppo_replay_plays_it_in(monkeypatch, tmp_path):
     """Its trained zero rule and deadzones (training.env in agent.json), not the v1 defaults."""
     mod = _script()
     import rltune.train
@@ -115,7 +116,7 @@ def test_the_agent_plays_in_the_env_ppo_replay_plays_it_in(monkeypatch):
 
     monkeypatch.setattr(rltune.train, "run_episode", fake)
     with pytest.raises(Played):
-        mod.main(["--agent", "agents/ppo-v1s-seed1", "--cells", "wine-mlp=16x", "--seeds", "1", "--out", "/dev/null"])
+        mod.main(["--agent", "agents/ppo-v1s-seed1", "--cells", "wine-mlp=16x", "--seeds", "1", "--out", str(tmp_path / "o.json")])
     env, seed, options = seen[0]
     trained = _load_agent("agents/ppo-v1s-seed1").meta["training"]["env"]
     assert (env.zero_rule, env.tilt_deadzone, env.schedule_deadzone) == (
@@ -149,3 +150,42 @@ def test_step0_action_keeps_the_models_layers_and_the_summary_the_margins():
     out = mod.summarize(rows)
     assert out["step0"] == m and out["by_cell"][0]["final_bits_action"] == pytest.approx(-0.21)
     assert "step0" not in mod.summarize([_row("a", 0, full=0.5)])  # rows from before the field: no summary
+
+
+def test_main_keeps_the_full_policys_first_raw_action_and_the_agents_deadzones(tmp_path, monkeypatch):
+    mod = _script()
+    import rltune.compression
+    import rltune.stage
+    import rltune.train
+    import rltune.tuners
+    from rltune.env_v1 import ACTION_LAYOUT_V1
+
+    calls = []
+
+    def predict(obs, deterministic=True):  # every call a different action: which one was kept shows
+        calls.append(obs)
+        a = np.full(len(ACTION_LAYOUT_V1), 0.01 * len(calls), np.float32)
+        return a
+
+    agent = SimpleNamespace(predict=predict, meta={"training": {"env_id": rltune.tuners.V1, "env": {
+        "zero_rule": "sensitivity", "tilt_deadzone": 0.3, "schedule_deadzone": 0.4}}})
+    monkeypatch.setattr(rltune.tuners, "_load_agent", lambda path: agent)
+
+    def episode(env, policy, seed=0, options=None):
+        for _ in range(3):  # three steps
+            policy.predict(None)
+        env.plan, env.layer_plan = {"final_bits": 4}, None
+        env.state = SimpleNamespace(model=None)
+        env.context = lambda i: None
+        return {"val_acc": 0.5}
+
+    monkeypatch.setattr(rltune.train, "run_episode", episode)
+    monkeypatch.setattr(rltune.stage, "final_report", lambda ctx, state, latency=False: {"test_acc": 0.5})
+    monkeypatch.setattr(rltune.compression, "layers", lambda model: [None] * 3)
+    out = tmp_path / "o.json"
+    assert mod.main(["--cells", "wine-mlp=16x", "--seeds", "1", "--out", str(out)]) == 0
+    r = json.loads(out.read_text())
+    s0 = r["rows"][0]["step0_action"]
+    assert s0["final_bits"] == pytest.approx(0.01)  # the full variant's first call, not a later step's
+    assert len(s0["bit_offsets"]) == 3 and len(s0["tilts"]) == 3  # the model's layers
+    assert r["step0"]["tilt_acts_at"] == 0.3 and r["step0"]["schedule_acts_at"] == 0.4

@@ -311,3 +311,55 @@ def test_b_may_be_several_series_the_larger_mean_each_n(tmp_path):
         assert res[k]["paired_sd_pt"]["1"] == pytest.approx(100 * 0.02 / 2 ** 0.5 / 2, abs=1e-3)
     # an unknown name on the right is refused like one on the left
     assert mod.main(["--series", f"r={r}:t", f"p={p}:t", "--pairs", "r:p|nope", "--out", str(out)]) == 2
+
+
+def test_b_ties_pair_with_the_first_name(tmp_path):
+    mod = _script()
+    r = _folder(tmp_path, "r", "t", {("c", s): [0.50] for s in range(3)})
+    p = _folder(tmp_path, "p", "t", {("c", s): [0.52] for s in range(3)})  # mean 0.52, agrees every seed
+    q = _folder(tmp_path, "q", "t", {("c", 0): [0.42], ("c", 1): [0.62], ("c", 2): [0.52]})  # mean 0.52, noisy
+    out = tmp_path / "n.json"
+    assert mod.main(["--series", f"r={r}:t", f"p={p}:t", f"q={q}:t", "--pairs", "r:p|q", "r:q|p", "--out", str(out)]) == 0
+    res = json.loads(out.read_text())["pairs"]
+    assert res["r:p|q"]["clearly_below_somewhere"] == 1 and res["r:q|p"]["clearly_below_somewhere"] == 0
+
+
+def test_a_b_series_missing_a_cell_seed_or_n_only_narrows_the_comparison(tmp_path):
+    mod = _script()
+    r = _folder(tmp_path, "r", "t", {(c, s): [0.6, 0.6, 0.6] for c in ("c1", "c2") for s in (0, 1)})
+    p = _folder(tmp_path, "p", "t", {(c, s): [0.5, 0.5, 0.5] for c in ("c1", "c2") for s in (0, 1)})
+    q = _folder(tmp_path, "q", "t", {("c1", 0): [0.5, 0.5]})  # q: only c1, seed 0, N = 1 and 2
+    out = tmp_path / "n.json"
+    assert mod.main(["--series", f"r={r}:t", f"p={p}:t", f"q={q}:t", "--pairs", "r:p|q", "--out", str(out)]) == 0
+    res = json.loads(out.read_text())["pairs"]["r:p|q"]
+    assert res["cells"] == 1
+    c = res["by_cell"][0]
+    assert c["seeds"] == 1 and c["compared_at"] == [1, 2] and c["not_compared_at"] == [4]
+
+
+def test_an_n_only_a_later_b_series_has_is_not_compared(tmp_path):
+    mod = _script()
+    r = _folder(tmp_path, "r", "t", {("c", s): [0.6, 0.6] for s in (0, 1)})
+    p = _folder(tmp_path, "p", "t", {("c", s): [0.5, 0.5] for s in (0, 1)})
+    q = _folder(tmp_path, "q", "t", {("c", s): [0.5, 0.5, 0.5] for s in (0, 1)})  # q alone has N = 4
+    out = tmp_path / "n.json"
+    assert mod.main(["--series", f"r={r}:t", f"p={p}:t", f"q={q}:t", "--pairs", "r:p|q", "--out", str(out)]) == 0
+    assert json.loads(out.read_text())["pairs"]["r:p|q"]["by_cell"][0]["not_compared_at"] == [4]
+
+
+def test_clearly_below_any_sees_a_shortfall_a_near_tie_in_b_hides(tmp_path):
+    """p beats r on every seed; q's mean is a hair higher but noisy: against the larger mean (q) the
+    shortfall is not resolved, against p it is."""
+    mod = _script()
+    r = _folder(tmp_path, "r", "t", {("c", s): [0.50] for s in range(3)})
+    p = _folder(tmp_path, "p", "t", {("c", s): [0.52] for s in range(3)})
+    q = _folder(tmp_path, "q", "t", {("c", 0): [0.42], ("c", 1): [0.62], ("c", 2): [0.5201]})
+    out = tmp_path / "n.json"
+    assert mod.main(["--series", f"r={r}:t", f"p={p}:t", f"q={q}:t", "--pairs", "r:p|q", "r:q", "r:p",
+                     "--out", str(out)]) == 0
+    res = json.loads(out.read_text())["pairs"]
+    assert res["r:p|q"]["clearly_below_somewhere"] == 0 and res["r:p|q"]["clearly_below_any_somewhere"] == 1
+    assert res["r:p|q"]["by_cell"][0]["clearly_below_any_at"] == [1]
+    for k in ("r:q", "r:p"):  # one series on the right: the two counts agree
+        assert res[k]["clearly_below_somewhere"] == res[k]["clearly_below_any_somewhere"]
+    assert res["r:p"]["clearly_below_any_somewhere"] == 1 and res["r:q"]["clearly_below_any_somewhere"] == 0

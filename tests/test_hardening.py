@@ -321,3 +321,25 @@ def test_budgets_round_trip_and_argument_mistakes_are_one_line(digits):
     with pytest.raises(RltuneError, match="cannot be met"):
         rltune.compress(p, target="1000x")
     assert time.perf_counter() - t0 < 2.0  # refused before any training
+
+
+def test_write_atomic_never_replaces_a_folder_or_a_pipe(tmp_path):
+    """As root, os.replace onto /dev/null would replace the device: anything there that is not a
+    regular file is refused with one line, and left as it was."""
+    import os
+    import stat
+
+    from rltune.errors import RltuneError, write_atomic
+
+    d = tmp_path / "folder"
+    d.mkdir()
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    for p in (d, fifo):
+        with pytest.raises(RltuneError, match="not a regular file"):
+            write_atomic(p, b"x", "--out")
+    assert d.is_dir() and stat.S_ISFIFO(os.stat(fifo).st_mode)
+    assert sorted(x.name for x in tmp_path.iterdir()) == ["folder", "pipe"]  # no temporary left
+    f = tmp_path / "f.json"
+    f.write_bytes(b"old")
+    assert write_atomic(f, b"new") == 3 and f.read_bytes() == b"new"
