@@ -14,8 +14,11 @@ either arm are left out, and so are diverged episodes (told by their divergence 
 
 Writes ``{"command", "monitors", "episodes", "tasks", "mean_effect_pt", "sd_effect_pt",
 "share_positive", "oracle_gain_pt", "split_half": {"tasks", "pearson", "spearman"},
-"by_family", "by_recipe_bits", "predicted": {"features", "folds", "r2", "sign_accuracy", "gain_pt"},
-"rows"}``:
+"by_family", "by_recipe_bits", "below_recipe_by_recipe_bits", "predicted": {"features", "folds", "r2",
+"sign_accuracy", "gain_pt"}, "rows"}``:
+``below_recipe_by_recipe_bits`` is the same per-task effect for a cut one bit *under* the recipe's
+width against the recipe's width (at 8 bits, where the plus-one width is the recipe's own, the
+cut the policy can take goes there), grouped by the recipe's width;
 ``split_half`` correlates the per-task effect over two halves of each task's episodes (each arm's
 episodes dealt alternately; a per-task signal repeats, noise does not); ``oracle_gain_pt`` is the mean over tasks of max(effect, 0), what cutting
 exactly where it pays would add; ``predicted`` is a ridge regression from the family (one-hot),
@@ -56,13 +59,16 @@ def load(monitors: list[Path], reward_scale: float, divergence_penalty: float = 
     return rows
 
 
-def effects(rows: list[dict], min_episodes: int) -> dict[str, dict]:
-    """Per task: the cut's effect (mean at the recipe's width − mean one bit above) and its counts."""
+def effects(rows: list[dict], min_episodes: int, arms: tuple[int, int] = (0, 1)) -> dict[str, dict]:
+    """Per task: the cut's effect (mean at the recipe's width − mean one bit above) and its counts;
+    ``arms=(-1, 0)``: a cut one bit below the recipe's width against the recipe's (``cut`` and
+    ``plus1`` then count those two arms)."""
     by: dict[str, dict[int, list[float]]] = {}
     meta: dict[str, dict] = {}
+    lo, hi = arms
     for r in rows:
-        if r["db"] in (0, 1):
-            by.setdefault(r["task"], {0: [], 1: []})[r["db"]].append(r["acc"])
+        if r["db"] in (lo, hi):
+            by.setdefault(r["task"], {0: [], 1: []})[r["db"] - lo].append(r["acc"])
             meta.setdefault(r["task"], {"recipe_bits": r["recipe_bits"], "float_val_acc": r["float_val_acc"], "ratios": []})
             meta[r["task"]]["ratios"].append(r["ratio"])
     out = {}
@@ -106,6 +112,7 @@ def main(argv: list[str] | None = None) -> int:
     except RltuneError as e:
         p.error(str(e))
     eff = effects(rows, a.min_episodes)
+    below = effects(rows, a.min_episodes, arms=(-1, 0))  # a bit under the recipe's width against it
     if len(eff) < max(3, a.folds):
         p.error(f"only {len(eff)} tasks have {a.min_episodes}+ episodes in both arms: too few")
 
@@ -145,6 +152,7 @@ def main(argv: list[str] | None = None) -> int:
         "tasks": len(eff), "mean_effect_pt": round(float(y.mean()), 3), "sd_effect_pt": round(float(y.std(ddof=1)), 3),
         "share_positive": round(float((y > 0).mean()), 3), "oracle_gain_pt": round(float(np.clip(y, 0, None).mean()), 3),
         "split_half": split, "by_family": _group(eff, "family"), "by_recipe_bits": _group(eff, "recipe_bits"),
+        "below_recipe_by_recipe_bits": _group(below, "recipe_bits") if below else {},
         "predicted": {"features": [f"family={f}" for f in fams] + ["recipe_bits", "float_val_acc", "log_ratio"],
                       "folds": a.folds, "r2": round(r2, 3), "sign_accuracy": round(float(((pred > 0) == (y > 0)).mean()), 3),
                       "gain_pt": round(float(np.where(pred > 0, y, 0.0).mean()), 3)},

@@ -41,6 +41,7 @@ def test_cut_effect_per_task_split_half_and_groups(tmp_path):
     assert res["oracle_gain_pt"] == pytest.approx(sum(max(e, 0) for e in effects.values()) / 12, abs=1e-3)
     assert set(res["by_family"]) == {"synthetic", "mnist1d"} and set(res["by_recipe_bits"]) == {"3", "4", "5"}
     assert {"r2", "sign_accuracy", "gain_pt"} <= set(res["predicted"])
+    assert res["below_recipe_by_recipe_bits"] == {}  # no episode under the recipe's width
 
 
 def test_cut_effect_split_half_sees_noise_and_the_ridge_sees_a_width_rule(tmp_path):
@@ -74,3 +75,18 @@ def test_cut_effect_refuses_too_few_tasks_and_missing_files(tmp_path):
     with pytest.raises(SystemExit) as e:  # not UTF-8: one clear line, no traceback
         _script().main(["--monitors", str(tmp_path / "bin.csv"), "--out", str(tmp_path / "c.json")])
     assert e.value.code == 2 and not (tmp_path / "c.json").exists()
+
+
+def test_below_the_recipe_is_its_own_arm_pair():
+    """A cut under the recipe's width (db -1) against the recipe's (db 0), not against plus one."""
+    mod = _script()
+    rows = ([{"task": "t8", "acc": a, "db": db, "recipe_bits": 8, "float_val_acc": 0.9, "ratio": 5.0}
+             for db, a in ((-1, -0.3), (-1, -0.1), (0, 0.0), (0, 0.2))]
+            + [{"task": "t4", "acc": a, "db": db, "recipe_bits": 4, "float_val_acc": 0.9, "ratio": 9.0}
+               for db, a in ((0, 0.5), (1, 0.1), (-1, 2.0))])
+    below = mod.effects(rows, 1, arms=(-1, 0))
+    assert below["t8"]["effect_pt"] == pytest.approx(-0.2 - 0.1) and below["t8"]["cut"] == 2
+    assert below["t4"]["effect_pt"] == pytest.approx(2.0 - 0.5)
+    cut = mod.effects(rows, 1)
+    assert set(cut) == {"t4"} and cut["t4"]["effect_pt"] == pytest.approx(0.4)  # t8 has no plus-one arm
+    assert mod._group(below, "recipe_bits")["8"]["mean_pt"] == pytest.approx(-0.3)
