@@ -65,25 +65,21 @@ def load_series(folder: Path, tuner: str) -> dict[tuple[str, str], dict[int, dic
     (the largest budget of each cell and seed)."""
     path = folder / "cells" / "results.jsonl"
     best: dict[tuple[str, str, int], tuple[int, dict[int, float]]] = {}
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                r = json.loads(line)
-                if not isinstance(r, dict):
-                    raise TypeError("not an object")
-                if r.get("tuner") != tuner or "part" in r:
-                    continue
-                curve = {_whole(a["episodes"]): _number(a["test_acc"]) for a in r["anytime"]}
-                key = (str(r["scenario"]), str(r["target"]), _whole(r["seed"]))
-                budget = _number(r["budget_stages"])
-            except (ValueError, KeyError, TypeError, OverflowError, RecursionError) as e:
-                raise ValueError(f"{path}:{n}: not a result row of the harness ({type(e).__name__}: {e})") from None
-            if not curve or not math.isfinite(budget) or not all(0.0 <= v <= 1.0 for v in curve.values()):
-                raise ValueError(f"{path}:{n}: a {tuner} row without an anytime curve of accuracies in [0, 1] and a finite budget")
-            if key not in best or budget > best[key][0]:
-                best[key] = (budget, curve)
+    from rltune.harness import strict_results
+
+    for n, r in strict_results(path):
+        if r.get("tuner") != tuner or "part" in r:
+            continue
+        try:
+            curve = {_whole(a["episodes"]): _number(a["test_acc"]) for a in r["anytime"]}
+            key = (str(r["scenario"]), str(r["target"]), _whole(r["seed"]))
+            budget = _number(r["budget_stages"])
+        except (ValueError, KeyError, TypeError, OverflowError, RecursionError) as e:
+            raise ValueError(f"{path}:{n}: not a result row of the harness ({type(e).__name__}: {e})") from None
+        if not curve or not math.isfinite(budget) or not all(0.0 <= v <= 1.0 for v in curve.values()):
+            raise ValueError(f"{path}:{n}: a {tuner} row without an anytime curve of accuracies in [0, 1] and a finite budget")
+        if key not in best or budget > best[key][0]:
+            best[key] = (budget, curve)
     out: dict[tuple[str, str], dict[int, dict[int, float]]] = {}
     for (scenario, target, seed), (_, curve) in best.items():
         out.setdefault((Path(scenario).name, target), {})[seed] = curve

@@ -23,29 +23,25 @@ from pathlib import Path
 def read(folder: Path, tuners: set[str] | None) -> dict:
     path = folder / "cells" / "results.jsonl"
     best: dict[tuple, tuple[float, dict]] = {}
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                r = json.loads(line)
-                if not isinstance(r, dict):
-                    raise TypeError("not an object")
-                if "part" in r or (tuners and r.get("tuner") not in tuners):
-                    continue
-                t = r["test"]
-                bits = tuple(int(x["bits"]) for x in t["layers"])
-                acc, sp, budget = float(t["test_acc"]), float(t["sparsity"]), float(r["budget_stages"])
-                seed = r["seed"]
-                if isinstance(seed, bool) or not isinstance(seed, int):
-                    raise TypeError(f"seed {seed!r} is not a whole number")
-                key = (Path(str(r["scenario"])).name, str(r["target"]), str(r["tuner"]), seed)
-            except (ValueError, KeyError, TypeError, OverflowError, RecursionError) as e:
-                raise ValueError(f"{path}:{n}: not a result row of the harness ({type(e).__name__}: {e})") from None
-            if not bits or not all(math.isfinite(x) for x in (acc, sp, budget)):
-                raise ValueError(f"{path}:{n}: a row without layers or with a non-finite number")
-            if key not in best or budget > best[key][0]:
-                best[key] = (budget, {"bits": bits, "acc": acc, "sparsity": sp})
+    from rltune.harness import strict_results
+
+    for n, r in strict_results(path):
+        if "part" in r or (tuners and r.get("tuner") not in tuners):
+            continue
+        try:
+            t = r["test"]
+            bits = tuple(int(x["bits"]) for x in t["layers"])
+            acc, sp, budget = float(t["test_acc"]), float(t["sparsity"]), float(r["budget_stages"])
+            seed = r["seed"]
+            if isinstance(seed, bool) or not isinstance(seed, int):
+                raise TypeError(f"seed {seed!r} is not a whole number")
+            key = (Path(str(r["scenario"])).name, str(r["target"]), str(r["tuner"]), seed)
+        except (ValueError, KeyError, TypeError, OverflowError, RecursionError) as e:
+            raise ValueError(f"{path}:{n}: not a result row of the harness ({type(e).__name__}: {e})") from None
+        if not bits or not all(math.isfinite(x) for x in (acc, sp, budget)):
+            raise ValueError(f"{path}:{n}: a row without layers or with a non-finite number")
+        if key not in best or budget > best[key][0]:
+            best[key] = (budget, {"bits": bits, "acc": acc, "sparsity": sp})
     cells: dict[str, dict[str, list[dict]]] = {}
     for (scenario, target, tuner, _), (_, v) in sorted(best.items()):
         cells.setdefault(f"{scenario}@{target}", {}).setdefault(tuner, []).append(v)

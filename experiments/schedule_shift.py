@@ -53,30 +53,28 @@ def read_shift(folder: Path, tuner: str) -> dict:
     cell and seed) in ``folder/cells/results.jsonl``."""
     path = folder / "cells" / "results.jsonl"
     best: dict[tuple, tuple[float, list[float]]] = {}
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                r = json.loads(line)
-                if not isinstance(r, dict) or r.get("tuner") != tuner or "part" in r:
-                    continue
-                act = r["config"]["action"]
-                if not isinstance(act, list) or not all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in act):
-                    raise TypeError("config.action is not a list of numbers")
-                a = [float(x) for x in act]
-                budget, seed = r["budget_stages"], r["seed"]
-                if isinstance(budget, bool) or not isinstance(budget, (int, float)) or not math.isfinite(budget):
-                    raise TypeError(f"budget_stages {budget!r} is not a finite number")
-                if isinstance(seed, bool) or not isinstance(seed, int):
-                    raise TypeError(f"seed {seed!r} is not a whole number")
-                key = (str(r["scenario"]), str(r["target"]), seed)
-            except (ValueError, KeyError, TypeError, OverflowError, RecursionError) as e:
-                raise ValueError(f"{path}:{n}: not a result row with config.action ({type(e).__name__}: {e})") from None
-            if len(a) != len(ENTRIES) or not all(math.isfinite(x) and -1.0 <= x <= 1.0 for x in [*a]):
-                raise ValueError(f"{path}:{n}: config.action is not {len(ENTRIES)} numbers in [-1, 1]")
-            if key not in best or budget > best[key][0]:
-                best[key] = (budget, a)
+    from rltune.harness import strict_results
+
+    for n, r in strict_results(path):
+        if r.get("tuner") != tuner or "part" in r:
+            continue
+        try:
+            act = r["config"]["action"]
+            if not isinstance(act, list) or not all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in act):
+                raise TypeError("config.action is not a list of numbers")
+            a = [float(x) for x in act]
+            budget, seed = r["budget_stages"], r["seed"]
+            if isinstance(budget, bool) or not isinstance(budget, (int, float)) or not math.isfinite(budget):
+                raise TypeError(f"budget_stages {budget!r} is not a finite number")
+            if isinstance(seed, bool) or not isinstance(seed, int):
+                raise TypeError(f"seed {seed!r} is not a whole number")
+            key = (str(r["scenario"]), str(r["target"]), seed)
+        except (ValueError, KeyError, TypeError, OverflowError, RecursionError) as e:
+            raise ValueError(f"{path}:{n}: not a result row with config.action ({type(e).__name__}: {e})") from None
+        if len(a) != len(ENTRIES) or not all(math.isfinite(x) and -1.0 <= x <= 1.0 for x in a):
+            raise ValueError(f"{path}:{n}: config.action is not {len(ENTRIES)} numbers in [-1, 1]")
+        if key not in best or budget > best[key][0]:
+            best[key] = (budget, a)
     cells: dict[tuple, list[list[float]]] = {}
     for (scenario, target, _), (_, a) in best.items():
         cells.setdefault((scenario, target), []).append(a)

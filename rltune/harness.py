@@ -20,7 +20,7 @@ import uuid
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Iterator
 
 from rltune.errors import RltuneError, make_folder
 
@@ -146,6 +146,24 @@ def read_results(path: Path) -> list[dict[str, Any]]:
             except json.JSONDecodeError:
                 continue
     return rows
+
+
+def strict_results(path: str | Path) -> Iterator[tuple[int, dict[str, Any]]]:
+    """Each record of a ``results.jsonl`` with its line number, for scripts that read results
+    strictly (:func:`read_results` skips a torn line on purpose: the harness reruns that cell).
+    Blank lines are skipped; a line that is not a JSON object is a ValueError naming the file and
+    line. Opening errors (OSError, UnicodeDecodeError) are the caller's to tell."""
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                r = json.loads(line)
+            except (ValueError, RecursionError) as e:
+                raise ValueError(f"{path}:{n}: not a result row ({type(e).__name__}: {e})") from None
+            if not isinstance(r, dict):
+                raise ValueError(f"{path}:{n}: not a result row (not an object)")
+            yield n, r
 
 
 def _append(path: Path, row: dict[str, Any]) -> None:

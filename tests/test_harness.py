@@ -132,3 +132,17 @@ def test_split_cells_merge_their_records_of_new_bests_in_turn():
     merged = H.merge_improvements(rows)
     # global order 0 (0.5), 1 (0.6), 3 (0.8, part 1), 4 (0.8, part 0: a tie, not a new best)
     assert [(e["episode"], e["part"], e["val_acc"]) for e in merged] == [(0, 0, 0.5), (1, 1, 0.6), (3, 1, 0.8)]
+
+
+def test_strict_results_numbers_lines_and_refuses_what_is_not_an_object(tmp_path):
+    from rltune.harness import strict_results
+
+    f = tmp_path / "results.jsonl"
+    f.write_text('{"a": 1}\n\n{"b": 2}\n')
+    assert list(strict_results(f)) == [(1, {"a": 1}), (3, {"b": 2})]
+    for bad, says in (('{"a": 1}\n[1]\n', ":2: not a result row (not an object)"), ('{"a": 1\n', ":1: not a result row"),
+                      ("[" * 100_000 + "\n", ":1: not a result row")):
+        f.write_text(bad)
+        with pytest.raises(ValueError) as e:
+            list(strict_results(f))
+        assert str(e.value).startswith(str(f)) and says in str(e.value)
