@@ -124,12 +124,9 @@ def step0_summary(acts: list[dict]) -> dict:
 
 def read_summary_cells(folder: Path) -> dict[str, list[str]]:
     """{scenario: [targets]} of an anytime folder's summary.json."""
-    d = json.loads((folder / "summary.json").read_text(encoding="utf-8"))
-    st = d["scenario_targets"]
-    if not isinstance(st, dict) or not all(isinstance(v, list) and all(isinstance(t, str) for t in v)
-                                           for v in st.values()):
-        raise ValueError("scenario_targets is not {scenario: [targets]}")
-    return st
+    from rltune.harness import anytime_cells
+
+    return anytime_cells(folder)
 
 
 def read_rules(folder: Path) -> dict[tuple[str, str], dict[str, float]]:

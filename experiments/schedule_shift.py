@@ -234,9 +234,10 @@ def main(argv: list[str] | None = None) -> int:
                 raise RltuneError(f"--cells {c!r}: expected SCENARIO=TARGET")
             jobs.append({"scenario": str(resolve_scenario(sc)), "name": Path(sc).stem, "target": t, "family": "cells"})
         if a.cells_from:
+            from rltune.harness import anytime_cells
+
             try:
-                st = json.loads((Path(a.cells_from) / "summary.json").read_text(encoding="utf-8"))["scenario_targets"]
-                cells = [(str(sc), str(t)) for sc, ts in st.items() for t in ts]
+                cells = [(sc, t) for sc, ts in anytime_cells(a.cells_from).items() for t in ts]
             except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError, AttributeError, RecursionError) as e:
                 raise RltuneError(f"--cells-from {a.cells_from}: not an anytime folder's summary.json ({type(e).__name__})") from None
             for sc, t in cells:

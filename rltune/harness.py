@@ -166,6 +166,18 @@ def strict_results(path: str | Path) -> Iterator[tuple[int, dict[str, Any]]]:
             yield n, r
 
 
+def anytime_cells(folder: str | Path) -> dict[str, list[str]]:
+    """``{scenario: [targets]}`` of an ``experiments/anytime.py`` folder (its top-level
+    ``summary.json``, ``scenario_targets``): the cells a script plays again. Not such a record: an
+    OSError, UnicodeDecodeError, ValueError, KeyError or TypeError, for the caller to tell in one line."""
+    d = json.loads((Path(folder) / "summary.json").read_text(encoding="utf-8"))
+    st = d["scenario_targets"]
+    if not isinstance(st, dict) or not all(isinstance(v, list) and all(isinstance(t, str) for t in v)
+                                           for v in st.values()):
+        raise ValueError("scenario_targets is not {scenario: [targets]}")
+    return st
+
+
 def _append(path: Path, row: dict[str, Any]) -> None:
     with open(path, "a") as f:
         f.write(json.dumps(row) + "\n")

@@ -286,3 +286,12 @@ def test_t_is_over_cells_not_seeds(tmp_path):
     assert s["n"] == 6 and s["cells"] == 2 and s["mean"]["temperature"] == pytest.approx(-0.3)
     assert s["sd"]["temperature"] == pytest.approx(0.1414, abs=1e-4)
     assert s["t"]["temperature"] == pytest.approx(-0.3 / (0.1414 / 2 ** 0.5), rel=1e-3)
+
+
+def test_cells_from_a_summary_whose_targets_are_not_a_list_is_one_line(tmp_path, capsys):
+    """The shared reader (harness.anytime_cells) checks the shape: before, "8x" was read as two targets."""
+    mod = _script()
+    (tmp_path / "summary.json").write_text(json.dumps({"scenario_targets": {"digits-mlp": "8x"}}))
+    assert mod.main(["--shift", "alpha=-0.2", "--cells-from", str(tmp_path), "--out", str(tmp_path / "o.json")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "--cells-from" in err and len(err.splitlines()) == 1, err
