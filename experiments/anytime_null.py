@@ -35,7 +35,19 @@ the N one side lacks, e.g. a scenario capped with ``--max-episodes-for`` in one 
 cell counts in ``ge_every_n_from_2`` only if some N >= 2 is compared. A pair without a cell in
 common is an error.
 
-Writes ``{"command", "series", "pairs": {"A:B": {...}}}``; bad input exits with one line and status 2.
+``--oracle NAME=X|Y|Z`` adds a series NAME that, per cell and N, *is* the member series with the
+largest mean over the seeds all members share (the first named on ties): a policy that always plays
+the best of them on that cell, known with hindsight. How often can even that be >= every rule at a
+handful of seeds? ``--blocks K`` answers without the hindsight: every pair is also compared on
+consecutive blocks of K seeds (of all seeds any series has, sorted; a last block short of K is
+dropped), and on a block an oracle chooses its member on the seeds *outside* the block, as a policy
+told the best rule per cell by other seeds' episodes would (on the full comparison it keeps the
+in-sample choice). A pair then also has ``blocks``: ``size``, ``seeds`` (per block), and per block
+``ge_every_n``, ``ge_every_n_from_2`` and ``clearly_below_somewhere``, with their ``_mean`` over the
+blocks.
+
+Writes ``{"command", "series", "oracles", "pairs": {"A:B": {...}}}``; bad input exits with one line
+and status 2.
 """
 
 from __future__ import annotations
@@ -83,6 +95,55 @@ def load_series(folder: Path, tuner: str) -> dict[tuple[str, str], dict[int, dic
     out: dict[tuple[str, str], dict[int, dict[int, float]]] = {}
     for (scenario, target, seed), (_, curve) in best.items():
         out.setdefault((Path(scenario).name, target), {})[seed] = curve
+    return out
+
+
+def oracle(series: dict[str, dict], members: list[str], choose_on=None) -> dict:
+    """The series that per cell and N is the member with the largest mean over the seeds all members
+    share (``choose_on(cell, seeds)`` narrows the seeds the choice reads; the values are every shared
+    seed's). {(scenario, target): {seed: {N: accuracy}}}, like :func:`load_series`."""
+    out: dict = {}
+    for cell in set.intersection(*(set(series[m]) for m in members)):
+        seeds = sorted(set.intersection(*(set(series[m][cell]) for m in members)))
+        pick_on = choose_on(cell, seeds) if choose_on else seeds
+        if not seeds or not pick_on:
+            continue
+        ns = set.intersection(*(set(series[m][cell][s]) for m in members for s in seeds))
+        for n in ns:
+            best = max(members, key=lambda m: (statistics.fmean(series[m][cell][s][n] for s in pick_on),
+                                                -members.index(m)))
+            for s in seeds:
+                out.setdefault(cell, {}).setdefault(s, {})[n] = series[best][cell][s][n]
+    return out
+
+
+def blocks_of(series: dict[str, dict], size: int) -> list[list[int]]:
+    """Consecutive blocks of ``size`` seeds of all seeds any series has (sorted); a short last one dropped."""
+    seeds = sorted({s for ser in series.values() for by in ser.values() for s in by})
+    return [seeds[i:i + size] for i in range(0, len(seeds) - size + 1, size)]
+
+
+def compare_blocks(series: dict[str, dict], oracles: dict[str, list[str]], a: str, b: str, size: int) -> dict:
+    """The pair ``a:b`` on each block of ``size`` seeds, oracles choosing on the seeds outside it."""
+    out: dict = {"size": size, "seeds": [], "ge_every_n": [], "ge_every_n_from_2": [], "clearly_below_somewhere": []}
+    for block in blocks_of(series, size):
+        inside = set(block)
+        sub = {name: {cell: {s: v for s, v in by.items() if s in inside} for cell, by in ser.items()}
+               for name, ser in series.items()}
+        for name, members in oracles.items():
+            full = oracle(series, members, choose_on=lambda cell, seeds: [s for s in seeds if s not in inside])
+            sub[name] = {cell: {s: v for s, v in by.items() if s in inside} for cell, by in full.items()}
+        try:
+            r = compare(sub, a, b)
+        except ValueError:
+            continue  # no cell with seeds in this block
+        out["seeds"].append(block)
+        for k in ("ge_every_n", "ge_every_n_from_2", "clearly_below_somewhere"):
+            out[k].append(r[k])
+    if not out["seeds"]:
+        raise ValueError(f"--blocks {size}: --pairs {a}:{b} has no block of {size} seeds with a cell in common")
+    for k in ("ge_every_n", "ge_every_n_from_2", "clearly_below_somewhere"):
+        out[k + "_mean"] = round(statistics.fmean(out[k]), 3)
     return out
 
 
@@ -140,6 +201,9 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--series", nargs="+", required=True, metavar="NAME=DIR:TUNER")
     p.add_argument("--pairs", nargs="+", required=True, metavar="A:B", help="A >= B at every N? (A and B may be X|Y)")
+    p.add_argument("--oracle", nargs="+", default=[], metavar="NAME=X|Y",
+                   help="a series that per cell is the member with the best mean (see the docstring)")
+    p.add_argument("--blocks", type=int, metavar="K", help="also compare on blocks of K seeds")
     p.add_argument("--out", required=True)
     a = p.parse_args(argv)
 
@@ -149,6 +213,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if not a.out.strip():
             raise ValueError("--out: give the JSON file to write")
+        if a.blocks is not None and a.blocks < 1:
+            raise ValueError(f"--blocks {a.blocks}: give a whole number of seeds >= 1")
         specs: dict[str, tuple[Path, str]] = {}
         for s in a.series:
             name, sep, rest = s.partition("=")
@@ -158,10 +224,23 @@ def main(argv: list[str] | None = None) -> int:
             if name in specs:
                 raise ValueError(f"--series: {name!r} named twice")
             specs[name] = (Path(folder), tuner)
+        oracles: dict[str, list[str]] = {}
+        for o in a.oracle:
+            name, sep, rest = o.partition("=")
+            members = rest.split("|")
+            if not (sep and name) or "|" in name or ":" in name or not all(members):
+                raise ValueError(f"--oracle {o!r}: expected NAME=X|Y of --series names (a NAME without '|' or ':')")
+            if name in specs or name in oracles:
+                raise ValueError(f"--oracle: {name!r} named twice")
+            unknown = [m for m in members if m not in specs]
+            if unknown or len(set(members)) != len(members):
+                raise ValueError(f"--oracle {o!r}: its members must be distinct --series names"
+                                 + (f"; unknown {unknown}" if unknown else ""))
+            oracles[name] = members
         pairs = []
         for q in a.pairs:
             left, sep, right = q.rpartition(":")
-            unknown = [x for x in [*left.split("|"), *right.split("|")] if x not in specs]
+            unknown = [x for x in [*left.split("|"), *right.split("|")] if x not in specs and x not in oracles]
             if not sep or unknown:
                 raise ValueError(f"--pairs {q!r}: expected A:B of --series names (A and B may be X|Y)"
                                  + (f"; unknown {unknown}" if sep else ""))
@@ -171,9 +250,18 @@ def main(argv: list[str] | None = None) -> int:
             series[name] = load_series(folder, tuner)
             if not series[name]:
                 raise ValueError(f"--series {name}: no {tuner} rows in {folder / 'cells' / 'results.jsonl'}")
+        loaded = dict(series)
+        for name, members in oracles.items():
+            series[name] = oracle(loaded, members)
+            if not series[name]:
+                raise ValueError(f"--oracle {name}: its members have no cell and seed in common")
         result = {"command": recorded_command(),
                   "series": {n: {"folder": str(f), "tuner": t, "cells": len(series[n])} for n, (f, t) in specs.items()},
+                  "oracles": {n: {"members": m, "cells": len(series[n])} for n, m in oracles.items()},
                   "pairs": {f"{x}:{y}": compare(series, x, y) for x, y in pairs}}
+        if a.blocks is not None:
+            for x, y in pairs:
+                result["pairs"][f"{x}:{y}"]["blocks"] = compare_blocks(loaded, oracles, x, y, a.blocks)
         out = Path(a.out)
         if any(out.resolve() == (f / "cells" / "results.jsonl").resolve() for f, _ in specs.values()):
             raise ValueError(f"--out {out}: that is one of the series' results")
@@ -183,7 +271,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     for k, v in result["pairs"].items():
         print(f"{k}: >= at every N in {v['ge_every_n']} of {v['cells']} cells ({v['ge_every_n_from_2']} from N = 2); "
-              f"mean diff pt {v['mean_diff_pt']}")
+              f"mean diff pt {v['mean_diff_pt']}"
+              + (f"; on blocks of {v['blocks']['size']} seeds {v['blocks']['ge_every_n']} (mean "
+                 f"{v['blocks']['ge_every_n_mean']})" if "blocks" in v else ""))
     print(f"wrote {out}")
     return 0
 

@@ -363,3 +363,61 @@ def test_clearly_below_any_sees_a_shortfall_a_near_tie_in_b_hides(tmp_path):
     for k in ("r:q", "r:p"):  # one series on the right: the two counts agree
         assert res[k]["clearly_below_somewhere"] == res[k]["clearly_below_any_somewhere"]
     assert res["r:p"]["clearly_below_any_somewhere"] == 1 and res["r:q"]["clearly_below_any_somewhere"] == 0
+
+
+def _one(root, name, tuner, accs: dict):
+    """A one-episode tuner's folder: ``accs[(cell, seed)]`` its test accuracy (N = 1 only)."""
+    rows = [{"tuner": tuner, "scenario": f"x/{cell}.yaml", "target": "8x", "seed": seed, "budget_stages": 6,
+             "anytime": [{"episodes": 1, "test_acc": a}]} for (cell, seed), a in accs.items()]
+    d = root / name
+    (d / "cells").mkdir(parents=True)
+    (d / "cells" / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return d
+
+
+def test_oracle_plays_the_member_with_the_best_mean_and_blocks_choose_it_elsewhere(tmp_path):
+    mod = _script()
+    # cell c: x is better on seeds 0, 1 and 4, y on seeds 2, 3
+    x = _one(tmp_path, "x", "t", {("c", 0): 0.6, ("c", 1): 0.6, ("c", 2): 0.5, ("c", 3): 0.5, ("c", 4): 0.9})
+    y = _one(tmp_path, "y", "t", {("c", 0): 0.5, ("c", 1): 0.5, ("c", 2): 0.7, ("c", 3): 0.7, ("c", 4): 0.1})
+    # cell d: the two tie everywhere; the oracle is the first named
+    for name, folder in (("x", x), ("y", y)):
+        with (folder / "cells" / "results.jsonl").open("a") as f:
+            for s in range(5):
+                f.write(json.dumps({"tuner": "t", "scenario": "x/d.yaml", "target": "8x", "seed": s, "budget_stages": 6,
+                                    "anytime": [{"episodes": 1, "test_acc": 0.4}]}) + "\n")
+    out = tmp_path / "o.json"
+    args = ["--series", f"x={x}:t", f"y={y}:t", "--oracle", "best=x|y", "--pairs", "best:x|y", "x:best",
+            "--blocks", "2", "--out", str(out)]
+    assert mod.main(args) == 0
+    r = json.loads(out.read_text())
+    assert r["oracles"] == {"best": {"members": ["x", "y"], "cells": 2}}
+    full = r["pairs"]["best:x|y"]
+    # in-sample over seeds 0-4 (x 0.62, y 0.50 in c): the oracle is x, so it ties the better member
+    assert full["ge_every_n"] == 2 and full["mean_diff_pt"]["1"] == pytest.approx(0.0)
+    # blocks of 2 of seeds 0..4: [0, 1] and [2, 3] (seed 4 is a short block, dropped). On [0, 1] the
+    # choice reads seeds 2, 3, 4 (x 0.633, y 0.5: x), right; on [2, 3] it reads 0, 1, 4 (x 0.7, y 0.367:
+    # x), wrong in the block (x 0.5 against y 0.7). d ties in both.
+    b = full["blocks"]
+    assert b["size"] == 2 and b["seeds"] == [[0, 1], [2, 3]]
+    assert b["ge_every_n"] == [2, 1] and b["ge_every_n_mean"] == pytest.approx(1.5)
+    assert b["clearly_below_somewhere"] == [0, 1]  # 0.5 against 0.7 on both seeds of the block
+    assert r["pairs"]["x:best"]["blocks"]["ge_every_n"] == [2, 2]  # the oracle chose x in both blocks
+
+
+@pytest.mark.parametrize("extra, says", [(["--blocks", "0"], "--blocks 0"),
+                                         (["--oracle", "best=x|z"], "unknown ['z']"),
+                                         (["--oracle", "best=x|x"], "distinct"),
+                                         (["--oracle", "x=x|y"], "named twice"),
+                                         (["--oracle", "b|c=x|y"], "expected NAME=X|Y"),
+                                         (["--oracle", "best=x|"], "expected NAME=X|Y"),
+                                         (["--blocks", "9"], "no block of 9 seeds")])
+def test_oracle_and_blocks_bad_input_is_one_line(tmp_path, capsys, extra, says):
+    mod = _script()
+    x = _one(tmp_path, "x", "t", {("c", 0): 0.6, ("c", 1): 0.5})
+    y = _one(tmp_path, "y", "t", {("c", 0): 0.5, ("c", 1): 0.7})
+    out = tmp_path / "o.json"
+    assert mod.main(["--series", f"x={x}:t", f"y={y}:t", "--pairs", "x:y", *extra, "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("anytime_null: ") and says in err and "\n" not in err
+    assert not out.exists()
