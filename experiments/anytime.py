@@ -238,17 +238,20 @@ def plot(rows: list[dict[str, Any]], out: Path, max_episodes: dict[str, int]) ->
     return files
 
 
-def held_out_tasks(n: int, seed: int, n_tasks: int, folder: Path) -> dict[str, list[str]]:
+def held_out_tasks(n: int, seed: int, n_tasks: int, folder: Path, trained_on: bool = False) -> dict[str, list[str]]:
     """The first ``n`` held-out tasks of a generated spec as scenario files in ``folder`` (written
-    once; the same spec always gives the same tasks), each at its own target."""
+    once; the same spec always gives the same tasks), each at its own target. ``trained_on``: the
+    first ``n`` tasks agents train on instead, the families in turn (:func:`rltune.tasks.trained_on`)."""
     import yaml
 
     from rltune.tasks import TaskSpec, generate_tasks
+    from rltune.tasks import trained_on as pick
 
-    held = [t for t in generate_tasks(TaskSpec(seed=seed, n_tasks=n_tasks)) if t.held_out][:n]
+    spec = TaskSpec(seed=seed, n_tasks=n_tasks)
+    tasks = pick(spec, n) if trained_on else [t for t in generate_tasks(spec) if t.held_out][:n]
     folder.mkdir(parents=True, exist_ok=True)
     out = {}
-    for t in held:
+    for t in tasks:
         f = folder / f"{t.name}.yaml"
         text = yaml.safe_dump(t.load().to_dict(), sort_keys=False)
         if not f.exists() or f.read_text() != text:
@@ -278,6 +281,10 @@ def main(argv: list[str] | None = None) -> int:
                    help="add the first N held-out generated tasks of TaskSpec(seed=--task-seed, n_tasks=--n-tasks) "
                         "(rltune.tasks; never trained on): each task's scenario is written to OUT/tasks/NAME.yaml "
                         "and evaluated at its own target")
+    p.add_argument("--train-tasks", type=int, default=0, metavar="N",
+                   help="add the first N generated tasks agents train on (not held out) of the same spec, the "
+                        "families in turn, written and evaluated as --held-out-tasks's: what a rule does where a "
+                        "policy learned")
     p.add_argument("--baseline-from", metavar="DIR",
                    help="another anytime folder whose finished cells of the tuners that need no agent (the rules "
                         "and optuna-*) join this summary for the same scenarios and targets, so a new agent is "
@@ -300,13 +307,18 @@ def main(argv: list[str] | None = None) -> int:
 
     torch.set_num_threads(1)
     scenario_targets = _pairs(a.scenario_targets, "--scenario-targets", _targets) if a.scenario_targets \
-        else ({} if a.held_out_tasks else dict(DEFAULT_TARGETS))
+        else ({} if a.held_out_tasks or a.train_tasks else dict(DEFAULT_TARGETS))
+    if a.held_out_tasks < 0 or a.train_tasks < 0:
+        raise RltuneError("--held-out-tasks and --train-tasks take whole numbers >= 0")
     base_dir = Path(a.baseline_from) if a.baseline_from else None
     if base_dir is not None and not (base_dir / "cells" / "results.jsonl").is_file():
         raise RltuneError(f"--baseline-from {base_dir}: no cells/results.jsonl there")
     if a.held_out_tasks:
         scenario_targets.update(held_out_tasks(a.held_out_tasks, a.task_seed, a.n_tasks,
                                                (base_dir or Path(a.out)) / "tasks"))
+    if a.train_tasks:
+        scenario_targets.update(held_out_tasks(a.train_tasks, a.task_seed, a.n_tasks,
+                                               (base_dir or Path(a.out)) / "tasks", trained_on=True))
     tuners = list(a.tuners) + (["ppo-finetune"] if a.finetune and "ppo-finetune" not in a.tuners else [])
     unknown = [t for t in tuners if t not in KNOWN]
     if unknown:

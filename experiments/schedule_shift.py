@@ -103,17 +103,9 @@ def _good_row(r: dict) -> bool:
 
 def train_tasks(n: int, seed: int, n_tasks: int) -> list:
     """The first ``n`` trained-on tasks, one family after another in turn."""
-    from rltune.tasks import TaskSpec, generate_tasks
+    from rltune.tasks import TaskSpec, trained_on
 
-    by: dict[str, list] = {}
-    for t in generate_tasks(TaskSpec(seed=seed, n_tasks=n_tasks)):
-        if not t.held_out:
-            by.setdefault(t.family, []).append(t)
-    picked, i = [], 0
-    while len(picked) < n and any(i < len(v) for v in by.values()):
-        picked += [v[i] for v in by.values() if i < len(v)]
-        i += 1
-    return picked[:n]
+    return trained_on(TaskSpec(seed=seed, n_tasks=n_tasks), n)
 
 
 def play_cell(job: dict) -> list[dict]:

@@ -268,6 +268,21 @@ def generate_tasks(spec: TaskSpec | dict[str, Any] | None = None) -> list[Task]:
 
 
 @functools.lru_cache(maxsize=8)
+def trained_on(spec: TaskSpec | dict[str, Any] | None, n: int) -> list[Task]:
+    """The first ``n`` tasks of ``spec`` that are not held out (the ones agents train on), one family
+    after another in turn, so a small ``n`` still spans the families; fewer if the spec has fewer."""
+    by: dict[str, list[Task]] = {}
+    for t in generate_tasks(spec):
+        if not t.held_out:
+            by.setdefault(t.family, []).append(t)
+    picked: list[Task] = []
+    i = 0
+    while len(picked) < n and any(i < len(v) for v in by.values()):
+        picked += [v[i] for v in by.values() if i < len(v)]
+        i += 1
+    return picked[:n]
+
+
 def _generate(spec: TaskSpec) -> tuple[Task, ...]:
     rng = np.random.default_rng([spec.seed, 20261204])
     weights = np.array([FAMILY_WEIGHTS[f] for f in spec.families], float)

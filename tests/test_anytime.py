@@ -1,5 +1,7 @@
 """Anytime curves: the per-episode record of new bests, and the policy-based tuners that spend N."""
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -216,6 +218,30 @@ def test_held_out_tasks_become_scenario_files_at_their_own_targets(tmp_path):
     for f, t in zip(got, held):
         assert load_scenario(f).to_dict() == t.load().to_dict()  # the same task, teacher cache key and all
     assert mod.held_out_tasks(3, 0, 240, tmp_path / "tasks") == got  # written once, read again the same
+
+
+def test_train_tasks_are_trained_on_tasks_the_families_in_turn(tmp_path):
+    from rltune.scenario import load_scenario
+    from rltune.tasks import TaskSpec, generate_tasks, trained_on
+
+    mod = load_experiment("anytime", "anytime_script")
+    got = mod.held_out_tasks(5, 0, 240, tmp_path / "tasks", trained_on=True)
+    picked = trained_on(TaskSpec(seed=0, n_tasks=240), 5)
+    assert not any(t.held_out for t in picked)
+    train = [t for t in generate_tasks(TaskSpec(seed=0, n_tasks=240)) if not t.held_out]
+    families = {t.family for t in train}  # (seed 0 holds the one digits set out: four families)
+    assert len(picked) == 5 and {t.family for t in picked[:len(families)]} == families  # each in turn
+    assert [Path(f).stem for f in got] == [t.name for t in picked]
+    assert list(got.values()) == [[t.target] for t in picked]
+    for f, t in zip(got, picked):
+        assert load_scenario(f).to_dict() == t.load().to_dict()
+    assert len(trained_on(TaskSpec(seed=0, n_tasks=240), 10 ** 6)) == len(train)  # all, once each
+
+
+def test_negative_task_counts_are_refused(tmp_path):
+    mod = load_experiment("anytime", "anytime_script")
+    with pytest.raises(RltuneError, match="whole numbers >= 0"):
+        mod.main(["--train-tasks", "-1", "--tuners", "recipe", "--out", str(tmp_path / "o")])
 
 
 def test_baseline_from_joins_another_folders_agent_free_cells_without_rerunning_them(agent, tmp_path, monkeypatch):
