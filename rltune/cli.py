@@ -3,7 +3,8 @@
 Verbs: ``compress`` (a scenario's student to a target with any tuner, or the fixed recipe at a
 sparsity and bit-width), ``replay`` (a learned policy, one episode, no search), ``train`` (a PPO
 agent), ``evaluate`` (every tuner on equal stage budgets), ``export`` (an artifact to ONNX),
-``validate`` (scenario files). Progress goes to stderr (``--quiet`` silences it). Every user error
+``import-sb3`` (an SB3 PPO ``.zip`` into an agent folder), ``sensitivity`` (per-layer sensitivity of a
+scenario's float student), ``validate`` (scenario files). Progress goes to stderr (``--quiet`` silences it). Every user error
 prints one line ``rltune: error: ...`` and exits with status 2; no traceback. A user's own
 ``nn.Module`` goes in through the Python API (``rltune.Problem``, see the README).
 """
@@ -102,7 +103,8 @@ def _progress(quiet: bool) -> None:
 def _print_result(report: dict, extra: str = "") -> None:
     print(report["table"])
     f = report["final"]
-    print(f"{report['method']} at {report.get('budget') or '-'}: {f['bits']:.0f} bits, {f['sparsity']:.1%} sparse"
+    where = f" at {report['budget']}" if report.get("budget") else ""
+    print(f"{report['method']}{where}: {f['bits']:.0f} bits, {f['sparsity']:.1%} sparse"
           + (f" (the recipe's probe picked {f['recipe_bits']} bits)" if f.get("recipe_bits") else "") + extra)
     print(f"artifact: {report['artifact']} ({report['compressed']['bytes']} bytes); report: {report['report_json']}"
           + (f"; onnx: {report['onnx']}" if report.get("onnx") else ""))
@@ -413,6 +415,16 @@ def cmd_validate(args: argparse.Namespace) -> int:
     return 0
 
 
+class _DefaultsHelp(argparse.ArgumentDefaultsHelpFormatter):
+    """argparse's defaults in the help, except where the help already names its default or there is none."""
+
+    def _get_help_string(self, action):
+        h = action.help or ""
+        if action.default is None or "default" in h:
+            return h
+        return super()._get_help_string(action)
+
+
 class _Parser(argparse.ArgumentParser):
     """argparse with one-line errors: ``rltune: error: ...`` and exit 2, no usage block."""
 
@@ -423,7 +435,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    fmt = argparse.ArgumentDefaultsHelpFormatter
+    fmt = _DefaultsHelp
     p = _Parser(prog="rltune", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--version", action="version", version=f"rltune {__version__}")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress on stderr")

@@ -928,7 +928,7 @@ def _parse(data: bytes, skeleton: nn.Module | None, where: str, version: int = V
     if arch_id == 0:
         if skeleton is None:
             raise RltuneError(f"{where} holds a custom model: pass skeleton= (an un-prepared module "
-                              "of the same architecture) to load it")
+                              "of the same architecture; on the command line --skeleton MODULE:CALLABLE) to load it")
         stored = []
         for _ in range(min(rd.uv(), 1 << 20)):
             kind = rd.uint(1 if version == 1 else 2)

@@ -61,6 +61,17 @@ def test_help_describes_verbs_defaults_and_tuner_choices(capsys):
     assert set(TUNER_CHOICES) == set(TUNERS)
 
 
+def test_help_names_a_default_once(capsys):
+    with pytest.raises(SystemExit):
+        main(["compress", "--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert "(default 16)" in out and "(default: None)" not in out and "(default: recipe)" in out
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    out = capsys.readouterr().out
+    assert all(f"``{v}``" in out for v in ("import-sb3", "sensitivity", "validate"))
+
+
 def test_version_and_python_dash_m(tmp_path):
     out = subprocess.run([sys.executable, "-m", "rltune", "--version"], capture_output=True, text=True,
                          cwd=tmp_path, timeout=60)
@@ -80,6 +91,7 @@ def test_replay_recipe_needs_no_agent_and_compress_writes_onnx(tmp_path, capsys)
                  str(tmp_path / "c"), "--quiet"]) == 0
     captured = capsys.readouterr()
     assert captured.err == "" and "6 bits" in captured.out
+    assert "recipe (fixed): 6 bits" in captured.out  # no " at -" where there is no budget
 
 
 def test_nothing_imports_the_cli_and_no_module_reaches_into_private_names():
