@@ -117,14 +117,13 @@ def compress(problem: Problem | Scenario | str, target: str | float = "16x", tun
     if tuner.startswith("ppo") and agent is None:
         raise RltuneError(f"the {tuner} tuner needs an agent (a shipped name such as 'ppo-v0', or a folder)")
     if agent is not None:
-        from rltune.agentfile import load_policy
         from rltune.shipped import resolve_agent
-
-        from rltune.agentfile import check_layouts
-        from rltune.env import ACTION_LAYOUT, OBS_LAYOUT
+        from rltune.tuners import check_agent
 
         agent = resolve_agent(agent)
-        check_layouts(load_policy(agent), OBS_LAYOUT, ACTION_LAYOUT)  # a bad agent fails here, before any training
+        # a bad agent fails here, before any training; its layouts are those of the env version it
+        # was trained on (v0, or v1 for per-layer agents such as ppo-v1), as the tuners read them
+        check_agent(agent)
     p = as_problem(problem)
     stages = p.scenario.training["stages"]
     if budget_stages is None:
@@ -141,6 +140,7 @@ def compress(problem: Problem | Scenario | str, target: str | float = "16x", tun
         raise RltuneError(f"{p.name}: {tuner} at {budget}: no episode finished: {r.config['diverged']}")
     from rltune.metrics import plain_copy
 
+    env = r.env if r.env is not None else env  # a v1 agent played in its own (v1) twin of env
     ctx = env.context(0)
     report = {"name": p.name, "tuner": tuner, "target": str(budget), "seed": seed,
               **json_safe(r.test), "val_acc": r.val_acc, "episodes": r.episodes, "stages_used": r.stages_used,

@@ -156,14 +156,11 @@ def _check_outputs(out: str, onnx: str | None) -> None:
 
 
 def _agent_arg(name: str | None):
-    from rltune.agentfile import load_policy
     from rltune.shipped import resolve_agent
-
-    from rltune.agentfile import check_layouts
-    from rltune.env import ACTION_LAYOUT, OBS_LAYOUT
+    from rltune.tuners import check_agent
 
     path = resolve_agent(name or "ppo-v0")
-    check_layouts(load_policy(path), OBS_LAYOUT, ACTION_LAYOUT)
+    check_agent(path)  # layouts checked against the env version the agent was trained on (v0 or v1)
     return path
 
 

@@ -69,9 +69,12 @@ class TuneResult:
     anytime: list[dict[str, Any]] = field(default_factory=list)
     # stage-equivalents of training spent on the cell's bit-width probe (once per cell, every tuner)
     probe_stages: float = 0.0
+    # the env the episodes were played in: the caller's, or the v1 twin a v1 agent plays in (its
+    # meter and probe are the ones the result was measured with; not serialised)
+    env: Any = field(default=None, repr=False, compare=False)
 
     def to_dict(self) -> dict[str, Any]:
-        return {f.name: copy.deepcopy(getattr(self, f.name)) for f in fields(self) if f.name != "state"}
+        return {f.name: copy.deepcopy(getattr(self, f.name)) for f in fields(self) if f.name not in ("state", "env")}
 
 
 class Session:
@@ -198,7 +201,7 @@ class Session:
                           config["val_score"], self.best_test, config, self.val_accs, time.perf_counter() - t0,
                           state, improvements=list(self.improvements),
                           anytime=anytime_curve(self.improvements, len(self.val_accs)),
-                          probe_stages=probe_stages(env))
+                          probe_stages=probe_stages(env), env=env)
 
 
 def anytime_points(episodes: int) -> list[int]:
@@ -535,6 +538,12 @@ def _load_agent(agent_path: str | Path):
     agent = load_policy(resolve_agent(agent_path))
     check_layouts(agent, *layouts(_env_id(agent)))
     return agent
+
+
+def check_agent(agent_path: str | Path):
+    """The public face of :func:`_load_agent` (the API and the command line call it before any
+    training): the policy, or one RltuneError line if its layouts are not its env version's."""
+    return _load_agent(agent_path)
 
 
 def _policy_env(s: Session, agent) -> DistillCompressEnv:
