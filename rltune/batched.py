@@ -38,7 +38,7 @@ from torch.func import functional_call, vmap
 from torch.nn.utils import parametrize
 
 from rltune import compression as C
-from rltune.distill import TailAverage, TrainSet, gc_paused
+from rltune.distill import TailAverage, TrainSet, batch_bounds, gc_paused, has_batchnorm
 from rltune.errors import DivergedError, RltuneError
 
 
@@ -328,7 +328,8 @@ def train_epochs_batched(models: Sequence[nn.Module], data: TrainSet, epochs: in
     if tail_students is not None and len(tail_students) != K:
         raise RltuneError(f"tail_students: {len(tail_students)} flags for {K} students")
     rows = None if tail_students is None else torch.tensor([bool(t) for t in tail_students])
-    avg = TailAverage(params, epochs * math.ceil(n / batch_size),
+    bounds = batch_bounds(n, batch_size, merge_single=has_batchnorm(models[0]))
+    avg = TailAverage(params, epochs * len(bounds),
                       tail if rows is None or bool(rows.any()) else None, rows)
     # the teacher's side of the KD loss depends only on τ: its softened distribution p_t and
     # Σ p_t·log p_t, once per distinct τ for every row, gathered per batch with each student's rows
@@ -354,8 +355,8 @@ def train_epochs_batched(models: Sequence[nn.Module], data: TrainSet, epochs: in
             perms = torch.stack([torch.randperm(n, generator=g) for g in gens])      # (K, n)
             totals = torch.zeros(K, dtype=torch.float64)
             count = 0
-            for start in range(0, n, batch_size):
-                idx = perms[:, start:start + batch_size]
+            for start, end in bounds:
+                idx = perms[:, start:end]
                 b = idx.shape[1]
                 flat = idx.reshape(-1)
                 # index_select on the flat index: 5x faster than advanced indexing with (K, b)

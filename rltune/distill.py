@@ -82,6 +82,22 @@ def kd_loss(
     return loss.mean()
 
 
+def has_batchnorm(model: nn.Module) -> bool:
+    """Whether ``model`` holds a BatchNorm layer (which cannot train on a batch of one row)."""
+    return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
+
+
+def batch_bounds(n: int, batch_size: int, merge_single: bool = False) -> list[tuple[int, int]]:
+    """``(start, end)`` of an epoch's minibatches over ``n`` rows: ``batch_size`` rows each, the
+    last the rest. With ``merge_single`` a last batch of a single row joins the one before it:
+    BatchNorm in training mode refuses a batch of one row ("Expected more than 1 value per
+    channel"), and a user's row count leaves one over in one case of ``batch_size``."""
+    bounds = [(start, min(start + batch_size, n)) for start in range(0, n, batch_size)]
+    if merge_single and len(bounds) > 1 and bounds[-1][1] - bounds[-1][0] == 1:
+        bounds[-2:] = [(bounds[-2][0], n)]
+    return bounds
+
+
 class Hint(nn.Module):
     """The FitNets regressor from student features to teacher features."""
 
@@ -142,15 +158,16 @@ def train_epochs(
     except (RuntimeError, TypeError):
         opt = torch.optim.Adam(groups, lr=lr, weight_decay=weight_decay)
     n = len(y_all)
-    avg = TailAverage([p for _, p in named], epochs * math.ceil(n / batch_size), tail)
+    bounds = batch_bounds(n, batch_size, merge_single=has_batchnorm(model))
+    avg = TailAverage([p for _, p in named], epochs * len(bounds), tail)
     model.train()
     with gc_paused():
         last = math.nan
         for _ in range(epochs):
             perm = torch.randperm(n, generator=generator)
             total, count = 0.0, 0
-            for start in range(0, n, batch_size):
-                idx = perm[start:start + batch_size]
+            for start, end in bounds:
+                idx = perm[start:end]
                 xb, yb = data.x[idx], y_all[idx]
                 out = model(xb)
                 if targets == "soft":
@@ -193,8 +210,8 @@ def refresh_batchnorm(model: nn.Module, x: torch.Tensor, batch_size: int = 256) 
         m.reset_running_stats()
         m.momentum = None   # a cumulative average over the pass
     model.train()
-    for start in range(0, len(x), batch_size):
-        model(x[start:start + batch_size])
+    for start, end in batch_bounds(len(x), batch_size, merge_single=True):
+        model(x[start:end])
     for m, mom in zip(bns, momenta):
         m.momentum = mom
     model.train(was)

@@ -51,6 +51,7 @@ from torch import nn
 from rltune.compression import COMPRESSIBLE, check_untied
 from rltune.context import CACHE_VERSION, load_or_train_teacher
 from rltune.data import Dataset, cache_dir, mixup, load_dataset, stable_hash
+from rltune.distill import has_batchnorm
 from rltune.errors import RltuneError
 from rltune.scenario import NAME_RE, Scenario, parse_scenario
 
@@ -288,6 +289,9 @@ class Problem:
             "knobs": dict(knobs or {}),
         }
         sc = parse_scenario(raw, f"Problem {name!r}")
+        if sc.training["batch_size"] == 1 and has_batchnorm(student):
+            raise RltuneError("batch_size: 1 cannot train a student with BatchNorm (it needs more than one row "
+                              "per batch); use batch_size >= 2 or leave it out (picked from the data size)")
         sc.dataset = {"source": "user"}
         sc.teacher = {"arch": "user"}
         sc.student = {**sc.student, "arch": "user"}

@@ -71,3 +71,40 @@ def test_cli_agent_argument_accepts_a_v1_agent():
     from rltune.cli import _agent_arg
 
     assert _agent_arg("ppo-v1").name == "ppo-v1"
+
+
+# -- BatchNorm: an epoch whose last batch would be a single row ---------------------------------
+
+class BNStudent(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.bn, self.b = nn.Linear(12, 24), nn.BatchNorm1d(24), nn.Linear(24, 3)
+
+    def forward(self, x):
+        return self.b(torch.relu(self.bn(self.a(x))))
+
+
+def test_batchnorm_student_when_the_rows_leave_one_over_a_batch(data, teacher, tmp_path):
+    # 17 rows at batch 16 (with the defaults, 227 train rows + 2270 transfer at batch 64 do the same)
+    (x, y), val = data
+    p = rltune.Problem(teacher, BNStudent(), train=(x[:17], y[:17]), val=val, name="ow-bn17", stages=2,
+                       epochs_per_stage=1, pretrain_epochs=1, transfer_size=0, batch_size=16)
+    r = rltune.compress(p, target="2x", tuner="recipe", seed=0)
+    assert r.report["packed_bytes"] <= r.report["budget_limit"]
+    r.save(tmp_path / "bn.rlt")
+    assert _same(rltune.load_artifact(tmp_path / "bn.rlt", skeleton=BNStudent()), r.model, val[0])
+
+
+def test_batch_bounds_never_leave_a_single_row_batch_where_batchnorm_trains():
+    from rltune.distill import batch_bounds
+
+    assert batch_bounds(17, 16, merge_single=True) == [(0, 17)]
+    assert batch_bounds(33, 16, merge_single=True) == [(0, 16), (16, 33)]
+    assert batch_bounds(17, 16, merge_single=False) == [(0, 16), (16, 17)]
+    assert batch_bounds(32, 16, merge_single=True) == [(0, 16), (16, 32)]
+    assert batch_bounds(1, 16, merge_single=True) == [(0, 1)]
+
+
+def test_batch_size_one_with_batchnorm_is_refused_before_training(data, teacher):
+    with pytest.raises(RltuneError, match="batch_size: 1 cannot train a student with BatchNorm"):
+        rltune.Problem(teacher, BNStudent(), train=data[0], val=data[1], name="ow-bn1", batch_size=1, **FAST)
