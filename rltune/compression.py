@@ -223,10 +223,40 @@ def check_untied(model: nn.Module) -> None:
         seen[id(w)] = name
 
 
+def check_plain_weights(model: nn.Module) -> None:
+    """Refuse a compressible layer whose weight or bias is not a plain parameter: one with a
+    parametrization of its own (``torch.nn.utils.parametrizations.weight_norm``, ``spectral_norm``,
+    ``orthogonal``, a user's ``register_parametrization``) or one computed by a forward pre-hook
+    (the older ``torch.nn.utils.weight_norm``, ``torch.nn.utils.prune``). rltune's own
+    parametrizations (a prepared model) are fine."""
+    for name, module in model.named_modules():
+        if not isinstance(module, COMPRESSIBLE):
+            continue
+        for pname in ("weight", "bias"):
+            if parametrize.is_parametrized(module, pname):
+                own = WeightCompressor if pname == "weight" else BiasCompressor
+                plist = module.parametrizations[pname]
+                if len(plist) == 1 and isinstance(plist[0], own):
+                    continue
+                kinds = ", ".join(type(p).__name__ for p in plist)
+                raise RltuneError(f"layer {name!r}: its {pname} has a parametrization of its own ({kinds}: "
+                                  "weight_norm, spectral_norm and the like): rltune compresses plain weights; "
+                                  f"remove it first (torch.nn.utils.parametrize.remove_parametrizations(layer, "
+                                  f"{pname!r}))")
+            if pname == "weight" or getattr(module, pname, None) is not None:
+                if not isinstance(module._parameters.get(pname), nn.Parameter):
+                    raise RltuneError(f"layer {name!r}: its {pname} is not a parameter but computed by a hook (the "
+                                      "older torch.nn.utils.weight_norm, or torch.nn.utils.prune?): rltune compresses "
+                                      "plain weights; remove the hook first (torch.nn.utils.remove_weight_norm, "
+                                      "torch.nn.utils.prune.remove)")
+
+
 def prepare_(model: nn.Module) -> nn.Module:
     """Register compression parametrizations on every Linear / Conv1d / Conv2d weight and bias
     (idempotent). Every other module (LayerNorm, BatchNorm, embeddings, custom parameters) stays
-    float32. Tied weights (one tensor in two layers) are refused with an :class:`RltuneError`."""
+    float32. Tied weights (one tensor in two layers) and weights that are not plain parameters
+    (:func:`check_plain_weights`) are refused with an :class:`RltuneError`."""
+    check_plain_weights(model)
     check_untied(model)
     found = False
     for module in model.modules():

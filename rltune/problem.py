@@ -48,7 +48,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from rltune.compression import COMPRESSIBLE, check_untied
+from rltune.compression import COMPRESSIBLE, check_plain_weights, check_untied
 from rltune.context import CACHE_VERSION, load_or_train_teacher
 from rltune.data import Dataset, cache_dir, mixup, load_dataset, stable_hash
 from rltune.distill import has_batchnorm
@@ -224,6 +224,7 @@ class Problem:
             if p.dtype != torch.float32:
                 raise RltuneError(f"student: parameter {pname!r} is {p.dtype}; rltune compresses float32 models "
                                   "(call student.float() first)")
+        check_plain_weights(student)
         check_untied(student)
         if knobs is not None and not isinstance(knobs, dict):
             raise RltuneError(f"knobs: expected a mapping such as {{'bits': [2, 8]}}, got {type(knobs).__name__}")

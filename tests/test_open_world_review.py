@@ -108,3 +108,42 @@ def test_batch_bounds_never_leave_a_single_row_batch_where_batchnorm_trains():
 def test_batch_size_one_with_batchnorm_is_refused_before_training(data, teacher):
     with pytest.raises(RltuneError, match="batch_size: 1 cannot train a student with BatchNorm"):
         rltune.Problem(teacher, BNStudent(), train=data[0], val=data[1], name="ow-bn1", batch_size=1, **FAST)
+
+
+# -- layers whose weight is not a plain parameter: one RltuneError line, before training ----------
+
+def _wrap(kind):
+    import warnings
+
+    m = MLP()
+    if kind == "weight_norm":
+        m.a = torch.nn.utils.parametrizations.weight_norm(m.a)
+    elif kind == "spectral_norm":
+        m.b = torch.nn.utils.parametrizations.spectral_norm(m.b)
+    elif kind == "old_weight_norm":
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            m.a = torch.nn.utils.weight_norm(m.a)
+    elif kind == "prune":
+        from torch.nn.utils import prune
+
+        prune.l1_unstructured(m.a, "weight", amount=0.3)
+    return m
+
+
+@pytest.mark.parametrize("kind", ["weight_norm", "spectral_norm", "old_weight_norm", "prune"])
+def test_a_layer_with_its_own_parametrization_or_weight_hook_is_refused(data, teacher, kind):
+    student = _wrap(kind)
+    with pytest.raises(RltuneError, match="rltune compresses plain weights"):
+        rltune.Problem(teacher, student, train=data[0], val=data[1], name="ow-wn", **FAST)
+    from rltune.compression import prepare_
+
+    with pytest.raises(RltuneError, match="rltune compresses plain weights"):
+        prepare_(_wrap(kind))
+
+
+def test_a_prepared_model_still_prepares():
+    from rltune.compression import layers, prepare_
+
+    m = prepare_(MLP())
+    assert prepare_(m) is m and len(layers(m)) == 2
