@@ -723,18 +723,19 @@ def _signature(module: nn.Module) -> tuple:
 
 
 def _extras(model: nn.Module, layer_names: list[str]) -> list[tuple[str, torch.Tensor]]:
-    """Parameters and persistent buffers outside the compressible layers (e.g. BatchNorm)."""
-    if "" in layer_names:  # the model is itself one compressible layer: nothing else to store
-        return []
-    skip = tuple(n + "." for n in layer_names)
+    """Parameters and persistent buffers other than the compressible layers' weights and biases:
+    BatchNorm's, LayerNorm's, a bare ``nn.Parameter``, and those a subclass of ``nn.Linear`` /
+    ``nn.Conv*d`` adds (a learned gain, say; not its ``parametrizations``, rltune's own)."""
     names = set(layer_names)
+    machinery = tuple(f"{n}.parametrizations" if n else "parametrizations" for n in layer_names)
     out = []
     for mname, mod in model.named_modules():
-        if mname in names or mname.startswith(skip):
-            continue
+        if (mname + ".").startswith(tuple(m + "." for m in machinery)):
+            continue  # a prepared layer's parametrizations: its latent weight, mask, codebook
+        own = ("weight", "bias") if mname in names else ()
         prefix = mname + "." if mname else ""
         for pname, p in mod._parameters.items():
-            if p is not None:
+            if p is not None and pname not in own:
                 out.append((prefix + pname, p))
         for bname, b in mod._buffers.items():
             if b is not None and bname not in mod._non_persistent_buffers_set:

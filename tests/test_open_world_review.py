@@ -147,3 +147,48 @@ def test_a_prepared_model_still_prepares():
 
     m = prepare_(MLP())
     assert prepare_(m) is m and len(layers(m)) == 2
+
+
+# -- a subclass of nn.Linear with a tensor of its own ------------------------------------------
+
+class GainLinear(nn.Linear):
+    """A Linear with a learned per-output gain (and a persistent buffer), as users write them."""
+
+    def __init__(self, i, o):
+        super().__init__(i, o)
+        self.gain = nn.Parameter(torch.full((o,), 2.0))
+        self.register_buffer("shift", torch.zeros(o))
+
+    def forward(self, x):
+        return super().forward(x) * self.gain + self.shift
+
+
+class GainStudent(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = GainLinear(12, 24), nn.Linear(24, 3)
+
+    def forward(self, x):
+        return self.b(torch.relu(self.a(x)))
+
+
+def test_a_linear_subclass_keeps_its_own_tensors_in_the_artifact(data, teacher, tmp_path):
+    torch.manual_seed(4)
+    p = rltune.Problem(teacher, GainStudent(), train=data[0], val=data[1], name="ow-gain", **FAST)
+    r = rltune.compress(p, target="3x", tuner="recipe", seed=0)
+    with torch.no_grad():
+        r.compressed.a.shift.fill_(0.25)   # a buffer the skeleton does not have at this value
+        r.model.a.shift.fill_(0.25)
+    n = r.save(tmp_path / "g.rlt")
+    loaded = rltune.load_artifact(tmp_path / "g.rlt", skeleton=GainStudent())
+    assert _same(loaded, r.model, data[1][0])
+    assert not torch.equal(loaded.a.gain, torch.full((24,), 2.0))  # trained, and stored
+    assert n == r.report["packed_bytes"] <= r.report["budget_limit"]  # the gain's bytes are counted and met
+
+
+def test_a_model_that_is_one_plain_layer_has_no_extras():
+    from rltune.compression import prepare_
+    from rltune.export import export_bytes, load_artifact
+
+    m = prepare_(nn.Linear(5, 3))
+    assert torch.equal(load_artifact(export_bytes(m), skeleton=nn.Linear(5, 3)).weight, m.weight)
