@@ -1026,6 +1026,14 @@ def load_artifact(path_or_bytes: str | os.PathLike | bytes | bytearray | memoryv
     if skeleton is not None and not isinstance(skeleton, nn.Module):
         hint = " (a class: pass an instance, skeleton=MyStudent())" if isinstance(skeleton, type) else ""
         raise RltuneError(f"skeleton must be an nn.Module instance, got {type(skeleton).__name__}{hint}")
+    if skeleton is not None:
+        from torch.nn.parameter import is_lazy
+
+        lazy = [n for n, t in (*skeleton.named_parameters(), *skeleton.named_buffers()) if is_lazy(t)]
+        if lazy:
+            raise RltuneError(f"the skeleton has uninitialized (lazy) tensors ({', '.join(lazy[:3])}"
+                              f"{', ...' if len(lazy) > 3 else ''}; nn.LazyLinear and the like): run it once on "
+                              "an input of the model's shape before passing it as skeleton=")
     if isinstance(path_or_bytes, (bytes, bytearray, memoryview)):
         data, where = bytes(path_or_bytes), "artifact"
     elif not isinstance(path_or_bytes, (str, os.PathLike)) or not str(path_or_bytes):

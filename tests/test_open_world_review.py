@@ -192,3 +192,27 @@ def test_a_model_that_is_one_plain_layer_has_no_extras():
 
     m = prepare_(nn.Linear(5, 3))
     assert torch.equal(load_artifact(export_bytes(m), skeleton=nn.Linear(5, 3)).weight, m.weight)
+
+
+# -- a student with lazy layers --------------------------------------------------------------
+
+class LazyStudent(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.LazyLinear(24), nn.Linear(24, 3)
+
+    def forward(self, x):
+        return self.b(torch.relu(self.a(x)))
+
+
+def test_a_lazy_student_compresses_and_a_lazy_skeleton_is_a_clear_error(data, teacher, tmp_path):
+    torch.manual_seed(5)
+    p = rltune.Problem(teacher, LazyStudent(), train=data[0], val=data[1], name="ow-lazy", **FAST)
+    r = rltune.compress(p, target="3x", tuner="recipe", seed=0)
+    r.save(tmp_path / "l.rlt")
+    with pytest.raises(RltuneError, match=r"uninitialized \(lazy\) tensors \(a.weight, a.bias;") as e:
+        rltune.load_artifact(tmp_path / "l.rlt", skeleton=LazyStudent())
+    assert "corrupt" not in str(e.value)
+    skeleton = LazyStudent()
+    skeleton(torch.zeros(1, 12))  # materialised: it loads
+    assert _same(rltune.load_artifact(tmp_path / "l.rlt", skeleton=skeleton), r.model, data[1][0])
