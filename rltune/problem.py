@@ -261,6 +261,11 @@ class Problem:
                                   "training); integer inputs such as nn.Embedding models are not supported") from None
             raise
         s_out = _run(student, probe, "student", train_mode=True)
+        try:  # its MACs and energy are measured on one row (and a split may end in a batch of one)
+            _run(student, probe[:1], "student")
+        except RltuneError as e:
+            raise RltuneError(f"{e} (rltune runs the student on single rows too: to measure its energy, and on "
+                              "the last rows of a split; a squeeze() that drops the batch dimension breaks there)") from None
         classes = int(t_out.shape[1])
         if classes < 2:
             raise RltuneError(f"the teacher returns {classes} logit per sample; a classifier needs at least 2")

@@ -216,3 +216,16 @@ def test_a_lazy_student_compresses_and_a_lazy_skeleton_is_a_clear_error(data, te
     skeleton = LazyStudent()
     skeleton(torch.zeros(1, 12))  # materialised: it loads
     assert _same(rltune.load_artifact(tmp_path / "l.rlt", skeleton=skeleton), r.model, data[1][0])
+
+
+# -- a student that breaks on a batch of one row ----------------------------------------------
+
+class SqueezeStudent(MLP):
+    def forward(self, x):
+        return self.b(torch.relu(self.a(x))).squeeze().log_softmax(dim=1)
+
+
+def test_a_student_that_fails_on_one_row_is_refused_by_problem(data, teacher):
+    with pytest.raises(RltuneError, match="single rows") as e:
+        rltune.Problem(teacher, SqueezeStudent(), train=data[0], val=data[1], name="ow-squeeze", **FAST)
+    assert "(1, 12)" in str(e.value)
