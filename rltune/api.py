@@ -175,7 +175,7 @@ def check_feasible(p: Problem, budget) -> None:
     the most sparsity its knobs allow; the message gives the smallest it can be."""
     import copy
 
-    from rltune.budget import Meter
+    from rltune.budget import SIZING_MARGIN, Meter
     from rltune.compression import float_bytes, prepare_, prune_, set_bits_
     from rltune.metrics import float_energy
 
@@ -186,11 +186,14 @@ def check_feasible(p: Problem, budget) -> None:
     prune_(model, sparsity=min(sc.knobs["sparsity"][1], 0.999), scope=sc.training["pruning_scope"])
     set_bits_(model, sc.knobs["bits"][0])
     least = meter.cost(model)
-    if least > meter.limit:
+    # the tuners size sparsity to SIZING_MARGIN of the limit (the bit-width probe finds no width
+    # otherwise, after the float student's distillation): refuse here what they would refuse there
+    if least > meter.limit * SIZING_MARGIN:
         unit = "pJ" if budget.kind == "energy" else "bytes"
+        near = f", over {SIZING_MARGIN:.0%} of the target that the tuners size to" if least <= meter.limit else ""
         raise RltuneError(f"{p.name}: target {budget} ({meter.limit:.0f} {unit}) cannot be met: at "
                           f"{sc.knobs['bits'][0]} bits and {sc.knobs['sparsity'][1]:.0%} sparsity the student is still "
-                          f"{least:.0f} {unit} ({meter.float_cost / least:.1f}x); its uncompressed parameters and "
+                          f"{least:.0f} {unit} ({meter.float_cost / least:.1f}x{near}); its uncompressed parameters and "
                           "layer headers set a floor")
 
 

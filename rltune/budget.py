@@ -111,8 +111,11 @@ def lowest_fitting(fits, lo: float, hi: float, iters: int) -> float:
     return hi
 
 
+SIZING_MARGIN = 0.97  # sparsity is sized to this share of the limit (training moves the packed size)
+
+
 def required_sparsity(model: nn.Module, bits: int, meter: Meter, max_sparsity: float, scope: str,
-                      margin: float = 0.97, iters: int = 12) -> float | None:
+                      margin: float = SIZING_MARGIN, iters: int = 12) -> float | None:
     """Smallest sparsity (one-shot magnitude pruning of ``model`` at ``bits``) whose cost is under
     ``margin`` × the limit; None if even ``max_sparsity`` is not enough. ``model`` is unchanged."""
     saved_masks = _masks(model)

@@ -229,3 +229,36 @@ def test_a_student_that_fails_on_one_row_is_refused_by_problem(data, teacher):
     with pytest.raises(RltuneError, match="single rows") as e:
         rltune.Problem(teacher, SqueezeStudent(), train=data[0], val=data[1], name="ow-squeeze", **FAST)
     assert "(1, 12)" in str(e.value)
+
+
+# -- a target just above the smallest the student can be -------------------------------------
+
+class LNStudent(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.norm, self.b = nn.Linear(12, 48), nn.LayerNorm(48), nn.Linear(48, 3)
+
+    def forward(self, x):
+        return self.b(torch.relu(self.norm(self.a(x))))
+
+
+def test_a_target_within_the_sizing_margin_of_the_floor_is_refused_before_training(data, teacher, monkeypatch):
+    import copy
+
+    import rltune.context
+    from rltune.compression import prepare_, prune_, set_bits_
+    from rltune.export import packed_size
+
+    p = rltune.Problem(teacher, LNStudent(), train=data[0], val=data[1], name="ow-floor", **FAST)
+    m = prepare_(copy.deepcopy(p.student))
+    prune_(m, sparsity=0.98, scope="global")
+    set_bits_(m, 2)
+    least = packed_size(m)
+    target = f"{int(least / 0.985)}B"          # over the floor, under it with the tuners' 3 % margin
+
+    def no_training(*a, **k):
+        raise AssertionError("trained before refusing the target")
+
+    monkeypatch.setattr(rltune.context, "train_epochs", no_training)
+    with pytest.raises(RltuneError, match="cannot be met: at 2 bits"):
+        rltune.compress(p, target=target, tuner="recipe")
