@@ -224,6 +224,10 @@ class Problem:
             if p.dtype != torch.float32:
                 raise RltuneError(f"student: parameter {pname!r} is {p.dtype}; rltune compresses float32 models "
                                   "(call student.float() first)")
+        for pname, p in teacher.named_parameters():
+            if p.is_floating_point() and p.dtype != torch.float32:
+                raise RltuneError(f"teacher: parameter {pname!r} is {p.dtype}; rltune runs the teacher on float32 "
+                                  "inputs (call teacher.float() first; its logits are computed once)")
         check_plain_weights(student)
         check_untied(student)
         if knobs is not None and not isinstance(knobs, dict):
@@ -263,14 +267,25 @@ class Problem:
         s_out = _run(student, probe, "student", train_mode=True)
         try:  # its MACs and energy are measured on one row (and a split may end in a batch of one)
             _run(student, probe[:1], "student")
+            _run(teacher, probe[:1], "teacher")  # its logits are computed in chunks: the last may be one row
         except RltuneError as e:
-            raise RltuneError(f"{e} (rltune runs the student on single rows too: to measure its energy, and on "
-                              "the last rows of a split; a squeeze() that drops the batch dimension breaks there)") from None
+            raise RltuneError(f"{e} (rltune runs the models on single rows too: the student to measure its energy, "
+                              "both on the last rows of a split; a squeeze() that drops the batch dimension breaks "
+                              "there)") from None
         classes = int(t_out.shape[1])
         if classes < 2:
             raise RltuneError(f"the teacher returns {classes} logit per sample; a classifier needs at least 2")
         if s_out.shape[1] != classes:
             raise RltuneError(f"the student returns {s_out.shape[1]} logits per sample, the teacher {classes}")
+        if bool((t_out >= 0).all()) and bool(torch.allclose(t_out.sum(dim=1), torch.ones(len(t_out)), atol=1e-3)):
+            import warnings
+
+            from rltune.errors import RltuneWarning
+
+            warnings.warn("the teacher's outputs look like probabilities (non-negative, each row summing to 1); "
+                          "distillation softens them as logits, so its soft targets come out nearly flat: give a "
+                          "teacher that returns logits or log-probabilities (e.g. drop its final softmax)",
+                          RltuneWarning, stacklevel=2)
         top = max(int(y.max()) for y in (y_tr, y_va, y_te) if y.numel())
         if top >= classes:
             raise RltuneError(f"labels go up to {top} but the teacher has only {classes} outputs (classes 0..{classes - 1})")

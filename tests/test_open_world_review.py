@@ -231,6 +231,21 @@ def test_a_student_that_fails_on_one_row_is_refused_by_problem(data, teacher):
     assert "(1, 12)" in str(e.value)
 
 
+class SqueezeTeacher(nn.Module):
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x):
+        return self.inner(x).squeeze()
+
+
+def test_a_teacher_that_fails_on_one_row_is_refused_by_problem(data, teacher):
+    with pytest.raises(RltuneError, match="single rows") as e:
+        rltune.Problem(SqueezeTeacher(teacher), MLP(), train=data[0], val=data[1], name="ow-squeeze-t", **FAST)
+    assert "teacher" in str(e.value) and "\n" not in str(e.value)
+
+
 # -- a target just above the smallest the student can be -------------------------------------
 
 class LNStudent(nn.Module):
@@ -262,3 +277,27 @@ def test_a_target_within_the_sizing_margin_of_the_floor_is_refused_before_traini
     monkeypatch.setattr(rltune.context, "train_epochs", no_training)
     with pytest.raises(RltuneError, match="cannot be met: at 2 bits"):
         rltune.compress(p, target=target, tuner="recipe")
+
+
+def test_a_float64_teacher_is_one_line_naming_the_fix(data, teacher):
+    import copy
+
+    t64 = copy.deepcopy(teacher).double()
+    with pytest.raises(RltuneError, match=r"teacher: parameter .* is torch.float64.*teacher\.float\(\)") as e:
+        rltune.Problem(t64, MLP(), train=data[0], val=data[1], name="ow-t64", **FAST)
+    assert "\n" not in str(e.value)
+
+
+def test_a_teacher_that_returns_probabilities_is_warned_about_and_log_probabilities_are_not(data, teacher):
+    import warnings
+
+    from rltune.errors import RltuneWarning
+
+    with pytest.warns(RltuneWarning, match="look like probabilities"):
+        rltune.Problem(nn.Sequential(teacher, nn.Softmax(dim=1)), MLP(), train=data[0], val=data[1],
+                       name="ow-probs", **FAST)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RltuneWarning)
+        rltune.Problem(nn.Sequential(teacher, nn.LogSoftmax(dim=1)), MLP(), train=data[0], val=data[1],
+                       name="ow-logprobs", **FAST)
+        rltune.Problem(teacher, MLP(), train=data[0], val=data[1], name="ow-logits", **FAST)
