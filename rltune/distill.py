@@ -44,6 +44,26 @@ def gc_paused():
             gc.enable()
 
 
+@contextlib.contextmanager
+def forward_rng(generator: torch.Generator | None):
+    """The global RNG, which Dropout (and any other random op in a student's ``forward``) draws
+    from, seeded from ``generator``'s current state for a training loop, and put back as it was
+    after. Without it a student with Dropout trained differently on every call with the same seed
+    (its draws depended on whatever had used the global RNG before), so an episode was not
+    reproducible and the one-at-a-time fallback of a batched search was not the sequential run.
+    ``generator`` is only read (a hash of its state), so the data order, and every student without
+    random ops, is what it was. No generator: the global RNG as it is."""
+    if generator is None:
+        yield
+        return
+    import hashlib
+
+    digest = hashlib.blake2b(generator.get_state().numpy().tobytes(), digest_size=8).digest()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(int.from_bytes(digest, "little") >> 1)
+        yield
+
+
 @dataclass
 class TrainSet:
     """Inputs of the train split followed by the transfer set, with cached teacher outputs.
@@ -161,7 +181,7 @@ def train_epochs(
     bounds = batch_bounds(n, batch_size, merge_single=has_batchnorm(model))
     avg = TailAverage([p for _, p in named], epochs * len(bounds), tail)
     model.train()
-    with gc_paused():
+    with gc_paused(), forward_rng(generator):
         last = math.nan
         for _ in range(epochs):
             perm = torch.randperm(n, generator=generator)

@@ -1,0 +1,138 @@
+"""Users' own modules through the other tuners and entry points (the open-world review, round 2).
+
+Each test builds a small problem of the kind a user brings and checks the contract: one
+RltuneError line for a mistake before training, otherwise a result that meets the budget, and the
+same result for the same seed.
+"""
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import rltune
+from rltune.errors import RltuneError
+
+FAST = dict(stages=2, epochs_per_stage=1, pretrain_epochs=1, transfer_size=100)
+
+
+def _blobs(n=260, d=12, c=3, seed=0):
+    rng = np.random.default_rng(seed)
+    centers = rng.normal(size=(c, d)) * 3
+    y = rng.integers(0, c, n)
+    return (centers[y] + rng.normal(size=(n, d))).astype(np.float32), y
+
+
+@pytest.fixture(scope="module")
+def data():
+    x, y = _blobs()
+    return (x[:200], y[:200]), (x[200:], y[200:])
+
+
+class Flat(nn.Module):
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x):
+        return self.inner(x.reshape(x.shape[0], -1))
+
+
+@pytest.fixture(scope="module")
+def teacher(data):
+    torch.manual_seed(0)
+    t = nn.Sequential(nn.Linear(12, 32), nn.ReLU(), nn.Linear(32, 3))
+    opt = torch.optim.Adam(t.parameters(), 1e-2)
+    x, y = torch.tensor(data[0][0]), torch.tensor(data[0][1])
+    for _ in range(60):
+        opt.zero_grad()
+        F.cross_entropy(t(x), y).backward()
+        opt.step()
+    return Flat(t).eval()
+
+
+class MLP(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(12, 24), nn.Linear(24, 3)
+
+    def forward(self, x):
+        return self.b(torch.relu(self.a(x)))
+
+
+class DropoutStudent(MLP):
+    def __init__(self):
+        super().__init__()
+        self.drop = nn.Dropout(0.3)
+
+    def forward(self, x):
+        return self.b(self.drop(torch.relu(self.a(x))))
+
+
+class Dropout2dStudent(nn.Module):
+    """(N, 1, 3, 4) input; nn.Dropout2d is not a subclass of nn.Dropout."""
+
+    def __init__(self):
+        super().__init__()
+        self.c, self.d2, self.fc = nn.Conv2d(1, 4, 3, padding=1), nn.Dropout2d(0.3), nn.Linear(48, 3)
+
+    def forward(self, x):
+        return self.fc(self.d2(torch.relu(self.c(x))).flatten(1))
+
+
+class FunctionalDropoutStudent(MLP):
+    """Dropout in forward, with no module to show it."""
+
+    def forward(self, x):
+        return self.b(F.dropout(torch.relu(self.a(x)), 0.3, self.training))
+
+
+def _state(m):
+    return {k: v.clone() for k, v in m.state_dict().items()}
+
+
+# -- Dropout draws from the global RNG: the same seed gave a different student ---------------------
+
+def test_training_a_dropout_student_is_the_same_for_the_same_generator_and_leaves_the_global_rng(data):
+    from rltune.distill import TrainSet, train_epochs
+
+    x, y = torch.tensor(data[0][0]), torch.tensor(data[0][1])
+    ts = TrainSet(x, y, torch.randn(len(y), 3, generator=torch.Generator().manual_seed(1)))
+    torch.manual_seed(5)
+    init = _state(DropoutStudent())
+    res = []
+    for draw in (0, 7):
+        torch.manual_seed(draw)            # whatever state the caller left the global RNG in
+        m = DropoutStudent()
+        m.load_state_dict(init)
+        before = torch.random.get_rng_state()
+        train_epochs(m, ts, 2, batch_size=32, generator=torch.Generator().manual_seed(3))
+        assert torch.equal(torch.random.get_rng_state(), before)   # and it is left as it was
+        res.append(_state(m))
+    assert all(torch.equal(res[0][k], res[1][k]) for k in res[0])
+
+
+def test_compress_of_a_dropout_student_is_reproducible(data, teacher):
+    p = rltune.Problem(teacher, DropoutStudent(), train=data[0], val=data[1], test=data[1], name="ow2-drop", **FAST)
+    runs = []
+    for draw in (1, 2):
+        torch.manual_seed(draw)
+        r = rltune.compress(p, target="3x", tuner="recipe", seed=0)
+        runs.append(r)
+    a, b = runs
+    assert a.report["val_acc"] == b.report["val_acc"] and a.report["packed_bytes"] == b.report["packed_bytes"]
+    sa, sb = a.model.state_dict(), b.model.state_dict()
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def test_check_env_passes_on_a_dropout_student(data, teacher):
+    import gymnasium as gym
+    from gymnasium.utils.env_checker import check_env
+
+    p = rltune.Problem(teacher, DropoutStudent(), train=data[0], val=data[1], name="ow2-drop-env", **FAST)
+    env = gym.make("rltune/DistillCompress-v0", problems=[p], targets=["3x"])
+    check_env(env.unwrapped, skip_render_check=True)   # its step determinism check failed
