@@ -17,7 +17,9 @@ prune → quantize → train → measure, with the training batched.
 
 Not batched (a caller falls back to the one-student path, :func:`batchable` says why): weight
 sharing (codebooks), the FitNets hint, BatchNorm with running statistics and Dropout (their state
-and randomness are per call), students of different architectures (batch them separately).
+and randomness are per call; any random op in ``forward``, and any op ``vmap`` cannot batch, found
+by running the forward once under ``vmap``), students of different architectures (batch them
+separately).
 
 Example usage::
 
@@ -50,8 +52,11 @@ from rltune.errors import DivergedError, RltuneError
 BATCH_MAX_PARAMS = 250_000
 
 
-def batchable(models: Sequence[nn.Module]) -> str | None:
-    """None if these prepared students can train as one batch, else why not."""
+def batchable(models: Sequence[nn.Module], x: torch.Tensor | None = None) -> str | None:
+    """None if these prepared students can train as one batch, else why not. With ``x`` (a few of
+    the training inputs), the student's ``forward`` is also run once under ``torch.func.vmap`` in
+    training mode: a random op that no module shows (``F.dropout`` in ``forward``) or any other op
+    vmap cannot take makes it not batchable (see :func:`vmap_blocker`)."""
     if not models:
         return "no students"
     first = [(l.name, tuple(l.weight.shape)) for l in C.layers(models[0])]
@@ -64,10 +69,30 @@ def batchable(models: Sequence[nn.Module]) -> str | None:
     for mod in models[0].modules():
         if isinstance(mod, nn.modules.batchnorm._BatchNorm) and mod.track_running_stats:
             return "BatchNorm with running statistics"
-        if isinstance(mod, nn.Dropout) and mod.p > 0:
+        # every dropout module (Dropout, Dropout1d/2d/3d, AlphaDropout, ...): Dropout2d is not an nn.Dropout
+        if isinstance(mod, nn.modules.dropout._DropoutNd) and mod.p > 0:
             return "Dropout"
     if any(not p.requires_grad for p in models[0].parameters()):
         return "frozen parameters (the batch would train them)"
+    return vmap_blocker(models[0], x) if x is not None else None
+
+
+def vmap_blocker(model: nn.Module, x: torch.Tensor) -> str | None:
+    """Why the student's ``forward`` cannot run as K students under ``torch.func.vmap`` in training
+    mode (the batched path's general forward), or None: it is run once, on two rows, with its
+    parameters given a batch axis of one. A random op in ``forward`` (``F.dropout``,
+    ``torch.rand``...) would draw once for the K students instead of once each, and vmap refuses
+    it; so does an op without a batching rule. Either way the students train one at a time."""
+    base = _skeleton(model)
+    params = {n: p.detach().unsqueeze(0) for n, p in base.named_parameters()}
+    rows = x[:2].unsqueeze(0)
+    try:
+        with torch.no_grad():
+            vmap(lambda p, xb: functional_call(base, p, (xb,)), in_dims=(0, 0))(params, rows)
+    except Exception as e:  # noqa: BLE001 - any failure means: not batchable, one at a time
+        if "random" in str(e):
+            return "random operations in forward (e.g. F.dropout)"
+        return f"its forward does not run under torch.func.vmap ({type(e).__name__})"
     return None
 
 
@@ -235,7 +260,7 @@ def train_epochs_batched(models: Sequence[nn.Module], data: TrainSet, epochs: in
     student's mean loss over its last epoch, NaN for a student whose loss stopped being finite (its
     own parameters only go NaN: nothing crosses between students). ``tail``: as
     :func:`rltune.distill.train_epochs`, for the students ``tail_students`` flags (default all)."""
-    why = batchable(models)
+    why = batchable(models, data.x)
     if why:
         raise RltuneError(f"these students cannot train as one batch: {why}")
     K = len(models)
@@ -403,6 +428,19 @@ def train_epochs_batched(models: Sequence[nn.Module], data: TrainSet, epochs: in
     return [math.nan if bool(diverged[k]) else last[k] for k in range(K)]
 
 
+def _batchable_in(ctx, models: Sequence[nn.Module]) -> str | None:
+    """:func:`batchable` on the context's training inputs; the forward's vmap check runs once per
+    context and student class (a few ms; the batched VecEnv calls this every stage)."""
+    why = batchable(models)
+    if why:
+        return why
+    seen = ctx.__dict__.setdefault("_vmap_blockers", {})
+    key = f"{type(models[0]).__module__}.{type(models[0]).__qualname__}"  # a string: the context pickles
+    if key not in seen:
+        seen[key] = vmap_blocker(models[0], ctx.train_set.x)
+    return seen[key]
+
+
 def run_stages_batched(ctx, states: list, knobs: list, epochs: int | None = None) -> list:
     """:func:`rltune.stage.run_stage` for K students at once (same context): each is pruned and
     quantized to its own knobs, the K are trained as one batch, each is measured alone. Returns one
@@ -417,7 +455,7 @@ def run_stages_batched(ctx, states: list, knobs: list, epochs: int | None = None
     tr = ctx.scenario.training
     models = [s.model for s in states]
     big = sum(p.numel() for p in models[0].parameters()) > BATCH_MAX_PARAMS
-    if big or batchable(models) or (tr["hint_weight"] > 0 and any(s.hint for s in states)) or tr["weight_sharing"]:
+    if big or _batchable_in(ctx, models) or (tr["hint_weight"] > 0 and any(s.hint for s in states)) or tr["weight_sharing"]:
         out = []
         for st, kn in zip(states, knobs):
             try:

@@ -136,3 +136,29 @@ def test_check_env_passes_on_a_dropout_student(data, teacher):
     p = rltune.Problem(teacher, DropoutStudent(), train=data[0], val=data[1], name="ow2-drop-env", **FAST)
     env = gym.make("rltune/DistillCompress-v0", problems=[p], targets=["3x"])
     check_env(env.unwrapped, skip_render_check=True)   # its step determinism check failed
+
+
+# -- the batched path: random ops it cannot see from the modules ------------------------------------
+
+def test_every_dropout_module_and_a_random_forward_are_not_batchable(data):
+    from rltune import compression as C
+    from rltune.batched import batchable
+
+    x = torch.tensor(data[0][0])
+    assert batchable([C.prepare_(Dropout2dStudent())]) == "Dropout"
+    assert batchable([C.prepare_(nn.Sequential(nn.Linear(12, 8), nn.AlphaDropout(0.2), nn.Linear(8, 3)))]) == "Dropout"
+    assert batchable([C.prepare_(FunctionalDropoutStudent())]) is None          # nothing to see in the modules
+    assert "random" in batchable([C.prepare_(FunctionalDropoutStudent())], x)  # found by running it under vmap
+    assert batchable([C.prepare_(MLP())], x) is None
+
+
+@pytest.mark.parametrize("student", [FunctionalDropoutStudent, Dropout2dStudent])
+def test_a_batched_search_of_a_random_student_falls_back_to_the_sequential_result(data, teacher, student):
+    (x, y), (xv, yv) = data
+    if student is Dropout2dStudent:
+        x, xv = x.reshape(-1, 1, 3, 4), xv.reshape(-1, 1, 3, 4)
+    p = rltune.Problem(teacher, student(), train=(x, y), val=(xv, yv), name=f"ow2-{student.__name__}", **FAST)
+    one = rltune.compress(p, target="3x", tuner="ppo-best-of-n", agent="ppo-v0", episodes=2, seed=0, batch=1)
+    two = rltune.compress(p, target="3x", tuner="ppo-best-of-n", agent="ppo-v0", episodes=2, seed=0, batch=2)
+    assert two.report["packed_bytes"] <= two.report["budget_limit"]
+    assert one.report["val_acc"] == two.report["val_acc"] and one.report["packed_bytes"] == two.report["packed_bytes"]
