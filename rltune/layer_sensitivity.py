@@ -22,6 +22,7 @@ The command line: ``rltune sensitivity --scenario NAME [--json F]``.
 from __future__ import annotations
 
 import copy
+import logging
 import math
 from typing import Any, Sequence
 
@@ -31,6 +32,8 @@ from torch import nn
 
 from rltune import compression as C
 from rltune.errors import RltuneError
+
+log = logging.getLogger("rltune")
 
 BITS = (2, 3, 4, 5, 6, 8)
 SPARSITIES = (0.5, 0.75, 0.9, 0.95)
@@ -67,7 +70,15 @@ def _eval(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[float, fl
 def hessian_traces(model: nn.Module, x: torch.Tensor, y: torch.Tensor, probes: int = 16,
                    seed: int = 0, batch: int = 1024) -> dict[str, float]:
     """Hutchinson estimate of tr(∂²L/∂w²) for each Linear/Conv weight of a plain float ``model``
-    (cross-entropy on ``x``, ``y``; the first ``batch`` rows)."""
+    (cross-entropy on ``x``, ``y``; the first ``batch`` rows).
+
+    It needs the student's second derivatives: attention runs on PyTorch's math kernel here (the
+    fused CPU kernel of ``scaled_dot_product_attention``, which ``nn.TransformerEncoderLayer``
+    calls, has no double backward). A student with another op that has none (a custom
+    ``autograd.Function``, say) gets NaN traces, which every reader takes as unknown, instead of
+    an error: the trace is one feature among the measured ones."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
     model = copy.deepcopy(model).eval()
     named = [(n, m.weight) for n, m in model.named_modules() if isinstance(m, C.COMPRESSIBLE)]
     if not named:
@@ -75,15 +86,21 @@ def hessian_traces(model: nn.Module, x: torch.Tensor, y: torch.Tensor, probes: i
     ws = [w for _, w in named]
     g = torch.Generator().manual_seed(seed)
     xb, yb = x[:batch], y[:batch]
-    with torch.enable_grad():
-        loss = F.cross_entropy(model(xb), yb)
-        grads = torch.autograd.grad(loss, ws, create_graph=True)
-        total = [0.0] * len(ws)
-        for _ in range(probes):
-            vs = [torch.randint(0, 2, w.shape, generator=g).float() * 2 - 1 for w in ws]
-            hv = torch.autograd.grad(grads, ws, grad_outputs=vs, retain_graph=True)
-            for i, (h, v) in enumerate(zip(hv, vs)):
-                total[i] += float((h * v).sum())
+    try:
+        with torch.enable_grad(), sdpa_kernel(SDPBackend.MATH):
+            loss = F.cross_entropy(model(xb), yb)
+            grads = torch.autograd.grad(loss, ws, create_graph=True)
+            total = [0.0] * len(ws)
+            for _ in range(probes):
+                vs = [torch.randint(0, 2, w.shape, generator=g).float() * 2 - 1 for w in ws]
+                hv = torch.autograd.grad(grads, ws, grad_outputs=vs, retain_graph=True, allow_unused=True)
+                for i, (h, v) in enumerate(zip(hv, vs)):
+                    if h is not None:  # None: the loss is linear in this weight here (zero curvature)
+                        total[i] += float((h * v).sum())
+    except (RuntimeError, NotImplementedError) as e:
+        log.info("Hessian traces not measured (the student's forward has no second derivative: %s): NaN",
+                 str(e).splitlines()[0][:200])
+        return {n: math.nan for n, _ in named}
     return {n: t / probes for (n, _), t in zip(named, total)}
 
 

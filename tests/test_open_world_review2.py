@@ -162,3 +162,59 @@ def test_a_batched_search_of_a_random_student_falls_back_to_the_sequential_resul
     two = rltune.compress(p, target="3x", tuner="ppo-best-of-n", agent="ppo-v0", episodes=2, seed=0, batch=2)
     assert two.report["packed_bytes"] <= two.report["budget_limit"]
     assert one.report["val_acc"] == two.report["val_acc"] and one.report["packed_bytes"] == two.report["packed_bytes"]
+
+
+# -- a transformer student: the v1 per-layer table's Hessian traces ---------------------------------
+
+class TransformerStudent(nn.Module):
+    """(N, 3, 4): a sequence of 3 steps of 4 features."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Linear(4, 8)
+        self.enc = nn.TransformerEncoderLayer(8, 2, dim_feedforward=16, dropout=0.0, batch_first=True)
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x):
+        return self.head(self.enc(self.emb(x)).mean(1))
+
+
+class _Square(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        ctx.save_for_backward(x)
+        return x * x
+
+    @staticmethod
+    def backward(ctx, g):
+        (x,) = ctx.saved_tensors
+        return (2 * x * g).detach()     # no second derivative
+
+
+class NoDoubleBackward(MLP):
+    def forward(self, x):
+        return self.b(_Square.apply(self.a(x)))
+
+
+def test_hessian_traces_of_a_transformer_and_of_a_forward_without_second_derivatives():
+    import math
+
+    from rltune.layer_sensitivity import hessian_traces
+
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(32, 3, 4, generator=g), torch.randint(0, 3, (32,), generator=g)
+    torch.manual_seed(0)
+    t = hessian_traces(TransformerStudent(), x, y, probes=2)
+    assert set(t) == {"emb", "enc.self_attn.out_proj", "enc.linear1", "enc.linear2", "head"}
+    assert all(math.isfinite(v) for v in t.values())
+    t = hessian_traces(NoDoubleBackward(), x.reshape(32, 12), y, probes=2)
+    assert set(t) == {"a", "b"} and all(math.isnan(v) for v in t.values())
+
+
+def test_a_v1_agent_replays_on_a_transformer_student(data, teacher):
+    (x, y), (xv, yv) = data
+    torch.manual_seed(0)
+    p = rltune.Problem(teacher, TransformerStudent(), train=(x.reshape(-1, 3, 4), y), val=(xv.reshape(-1, 3, 4), yv),
+                       name="ow2-transformer", **FAST)
+    r = rltune.replay("ppo-v1s-seed1", p, target="1.5x", seed=0)
+    assert r.report["packed_bytes"] <= r.report["budget_limit"]
