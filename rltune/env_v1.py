@@ -105,6 +105,18 @@ ACTION_LAYOUT_V1 = (list(ACTION_LAYOUT) + [f"bit_offset_{i}" for i in range(L_MA
                     + [f"sparsity_tilt_{i}" for i in range(L_MAX)])
 DEADZONE = 0.05
 ZERO_RULES = ("plus1", "sensitivity")
+
+
+def check_zero_rule_options(zero_rule: Any, tilt_deadzone: Any, schedule_deadzone: Any) -> None:
+    """One RltuneError line unless ``zero_rule`` is one of :data:`ZERO_RULES` and each deadzone is
+    None or a number in [0, 1) (the env's arguments, and what a v1 agent.json records of them)."""
+    from rltune.errors import RltuneError
+
+    if not isinstance(zero_rule, str) or zero_rule not in ZERO_RULES:
+        raise RltuneError(f"zero_rule must be one of {', '.join(ZERO_RULES)}, got {zero_rule!r}")
+    for name, dz in (("tilt_deadzone", tilt_deadzone), ("schedule_deadzone", schedule_deadzone)):
+        if dz is not None and (isinstance(dz, bool) or not isinstance(dz, (int, float)) or not 0.0 <= dz < 1.0):
+            raise RltuneError(f"{name} must be a number in [0, 1), got {dz!r}")
 COLLAPSE_SHARE = 0.25
 FIT_ROWS = 20_000
 REWARD_SIGNALS = ("val", "agreement", "both")
@@ -136,11 +148,7 @@ class DistillCompressEnvV1(DistillCompressEnv):
 
         if reward_signal not in REWARD_SIGNALS:
             raise RltuneError(f"reward_signal must be one of {', '.join(REWARD_SIGNALS)}, got {reward_signal!r}")
-        if zero_rule not in ZERO_RULES:
-            raise RltuneError(f"zero_rule must be one of {', '.join(ZERO_RULES)}, got {zero_rule!r}")
-        for name, dz in (("tilt_deadzone", tilt_deadzone), ("schedule_deadzone", schedule_deadzone)):
-            if dz is not None and (isinstance(dz, bool) or not isinstance(dz, (int, float)) or not 0.0 <= dz < 1.0):
-                raise RltuneError(f"{name} must be a number in [0, 1), got {dz!r}")
+        check_zero_rule_options(zero_rule, tilt_deadzone, schedule_deadzone)
         self.reward_signal = reward_signal
         self.zero_rule = zero_rule
         self.tilt_deadzone = None if tilt_deadzone is None else float(tilt_deadzone)

@@ -528,6 +528,35 @@ def _env_id(agent) -> str:
     return (agent.meta.get("training") or {}).get("env_id") or "rltune/DistillCompress-v0"
 
 
+def _trained_env(agent) -> dict[str, Any]:
+    """The v1 env options the agent was trained with (``training.env`` in its agent.json)."""
+    return (agent.meta.get("training") or {}).get("env") or {}
+
+
+def _check_training(agent, where: str) -> None:
+    """What the tuners read from an agent.json's free-form ``training`` object, checked before any
+    training: ``env_id`` one of rltune's env ids, and for a v1 agent ``env`` an object whose
+    ``zero_rule`` and deadzones are the env's. A malformed value was an AttributeError traceback
+    (``env`` not an object) or an error naming no file; an unknown ``env_id`` was taken as v0."""
+    from rltune.env_v1 import check_zero_rule_options
+    from rltune.registration import ENV_IDS
+
+    training = agent.meta.get("training") or {}
+    env_id = training.get("env_id")
+    if env_id is not None and env_id not in ENV_IDS:
+        raise RltuneError(f"{where}: field 'training.env_id' must be one of {', '.join(ENV_IDS)}, got {env_id!r}")
+    if env_id != V1:
+        return
+    env = training.get("env")
+    if env is not None and not isinstance(env, dict):
+        raise RltuneError(f"{where}: field 'training.env' must be an object, got {type(env).__name__}")
+    env = env or {}
+    try:
+        check_zero_rule_options(env.get("zero_rule", "plus1"), env.get("tilt_deadzone"), env.get("schedule_deadzone"))
+    except RltuneError as e:
+        raise RltuneError(f"{where}: field 'training.env': {e}") from None
+
+
 def _load_agent(agent_path: str | Path):
     """The agent's policy, refused unless its observation and action layouts are those of the env
     version it was trained on (v0 or v1, ``training.env_id`` in its agent.json)."""
@@ -535,7 +564,9 @@ def _load_agent(agent_path: str | Path):
     from rltune.shipped import resolve_agent
     from rltune.train import layouts
 
-    agent = load_policy(resolve_agent(agent_path))
+    folder = resolve_agent(agent_path)
+    agent = load_policy(folder)
+    _check_training(agent, str(Path(folder) / "agent.json"))
     check_layouts(agent, *layouts(_env_id(agent)))
     return agent
 
@@ -554,7 +585,7 @@ def _policy_env(s: Session, agent) -> DistillCompressEnv:
     from rltune.env_v1 import DistillCompressEnvV1
 
     if _env_id(agent) == V1 and not isinstance(s.env, DistillCompressEnvV1):
-        trained = (agent.meta.get("training") or {}).get("env") or {}  # the zero rule it was paid against
+        trained = _trained_env(agent)  # the zero rule it was paid against (checked by _load_agent)
         s.env = DistillCompressEnvV1.like(s.env, zero_rule=trained.get("zero_rule", "plus1"),
                                           tilt_deadzone=trained.get("tilt_deadzone"),
                                           schedule_deadzone=trained.get("schedule_deadzone"))

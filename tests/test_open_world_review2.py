@@ -218,3 +218,40 @@ def test_a_v1_agent_replays_on_a_transformer_student(data, teacher):
                        name="ow2-transformer", **FAST)
     r = rltune.replay("ppo-v1s-seed1", p, target="1.5x", seed=0)
     assert r.report["packed_bytes"] <= r.report["budget_limit"]
+
+
+# -- an agent.json whose training object the tuners read is malformed ------------------------------
+
+def _agent_with(tmp_path, src, mutate):
+    from rltune.shipped import resolve_agent
+
+    d = tmp_path / "agent"
+    shutil.copytree(resolve_agent(src), d)
+    meta = json.loads((d / "agent.json").read_text())
+    mutate(meta["training"])
+    (d / "agent.json").write_text(json.dumps(meta))
+    return d
+
+
+@pytest.mark.parametrize("src,mutate,match", [
+    ("ppo-v1s-seed1", lambda t: t.update(env=[1, 2]), r"'training.env' must be an object, got list"),
+    ("ppo-v1s-seed1", lambda t: t.update(env="sensitivity"), r"'training.env' must be an object, got str"),
+    ("ppo-v1s-seed1", lambda t: t["env"].update(zero_rule="__import__('os')"), r"'training.env': zero_rule must be"),
+    ("ppo-v1s-seed1", lambda t: t["env"].update(tilt_deadzone="x"), r"'training.env': tilt_deadzone must be"),
+    ("ppo-v0", lambda t: t.update(env_id="CartPole-v1"), r"'training.env_id' must be one of"),
+])
+def test_a_malformed_training_object_in_agent_json_is_one_line_before_training(data, teacher, tmp_path, monkeypatch,
+                                                                               src, mutate, match):
+    import rltune.context
+
+    agent = _agent_with(tmp_path, src, mutate)
+    p = rltune.Problem(teacher, MLP(), train=data[0], val=data[1], name="ow2-agent", **FAST)
+
+    def no_training(*a, **k):
+        raise AssertionError("trained before refusing the agent")
+
+    monkeypatch.setattr(rltune.context, "train_epochs", no_training)
+    for tuner in ("ppo-replay", "ppo-warm-tpe"):
+        with pytest.raises(RltuneError, match=match) as e:
+            rltune.compress(p, target="3x", tuner=tuner, agent=agent, episodes=2)
+        assert "agent.json" in str(e.value) and "\n" not in str(e.value)
