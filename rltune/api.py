@@ -113,6 +113,8 @@ def compress(problem: Problem | Scenario | str, target: str | float = "16x", tun
         raise RltuneError(f"unknown tuner {tuner!r} (expected one of {', '.join(TUNERS)})")
     if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2 ** 31:
         raise RltuneError(f"seed must be a whole number in 0..2**31-1, got {seed!r}")
+    if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
+        raise RltuneError(f"batch must be a whole number >= 1 (episodes trained at once), got {batch!r}")
     budget = Budget.parse(target)
     if tuner.startswith("ppo") and agent is None:
         raise RltuneError(f"the {tuner} tuner needs an agent (a shipped name such as 'ppo-v0', or a folder)")

@@ -255,3 +255,12 @@ def test_a_malformed_training_object_in_agent_json_is_one_line_before_training(d
         with pytest.raises(RltuneError, match=match) as e:
             rltune.compress(p, target="3x", tuner=tuner, agent=agent, episodes=2)
         assert "agent.json" in str(e.value) and "\n" not in str(e.value)
+
+
+# -- compress's batch argument ------------------------------------------------------------------
+
+@pytest.mark.parametrize("batch", [1.5, 0, -2, True, "2"])
+def test_a_bad_batch_is_one_line_before_training(data, teacher, batch):
+    p = rltune.Problem(teacher, MLP(), train=data[0], val=data[1], name="ow2-batch", **FAST)
+    with pytest.raises(RltuneError, match="batch must be a whole number >= 1"):
+        rltune.compress(p, target="3x", tuner="random", episodes=2, batch=batch)
