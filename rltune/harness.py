@@ -239,6 +239,28 @@ def check_sampler_seed_offset(out_dir: str | Path, offset: int, seeds: int, tria
                           f"{offset}; use another folder")
 
 
+def check_scenarios(scenarios: Iterable[Any]) -> list[str]:
+    """The harness's scenarios as strings (names or YAML files; a path object becomes its string),
+    each one found, before any folder is made: one RltuneError line otherwise. Its cells run in
+    worker processes and are recorded as JSON, so an in-memory ``rltune.Problem`` cannot be one
+    (it escaped as a TypeError from the JSON encoder)."""
+    from rltune.shipped import resolve_scenario
+
+    if isinstance(scenarios, (str, os.PathLike)):
+        scenarios = [scenarios]
+    out = []
+    for s in scenarios:
+        if isinstance(s, os.PathLike):
+            s = os.fspath(s)
+        if not isinstance(s, str):
+            raise RltuneError(f"evaluate: a scenario is a shipped scenario's name or a scenario YAML file, got a "
+                              f"{type(s).__name__}; for an rltune.Problem run rltune.compress(problem, tuner=...) per "
+                              "tuner, or describe its data in a scenario file (dataset: {source: file, path: data.npz})")
+        resolve_scenario(s)
+        out.append(s)
+    return out
+
+
 def evaluate(
     scenarios: Iterable[str],
     targets: dict[str, list[str]] | list[str],
@@ -269,11 +291,17 @@ def evaluate(
     how often a tuner beats itself. A folder keeps one offset."""
     if trial_workers < 1:
         raise RltuneError(f"trial_workers must be at least 1, got {trial_workers}")
+    scenarios = check_scenarios(scenarios)
+    if isinstance(targets, dict):
+        targets = {os.fspath(k) if isinstance(k, os.PathLike) else k: v for k, v in targets.items()}
+    if agent:  # a shipped agent's name, as rltune.compress takes it, or a folder
+        from rltune.shipped import resolve_agent
+
+        agent = str(resolve_agent(agent))
     check_sampler_seed_offset(out_dir, sampler_seed_offset, seeds, trial_workers)
     out = Path(out_dir)
     make_folder(out)
     results = out / "results.jsonl"
-    scenarios = list(scenarios)
     tuners = list(tuners)
     for t in tuners:
         if t.startswith("ppo") and not agent:

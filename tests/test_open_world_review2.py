@@ -264,3 +264,26 @@ def test_a_bad_batch_is_one_line_before_training(data, teacher, batch):
     p = rltune.Problem(teacher, MLP(), train=data[0], val=data[1], name="ow2-batch", **FAST)
     with pytest.raises(RltuneError, match="batch must be a whole number >= 1"):
         rltune.compress(p, target="3x", tuner="random", episodes=2, batch=batch)
+
+
+# -- the harness on a user's data -----------------------------------------------------------------
+
+def test_the_harness_refuses_a_problem_and_takes_a_path_and_a_shipped_agent_name(data, teacher, tmp_path):
+    from rltune.harness import evaluate
+
+    p = rltune.Problem(teacher, MLP(), train=data[0], val=data[1], name="ow2-harness", **FAST)
+    with pytest.raises(RltuneError, match="for an rltune.Problem run rltune.compress") as e:
+        evaluate([p], ["3x"], ["recipe"], [2], 1, tmp_path / "out-problem", progress=False)
+    assert "\n" not in str(e.value) and not (tmp_path / "out-problem").exists()
+    (x, y), (xv, yv) = data
+    np.savez(tmp_path / "blobs.npz", x=x, y=y, x_val=xv, y_val=yv, x_test=xv, y_test=yv)
+    (tmp_path / "blobs.yaml").write_text(
+        "name: ow2-blobs\n"
+        "dataset: {source: file, path: blobs.npz, transfer: 100}\n"
+        "teacher: {arch: mlp, hidden: [32], epochs: 5, lr: 0.005, batch_size: 64}\n"
+        "student: {arch: mlp, hidden: [16], pretrain_epochs: 1}\n"
+        "training: {stages: 2, epochs_per_stage: 1, batch_size: 64, lr: 0.005}\n")
+    out = evaluate([tmp_path / "blobs.yaml"], ["3x"], ["recipe", "ppo-replay"], [2], 1, tmp_path / "out",
+                   agent="ppo-v0", progress=False)
+    rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    assert sorted(r["tuner"] for r in rows) == ["ppo-replay", "recipe"]
