@@ -12,6 +12,14 @@ def _script():
     return load_experiment("anytime_null")
 
 
+def _write(root: Path, name: str, rows: list) -> Path:
+    """An anytime folder ``root/name`` whose cells/results.jsonl holds ``rows``."""
+    d = root / name
+    (d / "cells").mkdir(parents=True)
+    (d / "cells" / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return d
+
+
 def _folder(root: Path, name: str, tuner: str, curves: dict) -> Path:
     """An anytime folder whose ``tuner`` has ``curves[(cell, seed)] = [acc at N = 1, 2, 4]``."""
     rows = []
@@ -22,10 +30,7 @@ def _folder(root: Path, name: str, tuner: str, curves: dict) -> Path:
         # a smaller run of the same cell and seed, and another tuner's row: both ignored
         rows.append({**rows[-1], "budget_stages": 12, "anytime": [{"episodes": 1, "test_acc": 0.0}]})
         rows.append({**rows[-2], "tuner": "other", "anytime": [{"episodes": 1, "test_acc": 1.0}]})
-    d = root / name
-    (d / "cells").mkdir(parents=True)
-    (d / "cells" / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return d
+    return _write(root, name, rows)
 
 
 def test_pairs_count_cells_at_every_n(tmp_path):
@@ -369,10 +374,7 @@ def _one(root, name, tuner, accs: dict):
     """A one-episode tuner's folder: ``accs[(cell, seed)]`` its test accuracy (N = 1 only)."""
     rows = [{"tuner": tuner, "scenario": f"x/{cell}.yaml", "target": "8x", "seed": seed, "budget_stages": 6,
              "anytime": [{"episodes": 1, "test_acc": a}]} for (cell, seed), a in accs.items()]
-    d = root / name
-    (d / "cells").mkdir(parents=True)
-    (d / "cells" / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return d
+    return _write(root, name, rows)
 
 
 def test_oracle_plays_the_member_with_the_best_mean_and_blocks_choose_it_elsewhere(tmp_path):

@@ -5,7 +5,6 @@ one RltuneError line for a mistake before training, a working compression otherw
 artifact that reloads predicting what ``r.model`` predicts.
 """
 
-import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -13,42 +12,17 @@ from torch import nn
 import rltune
 from rltune.errors import RltuneError
 
-FAST = dict(stages=2, epochs_per_stage=1, pretrain_epochs=1, transfer_size=100)
-
-
-def _blobs(n=260, d=12, c=3, seed=0):
-    rng = np.random.default_rng(seed)
-    centers = rng.normal(size=(c, d)) * 3
-    y = rng.integers(0, c, n)
-    return (centers[y] + rng.normal(size=(n, d))).astype(np.float32), y
+from open_world import FAST, MLP, split, trained_teacher
 
 
 @pytest.fixture(scope="module")
 def data():
-    x, y = _blobs()
-    return (x[:200], y[:200]), (x[200:], y[200:])
+    return split()
 
 
 @pytest.fixture(scope="module")
 def teacher(data):
-    torch.manual_seed(0)
-    t = nn.Sequential(nn.Linear(12, 32), nn.ReLU(), nn.Linear(32, 3))
-    opt = torch.optim.Adam(t.parameters(), 1e-2)
-    x, y = torch.tensor(data[0][0]), torch.tensor(data[0][1])
-    for _ in range(60):
-        opt.zero_grad()
-        nn.functional.cross_entropy(t(x), y).backward()
-        opt.step()
-    return t.eval()
-
-
-class MLP(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.a, self.b = nn.Linear(12, 24), nn.Linear(24, 3)
-
-    def forward(self, x):
-        return self.b(torch.relu(self.a(x)))
+    return trained_teacher(data)
 
 
 def _same(m1, m2, x):
