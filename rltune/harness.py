@@ -137,15 +137,33 @@ def merge_parts(cell: Cell, rows: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def read_results(path: Path) -> list[dict[str, Any]]:
-    """The finished cells; a line cut short by an interruption is ignored (it will be rerun)."""
+    """The finished cells; a line cut short by an interruption is ignored (it will be rerun). A
+    file that cannot be read, or a line that is JSON but not one of this harness's rows (a list,
+    a row without its key, scenario, target, tuner or test figures), is a one-line RltuneError:
+    the summary would otherwise fail on it with a traceback after every cell had run."""
+    path = Path(path)
     rows = []
-    if path.exists():
-        for line in path.read_text().splitlines():
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError:
-                continue
+    try:
+        if not path.exists():
+            return rows
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise RltuneError(f"{path}: cannot read the results ({getattr(e, 'strerror', None) or type(e).__name__}); "
+                          "move it away") from None
+    for n, line in enumerate(text.splitlines(), 1):
+        try:
+            row = json.loads(line)
+        except (ValueError, RecursionError):
+            continue
+        if not _is_result_row(row):
+            raise RltuneError(f"{path}:{n}: not one of this harness's result rows; move the file away")
+        rows.append(row)
     return rows
+
+
+def _is_result_row(row: Any) -> bool:
+    return (isinstance(row, dict) and all(isinstance(row.get(k), str) for k in ("key", "scenario", "target", "tuner"))
+            and isinstance(row.get("test"), dict))
 
 
 def strict_results(path: str | Path) -> Iterator[tuple[int, dict[str, Any]]]:
@@ -204,6 +222,32 @@ def read_meta(out_dir: str | Path) -> dict[str, Any]:
         raise RltuneError(f"{path}: not this harness's record (expected {{\"run_id\": ..., \"runs\": [...]}}); "
                           "move it away")
     return meta
+
+
+def _redact(url: str) -> str:
+    """A storage URL without its password (it goes into an error line)."""
+    import re
+
+    return re.sub(r"(://[^/@:]*:)[^/@]*@", r"\1***@", url)
+
+
+def open_storage(url: str):
+    """Optuna's RDB storage at ``url`` (creating its schema), or one RltuneError line: an unknown
+    scheme, a missing database driver, a file that is not SQLite, a server that does not answer
+    (they escaped as SQLAlchemy / ImportError tracebacks)."""
+    import optuna
+
+    if not isinstance(url, str) or "://" not in url:
+        raise RltuneError(f"--storage {_redact(str(url))[:200]!r}: not a database URL (e.g. sqlite:///study.db, "
+                          "postgresql://user@host/db)")
+    try:
+        return optuna.storages.RDBStorage(url)
+    except RltuneError:
+        raise
+    except Exception as e:  # SQLAlchemy's errors, ImportError of a driver, optuna's own
+        why = " ".join(str(e).split()).split(" (Background on this error")[0].split("[SQL:")[0].strip()
+        raise RltuneError(f"--storage {_redact(url)[:200]}: cannot open the Optuna storage "
+                          f"({type(e).__name__}: {why[:200] or 'no reason given'})") from None
 
 
 def check_sampler_seed_offset(out_dir: str | Path, offset: int, seeds: int, trial_workers: int = 1) -> None:
@@ -342,9 +386,7 @@ def evaluate(
     if todo and any(t in STUDY_TUNERS for t in tuners):
         # create the schema here, once: workers creating a new database at the same moment race
         # on its version table (sqlite3.IntegrityError on alembic_version)
-        import optuna
-
-        optuna.storages.RDBStorage(storage)
+        open_storage(storage)
     meta_path = out / "evaluation.json"
     meta = read_meta(out)
     runs = meta.get("runs", [])
