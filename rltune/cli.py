@@ -230,8 +230,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     from rltune.train import check_config, gate, load_hyperparams, train
 
     if args.config:
+        from rltune.errors import check_regular_file
         from rltune.scenario import safe_yaml
 
+        check_regular_file(args.config, "config file (YAML)")
         try:
             text = Path(args.config).read_text()
         except (OSError, UnicodeDecodeError):

@@ -174,6 +174,11 @@ def _mnist_digits() -> tuple[np.ndarray, np.ndarray]:
 
 
 MAX_FILE_BYTES = 2 << 30  # a data file larger than 2 GiB is refused before it is read
+MAX_CLASSES = 10_000      # a file's labels: the teacher rltune trains has one output per class
+
+
+def _num(v) -> str:
+    return f"{int(v)}" if float(v).is_integer() and abs(float(v)) < 2 ** 63 else f"{float(v):g}"
 
 
 def _read_npz(path: Path) -> dict[str, np.ndarray]:
@@ -198,7 +203,7 @@ def _read_csv(path: Path, label: str) -> dict[str, np.ndarray]:
     import csv
 
     try:
-        with open(path, newline="") as f:
+        with open(path, newline="", encoding="utf-8-sig") as f:  # a spreadsheet's byte-order mark is not a name
             rows = list(csv.reader(f))
     except (OSError, UnicodeDecodeError, csv.Error) as e:
         raise RltuneError(f"{path}: cannot read the CSV file ({e})") from None
@@ -208,6 +213,8 @@ def _read_csv(path: Path, label: str) -> dict[str, np.ndarray]:
     header = [h.strip() for h in rows[0]]
     if label not in header:
         raise RltuneError(f"{path}: no label column {label!r} in the header (columns: {', '.join(header[:10])})")
+    if len(header) < 2:
+        raise RltuneError(f"{path}: the CSV has only the label column {label!r}; it needs at least one feature column")
     li = header.index(label)
     feats, labels = [], []
     for n, r in enumerate(rows[1:], start=2):
@@ -236,7 +243,10 @@ def _is_float(c: str) -> bool:
 
 
 def _read_file(spec: dict[str, Any]) -> dict[str, np.ndarray]:
+    from rltune.errors import check_regular_file
+
     path = Path(spec["path"])
+    check_regular_file(path, "data file (.npz or .csv)")
     try:
         size = path.stat().st_size
     except OSError as e:
@@ -245,15 +255,25 @@ def _read_file(spec: dict[str, Any]) -> dict[str, np.ndarray]:
         raise RltuneError(f"{path}: the data file has {size} bytes, more than rltune reads ({MAX_FILE_BYTES})")
     arrays = _read_csv(path, spec.get("label") or "label") if path.suffix.lower() == ".csv" else _read_npz(path)
     for k, a in arrays.items():
-        if a.dtype == object or not (np.issubdtype(a.dtype, np.number) or a.dtype == bool):
-            raise RltuneError(f"{path}: array {k!r} is not numeric (dtype {a.dtype})")
-        if k.startswith("x") and (a.ndim < 2 or a.shape[0] == 0):
-            raise RltuneError(f"{path}: array {k!r} must have one row per sample, got shape {a.shape}")
+        if (a.dtype == object or not (np.issubdtype(a.dtype, np.number) or a.dtype == bool)
+                or np.issubdtype(a.dtype, np.complexfloating)):
+            raise RltuneError(f"{path}: array {k!r} is not real numbers (dtype {a.dtype})")
+        if k.startswith("x") and (a.ndim < 2 or a.shape[0] == 0 or 0 in a.shape[1:]):
+            raise RltuneError(f"{path}: array {k!r} must have one row per sample and at least one feature, "
+                              f"got shape {a.shape}")
         if k.startswith("x") and not np.isfinite(a).all():
             raise RltuneError(f"{path}: array {k!r} holds NaN or infinite values")
         if k.startswith("y"):
-            if a.ndim != 1 or (a.size and (a.min() < 0 or not np.array_equal(a, np.round(a)))):
+            if a.ndim != 1 or (a.size and (not np.isfinite(a).all() or a.min() < 0
+                                           or not np.array_equal(a, np.round(a)))):
                 raise RltuneError(f"{path}: labels {k!r} must be a 1-D array of class numbers 0, 1, ...")
+            if a.size and a.max() >= MAX_CLASSES:
+                raise RltuneError(f"{path}: labels {k!r} go up to {_num(a.max())}: rltune takes class numbers "
+                                  f"0..C-1 with at most {MAX_CLASSES} classes (the teacher gets one output per "
+                                  "class); renumber them")
+    ys = [arrays[k] for k in ("y", "y_val", "y_test") if k in arrays]
+    if len(np.unique(np.concatenate([y.astype(np.int64) for y in ys]))) < 2:
+        raise RltuneError(f"{path}: the labels hold a single class; a classifier needs at least 2")
     for xk, yk in (("x", "y"), ("x_val", "y_val"), ("x_test", "y_test")):
         if (xk in arrays) != (yk in arrays):
             raise RltuneError(f"{path}: {xk} and {yk} go together")

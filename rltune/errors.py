@@ -51,6 +51,24 @@ def write_atomic(path, data: bytes, what: str = "file") -> int:
     return len(data)
 
 
+def check_regular_file(path, what: str = "file") -> None:
+    """Refuse, in one line, a path that is there but is not a regular file (a FIFO would block the
+    read forever, a device would stream without end, a folder fails with an unclear reason).
+    A missing path is left to the caller's own read (which says so)."""
+    import os
+    import stat
+
+    try:
+        mode = os.stat(path).st_mode
+    except (OSError, ValueError):
+        return
+    if not stat.S_ISREG(mode):
+        kind = ("a folder" if stat.S_ISDIR(mode) else "a named pipe (FIFO)" if stat.S_ISFIFO(mode)
+                else "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else "a socket" if stat.S_ISSOCK(mode)
+                else "not a regular file")
+        raise RltuneError(f"{path}: is {kind}, not a {what}")
+
+
 def make_folder(path, what: str = "output folder"):
     """``mkdir -p`` with one-line errors (a file in the way, no permission)."""
     from pathlib import Path

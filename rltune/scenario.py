@@ -377,7 +377,10 @@ def safe_yaml(text: str, where: str) -> Any:
 
 def load_scenario(path: str | Path) -> Scenario:
     """Read and validate a scenario YAML file (safe loader, no aliases, at most 1 MiB)."""
+    from rltune.errors import check_regular_file
+
     path = Path(path)
+    check_regular_file(path, "scenario file (YAML)")
     try:
         if path.stat().st_size > MAX_FILE_BYTES:
             raise RltuneError(f"{path}: {path.stat().st_size} bytes is too large for a scenario file "

@@ -52,8 +52,10 @@ VEC_ENVS = ("auto", "dummy", "subproc", "batched", "ray")
 def load_hyperparams(path: str | Path, key: str = "default") -> dict[str, Any]:
     """The ``key`` entry of an agents/ppo.yml file, merged over its ``default:`` entry (safe_load only)."""
     path = Path(path)
+    from rltune.errors import check_regular_file
     from rltune.scenario import safe_yaml
 
+    check_regular_file(path, "hyperparameter file (YAML)")
     try:
         raw = safe_yaml(path.read_text(), str(path))
     except (OSError, UnicodeDecodeError) as e:

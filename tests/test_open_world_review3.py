@@ -81,3 +81,100 @@ def test_read_results_still_skips_a_torn_line(tmp_path):
     p = tmp_path / "results.jsonl"
     p.write_text(json.dumps(row) + "\n" + json.dumps(row)[:20])
     assert read_results(p) == [row]
+
+
+# -- a user's data files through a scenario ----------------------------------------------------
+
+def _scenario(tmp_path, path, **dataset):
+    from rltune.scenario import parse_scenario
+
+    raw = {"name": "mine", "dataset": {"source": "file", "path": str(path), **dataset},
+           "teacher": {"hidden": [8], "epochs": 1}, "student": {"hidden": [4], "pretrain_epochs": 1},
+           "training": {"stages": 2, "epochs_per_stage": 1}}
+    return parse_scenario(raw, str(tmp_path / "mine.yaml"))
+
+
+def _load(tmp_path, path, **dataset):
+    from rltune.data import load_dataset
+
+    return load_dataset(_scenario(tmp_path, path, **dataset).dataset)
+
+
+@pytest.fixture
+def alarm():
+    """A read that blocks fails the test after 10 s instead of hanging the suite."""
+    import signal
+
+    def boom(*_):
+        raise TimeoutError("blocked")
+
+    old = signal.signal(signal.SIGALRM, boom)
+    signal.alarm(10)
+    yield
+    signal.alarm(0)
+    signal.signal(signal.SIGALRM, old)
+
+
+def _xy(n=120, d=4, seed=0):
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((n, d)).astype(np.float32)
+    return x, (x[:, 0] > 0).astype(np.int64)
+
+
+@pytest.mark.parametrize("name", ["data.npz", "data.csv"])
+def test_data_path_that_is_a_fifo_is_refused_not_read(tmp_path, alarm, name):
+    from rltune.errors import RltuneError
+
+    fifo = tmp_path / name
+    os.mkfifo(fifo)
+    with pytest.raises(RltuneError, match="named pipe"):
+        _load(tmp_path, fifo)
+
+
+def test_validate_a_scenario_that_is_a_fifo(tmp_path, alarm, capsys):
+    fifo = tmp_path / "s.yaml"
+    os.mkfifo(fifo)
+    rc, err = run_cli(["validate", str(fifo)], capsys)
+    assert rc == 2 and len(err) == 1 and "named pipe" in err[0]
+
+
+def test_train_hyperparams_that_is_a_fifo(tmp_path, alarm, capsys):
+    fifo = tmp_path / "hp.yml"
+    os.mkfifo(fifo)
+    for flag in ("--config", "--hyperparams"):
+        rc, err = run_cli(["train", flag, str(fifo), "--run-dir", str(tmp_path / "run")], capsys)
+        assert rc == 2 and len(err) == 1 and "named pipe" in err[0]
+
+
+def test_csv_with_a_byte_order_mark(tmp_path):
+    x, y = _xy()
+    p = tmp_path / "data.csv"
+    p.write_text("label,a,b,c,d\n" + "".join(f"{l}," + ",".join(map(str, r)) + "\n" for r, l in zip(x, y)),
+                 encoding="utf-8-sig")  # what a spreadsheet saves as "CSV UTF-8"
+    d = _load(tmp_path, p)
+    assert d.input_shape == (4,) and d.n_classes == 2
+
+
+@pytest.mark.parametrize("arrays, match", [
+    (lambda x, y: {"x": x[:, :0], "y": y}, "at least one feature"),
+    (lambda x, y: {"x": x, "y": y * 10 ** 9}, "at most 10000 classes"),
+    (lambda x, y: {"x": x, "y": np.where(y > 0, np.inf, 0.0)}, "class numbers"),
+    (lambda x, y: {"x": x, "y": np.zeros_like(y)}, "single class"),
+    (lambda x, y: {"x": x.astype(np.complex64), "y": y}, "not real numbers"),
+])
+def test_npz_that_cannot_make_a_classifier(tmp_path, arrays, match):
+    from rltune.errors import RltuneError
+
+    p = tmp_path / "data.npz"
+    np.savez(p, **arrays(*_xy()))
+    with pytest.raises(RltuneError, match=match):
+        _load(tmp_path, p)
+
+
+def test_csv_with_only_the_label_column(tmp_path):
+    from rltune.errors import RltuneError
+
+    p = tmp_path / "data.csv"
+    p.write_text("label\n" + "".join(f"{i % 2}\n" for i in range(50)))
+    with pytest.raises(RltuneError, match="at least one feature column"):
+        _load(tmp_path, p)
