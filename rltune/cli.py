@@ -266,14 +266,14 @@ def cmd_train(args: argparse.Namespace) -> int:
 
         g = gate_tasks(run / "agent", cfg["tasks"], int(cfg.get("gate_tasks", 8)),
                        episodes=int(cfg.get("gate_episodes", 1)), env_kwargs=cfg.get("env"))
-        (run / "gate.json").write_text(json.dumps(g, indent=1))
+        _write_gate(run, g)
         print(f"gate ({g['tasks']} held-out generated tasks): policy − zero action val accuracy "
               f"{100 * g['mean_diff']:+.2f} ± {100 * g['std_diff']:.2f} pt over {len(g['rows'])} episodes: "
               f"{'PASSED' if g['passed'] else 'FAILED'}")
     elif cfg.get("val_scenarios"):
         g = gate(run / "agent", cfg["val_scenarios"], (cfg.get("env") or {}).get("targets", ["10x"]),
                  episodes=int(cfg.get("gate_episodes", 2)), env_kwargs=cfg.get("env"))
-        (run / "gate.json").write_text(json.dumps(g, indent=1))
+        _write_gate(run, g)
         print(f"gate (held-out {', '.join(cfg['val_scenarios'])}): policy − recipe val accuracy "
               f"{100 * g['mean_diff']:+.2f} ± {100 * g['std_diff']:.2f} pt over {len(g['rows'])} episodes: "
               f"{'PASSED' if g['passed'] else 'FAILED'}")
@@ -289,6 +289,12 @@ def cmd_train(args: argparse.Namespace) -> int:
         elif args.ship:
             print("not shipped: the gate failed")
     return 0
+
+
+def _write_gate(run: Path, g: dict) -> None:
+    from rltune.errors import write_atomic
+
+    write_atomic(run / "gate.json", json.dumps(g, indent=1).encode(), "gate")
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
-from rltune.errors import RltuneError, make_folder
+from rltune.errors import RltuneError, make_folder, write_atomic
 
 _ENVS: dict[tuple, Any] = {}
 ONE_EPISODE = ("recipe", "recipe-plus1", "sensitivity", "sensitivity-pick", "owl", "fixed-8bit", "adaptive-tau", "ppo-replay")
@@ -197,7 +197,14 @@ def anytime_cells(folder: str | Path) -> dict[str, list[str]]:
 
 
 def _append(path: Path, row: dict[str, Any]) -> None:
-    with open(path, "a") as f:
+    """One row appended and synced; a symlink planted at ``path`` is not followed (the write would
+    land outside the output folder)."""
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o644)
+    except OSError as e:
+        raise RltuneError(f"cannot append to {path}: {e.strerror or e}"
+                          + (" (it is a symbolic link)" if os.path.islink(path) else "")) from None
+    with os.fdopen(fd, "a") as f:
         f.write(json.dumps(row) + "\n")
         f.flush()
         os.fsync(f.fileno())
@@ -375,9 +382,7 @@ def evaluate(
     if results.exists():  # drop a line an interruption cut short, so appends start on a clean line
         clean = "".join(json.dumps(r) + "\n" for r in finished_rows)
         if results.read_text() != clean:
-            tmp = results.with_suffix(".jsonl.tmp")
-            tmp.write_text(clean)
-            os.replace(tmp, results)
+            write_atomic(results, clean.encode(), "results")
     done = {r["key"] for r in finished_rows}
     todo = [c for c in cells if c.key not in done and c.whole.key not in done]
     storage = storage or f"sqlite:///{(out / 'optuna.db').resolve()}"
@@ -406,9 +411,7 @@ def evaluate(
         this["sampler_seed_offset"] = sampler_seed_offset
     if this not in runs:  # several invocations may fill one folder; each is recorded
         runs.append(this)
-    tmp = meta_path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps({"run_id": run_id, "runs": runs}, indent=1))
-    os.replace(tmp, meta_path)
+    write_atomic(meta_path, json.dumps({"run_id": run_id, "runs": runs}, indent=1).encode(), "evaluation record")
     if trial_workers > 1:  # a split cell's study is made here, before its parts race to create it
         from rltune.tuners import own_study, study_name
 
@@ -600,11 +603,20 @@ def write_summary(out: Path) -> list[dict[str, Any]]:
     rows = [r for r in read_results(out / "results.jsonl") if "part" not in r]  # parts are merged
     meta = read_meta(out)
     summary = summarize(rows)
-    (out / "summary.json").write_text(json.dumps(summary, indent=1))
-    (out / "benchmark.md").write_text(to_markdown(summary, meta))
-    (out / "table.md").write_text(compact_table(summary))
+    write_atomic(out / "summary.json", json.dumps(summary, indent=1).encode(), "summary")
+    write_atomic(out / "benchmark.md", to_markdown(summary, meta).encode(), "summary")
+    write_atomic(out / "table.md", compact_table(summary).encode(), "summary")
     _plots(rows, summary, out)
     return summary
+
+
+def _savefig(fig, path: Path) -> None:
+    """A plot written whole, replacing (never writing through) whatever is at ``path``."""
+    import io
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
+    write_atomic(path, buf.getvalue(), "plot")
 
 
 def _plots(rows: list[dict], summary: list[dict], out: Path) -> None:
@@ -625,7 +637,7 @@ def _plots(rows: list[dict], summary: list[dict], out: Path) -> None:
         ax.set_title(f"{scenario}: every tuner's students")
         ax.legend(fontsize=7)
         fig.tight_layout()
-        fig.savefig(out / f"pareto_{Path(scenario).stem}.png", dpi=110)
+        _savefig(fig, out / f"pareto_{Path(scenario).stem}.png")
         plt.close(fig)
     budgets = sorted({s["budget_stages"] for s in summary})
     if len(budgets) > 1:
@@ -644,5 +656,5 @@ def _plots(rows: list[dict], summary: list[dict], out: Path) -> None:
             ax.set_title(f"{scenario}: score against budget")
             ax.legend(fontsize=6)
             fig.tight_layout()
-            fig.savefig(out / f"budget_{Path(scenario).stem}.png", dpi=110)
+            _savefig(fig, out / f"budget_{Path(scenario).stem}.png")
             plt.close(fig)

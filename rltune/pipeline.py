@@ -86,5 +86,5 @@ def write_outputs(result: Result, out_dir: str | Path, how: dict[str, Any], onnx
               "final": rep, "artifact": str(artifact), "artifact_predicts_same": same,
               "onnx": str(onnx) if onnx else None}
     write_atomic(out / f"{name}.json", json.dumps(json_safe(report), indent=1).encode(), "report")
-    (out / f"{name}.md").write_text(f"# {name}: before and after ({how.get('method')})\n\n{table}")
+    write_atomic(out / f"{name}.md", f"# {name}: before and after ({how.get('method')})\n\n{table}".encode(), "report")
     return {**report, "table": table, "report_json": str(out / f"{name}.json")}

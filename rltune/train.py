@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 import yaml
 
-from rltune.errors import RltuneError, make_folder
+from rltune.errors import RltuneError, make_folder, write_atomic
 
 log = logging.getLogger("rltune")
 
@@ -176,10 +176,10 @@ def train(cfg: dict[str, Any], run_dir: str | Path, resume: bool = False, progre
     make_folder(run, "run folder")
     make_folder(run / "monitor", "run folder")
     make_folder(run / "checkpoints", "run folder")
-    (run / "config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
+    write_atomic(run / "config.yaml", yaml.safe_dump(cfg, sort_keys=False).encode(), "run config")
     from rltune.shipped import recorded_command
 
-    (run / "command.txt").write_text((command or recorded_command()) + "\n")
+    write_atomic(run / "command.txt", ((command or recorded_command()) + "\n").encode(), "run command")
     n_envs = int(cfg.get("n_envs", 1))
     ckpts = _checkpoints(run) if resume else []
     kind = cfg.get("vec_env", "auto")
@@ -290,8 +290,9 @@ def train(cfg: dict[str, Any], run_dir: str | Path, resume: bool = False, progre
     wall = time.perf_counter() - t0
     training_meta.update({"wall_seconds": wall, "steps_done": total})
     save_agent(model, run / "agent", OBS_LAYOUT, ACTION_LAYOUT, training_meta, hp)
-    (run / "train_summary.json").write_text(json.dumps({"wall_seconds": wall, "total_timesteps": total,
-                                                        "steps_per_second": remaining / wall if wall else None}, indent=1))
+    write_atomic(run / "train_summary.json", json.dumps({"wall_seconds": wall, "total_timesteps": total,
+                                                         "steps_per_second": remaining / wall if wall else None},
+                                                        indent=1).encode(), "train summary")
     return run
 
 

@@ -178,3 +178,35 @@ def test_csv_with_only_the_label_column(tmp_path):
     p.write_text("label\n" + "".join(f"{i % 2}\n" for i in range(50)))
     with pytest.raises(RltuneError, match="at least one feature column"):
         _load(tmp_path, p)
+
+
+# -- no write outside the output folder through a link planted in it ---------------------------
+
+def test_compress_and_evaluate_do_not_write_through_planted_symlinks(tmp_path, capsys):
+    from rltune.harness import _append, write_summary
+
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    # rltune compress: NAME.md was written with Path.write_text, through a link at that name
+    out = tmp_path / "out"
+    out.mkdir()
+    for ext in ("rlt", "json", "md"):
+        (out / f"wine-mlp.{ext}").symlink_to(outside / f"victim.{ext}")
+    rc, err = run_cli(["-q", "replay", "--recipe", "--scenario", "wine-mlp", "--budget", "4x", "--out", str(out)],
+                      capsys)
+    assert rc == 0, err
+    assert list(outside.iterdir()) == []
+    assert not any((out / f"wine-mlp.{ext}").is_symlink() for ext in ("rlt", "json", "md"))
+    # rltune evaluate: results.jsonl is appended to without following a link; the summaries replace links
+    ev = tmp_path / "ev"
+    ev.mkdir()
+    (ev / "results.jsonl").symlink_to(outside / "victim.jsonl")
+    from rltune.errors import RltuneError
+
+    with pytest.raises(RltuneError, match="symbolic link"):
+        _append(ev / "results.jsonl", {"key": "k"})
+    (ev / "results.jsonl").unlink()
+    for name in ("summary.json", "benchmark.md", "table.md"):
+        (ev / name).symlink_to(outside / name)
+    write_summary(ev)
+    assert list(outside.iterdir()) == []
