@@ -575,17 +575,46 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM, taken the way Ctrl-C is: finished work is kept, one line, status 143."""
+
+
+def _on_sigterm(pid: int):
+    import os
+    import signal
+
+    def handler(signum, frame):
+        if os.getpid() != pid:  # a forked worker inherited this handler: die as SIGTERM would
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            os.kill(os.getpid(), signal.SIGTERM)
+            return
+        raise _Terminated()
+
+    return handler
+
+
 def main(argv: list[str] | None = None) -> int:
+    import os
+    import signal
+    import threading
+
     args = build_parser().parse_args(argv)
     _progress(getattr(args, "quiet", False))
+    old = None
+    if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGTERM) == signal.SIG_DFL:
+        old = signal.signal(signal.SIGTERM, _on_sigterm(os.getpid()))
     try:
         return args.func(args)
     except RltuneError as e:
         print(f"rltune: error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("rltune: interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as e:
+        term = isinstance(e, _Terminated)
+        print(f"rltune: {'terminated' if term else 'interrupted'} (finished work is kept)", file=sys.stderr)
+        return 143 if term else 130
+    finally:
+        if old is not None:
+            signal.signal(signal.SIGTERM, old)
 
 
 if __name__ == "__main__":

@@ -196,7 +196,12 @@ def _read_npz(path: Path) -> dict[str, np.ndarray]:
     except RltuneError:
         raise
     except (OSError, ValueError, EOFError) as e:
-        raise RltuneError(f"{path}: not a readable .npz file ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
+        why = str(e).splitlines()[0] if str(e) else type(e).__name__
+        if "contains pickled" in why:  # what numpy says of any file that is not a .npy / .npz archive
+            why = "it is not an .npz archive of arrays (np.savez), or it is a pickle, which rltune never loads"
+        elif "Object arrays" in why:
+            why = "it holds object arrays, which need unpickling; rltune never unpickles: save numbers"
+        raise RltuneError(f"{path}: not a readable .npz file ({why})") from None
 
 
 def _read_csv(path: Path, label: str) -> dict[str, np.ndarray]:

@@ -55,6 +55,9 @@ def resolve_scenario(name: str) -> Path:
             return p
     except OSError:
         pass
+    from rltune.errors import check_regular_file
+
+    check_regular_file(p, "scenario file (YAML)")  # there, but a folder or a FIFO: say so
     file = name if name.endswith((".yaml", ".yml")) else f"{name}.yaml"
     if "/" not in file and "\\" not in file:
         for base in (Path("envs"), shipped_dir("envs")):

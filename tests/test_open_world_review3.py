@@ -210,3 +210,52 @@ def test_compress_and_evaluate_do_not_write_through_planted_symlinks(tmp_path, c
         (ev / name).symlink_to(outside / name)
     write_summary(ev)
     assert list(outside.iterdir()) == []
+
+
+def test_sigterm_is_one_line_and_status_143(monkeypatch, capsys):
+    import os
+    import signal
+    import time
+
+    import rltune.cli as cli
+
+    def slow(args):
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(5)
+        return 0
+
+    monkeypatch.setattr(cli, "cmd_validate", slow)
+    before = signal.getsignal(signal.SIGTERM)
+    assert cli.main(["validate", "x.yaml"]) == 143
+    err = capsys.readouterr().err.strip()
+    assert err == "rltune: terminated (finished work is kept)"
+    assert signal.getsignal(signal.SIGTERM) == before  # put back
+
+
+def test_a_scenario_path_that_is_a_fifo_or_folder_is_named_as_such(tmp_path):
+    import os
+
+    from rltune.errors import RltuneError
+    from rltune.shipped import resolve_scenario
+
+    fifo = tmp_path / "s.yaml"
+    os.mkfifo(fifo)
+    with pytest.raises(RltuneError, match="named pipe"):
+        resolve_scenario(str(fifo))
+    (tmp_path / "d.yaml").mkdir()
+    with pytest.raises(RltuneError, match="is a folder"):
+        resolve_scenario(str(tmp_path / "d.yaml"))
+
+
+def test_a_file_that_is_not_an_npz_or_holds_object_arrays_says_so(tmp_path):
+    import numpy as np
+
+    from rltune.data import _read_npz
+    from rltune.errors import RltuneError
+
+    (tmp_path / "t.npz").write_text("x,y\n1,2\n")
+    with pytest.raises(RltuneError, match="not an .npz archive"):
+        _read_npz(tmp_path / "t.npz")
+    np.savez(tmp_path / "o.npz", x=np.array([{"a": 1}], dtype=object), y=np.array([0]))
+    with pytest.raises(RltuneError, match="object arrays"):
+        _read_npz(tmp_path / "o.npz")
