@@ -225,11 +225,16 @@ def test_sigterm_is_one_line_and_status_143(monkeypatch, capsys):
         return 0
 
     monkeypatch.setattr(cli, "cmd_validate", slow)
-    before = signal.getsignal(signal.SIGTERM)
-    assert cli.main(["validate", "x.yaml"]) == 143
-    err = capsys.readouterr().err.strip()
-    assert err == "rltune: terminated (finished work is kept)"
-    assert signal.getsignal(signal.SIGTERM) == before  # put back
+    # as in a fresh `rltune` process: an earlier test (Ray, a subprocess pool) may have left another
+    # handler, and main leaves a handler it did not install alone
+    saved = signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    try:
+        assert cli.main(["validate", "x.yaml"]) == 143
+        err = capsys.readouterr().err.strip()
+        assert err == "rltune: terminated (finished work is kept)"
+        assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL  # put back
+    finally:
+        signal.signal(signal.SIGTERM, saved if saved is not None else signal.SIG_DFL)
 
 
 def test_a_scenario_path_that_is_a_fifo_or_folder_is_named_as_such(tmp_path):
