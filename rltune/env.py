@@ -19,7 +19,7 @@ from rltune import compression as C
 from rltune.budget import Budget, Meter, enforce_, fill_if_better_, required_sparsity
 from rltune.context import Context
 from rltune.distill import TrainSet, predict, train_epochs
-from rltune.errors import DivergedError, RltuneError
+from rltune.errors import DivergedError, RltuneError, UnsupportedArgumentError
 from rltune.metrics import accuracy
 from rltune.scenario import Scenario, load_scenario
 from rltune.stage import Knobs, Metrics, Reference, StudentState, recipe, reference, run_stage, score_of
@@ -240,7 +240,8 @@ class DistillCompressEnv(gym.Env):
         from rltune.shipped import resolve_scenario
 
         if render_mode is not None and render_mode not in self.metadata["render_modes"]:
-            raise RltuneError(f"render_mode must be one of {self.metadata['render_modes']} or None, got {render_mode!r}")
+            raise UnsupportedArgumentError(f"render_mode must be one of {self.metadata['render_modes']} or None, "
+                                           f"got {render_mode!r}")
         self.render_mode = render_mode
         if scenarios is None and problems is None:
             scenarios = ("digits-linear",)

@@ -18,6 +18,14 @@ class DivergedError(RltuneError):
     """Training produced a NaN or infinite loss."""
 
 
+class UnsupportedArgumentError(RltuneError, TypeError):
+    """An argument this environment does not take in the form given (a ``render_mode`` it has no
+    renderer for). Also a ``TypeError``, what Python raises for an argument a callable does not
+    take, so callers that probe an optional argument and retry without it (stable-baselines3's
+    ``make_vec_env`` passes ``render_mode="rgb_array"`` to every env it makes and retries without it
+    on ``TypeError``) keep working; everyone else sees the one-line :class:`RltuneError`."""
+
+
 class RltuneWarning(UserWarning):
     """Something that works but is likely not what the user wants (a float student far below its teacher)."""
 
