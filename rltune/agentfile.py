@@ -718,11 +718,15 @@ def load_ppo(path: str | os.PathLike, env: Any = None, **ppo_overrides: Any) -> 
 def import_sb3_zip(zip_path: str | os.PathLike, out_path: str | os.PathLike, trust_pickle: bool = False,
                    observation_layout: list[str] | None = None, action_layout: list[str] | None = None,
                    training: dict[str, Any] | None = None,
-                   hyperparameters: dict[str, Any] | None = None) -> Path:
+                   hyperparameters: dict[str, Any] | None = None,
+                   env_layouts: dict[str, tuple[list[str], list[str]]] | None = None) -> Path:
     """Convert an SB3 PPO ``.zip`` into an rltune agent folder.
 
     Reading the zip runs pickle (SB3's ``PPO.load``), which can execute arbitrary code, so this
     refuses unless ``trust_pickle is True``. Layouts default to ``obs_<i>`` / ``act_<i>``.
+    ``env_layouts`` (env id -> (observation layout, action layout)), instead of the two layouts:
+    the env whose sizes are the model's is taken and its id stored as ``training.env_id``; a model
+    that fits none is refused with one line naming its sizes and theirs.
     """
     zip_path = Path(zip_path)
     if trust_pickle is not True:
@@ -744,11 +748,23 @@ def import_sb3_zip(zip_path: str | os.PathLike, out_path: str | os.PathLike, tru
         raise RltuneError(f"{zip_path}: cannot load as an SB3 PPO model: {_one_line(exc)}") from None
     n_obs = _prod(model.observation_space.shape or (1,))
     n_act = _prod(model.action_space.shape or (1,))
+    training = dict(training) if training is not None else {"imported_from": zip_path.name}
+    if env_layouts:
+        fits = [(eid, o, a) for eid, (o, a) in env_layouts.items()
+                if isinstance(model.observation_space, gym.spaces.Box) and isinstance(model.action_space, gym.spaces.Box)
+                and (n_obs, n_act) == (len(o), len(a))]
+        if not fits:
+            theirs = "; ".join(f"{eid}: {len(o)} and {len(a)}" for eid, (o, a) in env_layouts.items())
+            raise RltuneError(f"{zip_path}: its observation space {model.observation_space} and action space "
+                              f"{model.action_space} are not those of an rltune environment (observation and "
+                              f"action sizes {theirs}): it was trained on another environment")
+        env_id, observation_layout, action_layout = fits[0]
+        training.setdefault("env_id", env_id)
     return save_agent(
         model, out_path,
         observation_layout if observation_layout is not None else [f"obs_{i}" for i in range(n_obs)],
         action_layout if action_layout is not None else [f"act_{i}" for i in range(n_act)],
-        training if training is not None else {"imported_from": zip_path.name},
+        training,
         hyperparameters,
     )
 

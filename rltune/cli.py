@@ -390,7 +390,8 @@ def _input_shape(model) -> tuple[int, ...]:
 
 def cmd_import_sb3(args: argparse.Namespace) -> int:
     from rltune.agentfile import import_sb3_zip
-    from rltune.env import ACTION_LAYOUT, OBS_LAYOUT
+    from rltune.registration import ENV_IDS
+    from rltune.train import layouts
 
     from rltune.shipped import is_file
 
@@ -405,8 +406,10 @@ def cmd_import_sb3(args: argparse.Namespace) -> int:
             raise RltuneError(f"{zip_path}: was trained with VecNormalize ({stats} is beside it); rltune agents "
                               "take raw observations, so it cannot be imported: retrain without normalize "
                               "(the env's observations are already normalised per scenario)")
-    out = import_sb3_zip(zip_path, args.out, trust_pickle=args.trust_pickle, observation_layout=list(OBS_LAYOUT),
-                         action_layout=list(ACTION_LAYOUT), training={"imported_from": zip_path.name})
+    # v0's layouts or v1's, whichever fits the model's spaces (its env id recorded, so replay plays it there)
+    out = import_sb3_zip(zip_path, args.out, trust_pickle=args.trust_pickle,
+                         env_layouts={e: layouts(e) for e in (ENV_IDS[0], ENV_IDS[2])},
+                         training={"imported_from": zip_path.name})
     print(f"agent: {out} (replay it with: rltune replay {out} --scenario NAME --budget 16x)")
     return 0
 
@@ -548,8 +551,9 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Convert an SB3 PPO .zip trained on rltune's environment into an agent folder "
                                    "(safetensors + JSON). Reading the .zip runs pickle from it, which can execute "
                                    "code: --trust-pickle is required, for files you trust. The observation and "
-                                   "action layouts are the environment's; a model trained with VecNormalize is "
-                                   "refused.")
+                                   "action layouts are the environment's (v0's or v1's, whichever the model's "
+                                   "spaces are; one of another environment is refused); a model trained with "
+                                   "VecNormalize is refused.")
     i.add_argument("zip", help="the SB3 .zip")
     i.add_argument("out", help="the agent folder to write")
     i.add_argument("--trust-pickle", action="store_true", help="allow running the pickle inside the .zip")

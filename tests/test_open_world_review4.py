@@ -33,3 +33,36 @@ def test_make_vec_env_builds_the_env(env_id):
 def test_an_unsupported_render_mode_is_still_one_rltune_line():
     with pytest.raises(RltuneError, match="render_mode must be one of"):
         gym.make("rltune/DistillCompress-v0", problems=[user_problem()], render_mode="rgb_array")
+
+
+# -- import-sb3: a user's own SB3 model trained on v1 (not only v0); one of another env is named ----
+
+def _sb3_zip(env, path):
+    from stable_baselines3 import PPO
+
+    PPO("MlpPolicy", env, n_steps=32, batch_size=32, device="cpu", seed=0).save(path)
+    return path
+
+
+def test_import_sb3_takes_a_v1_model_and_records_its_env(tmp_path, capsys):
+    import json
+
+    from rltune.cli import main
+    from rltune.tuners import check_agent
+
+    env = gym.make("rltune/DistillCompress-v1", problems=[user_problem()], targets=["4x"])
+    z = _sb3_zip(env, tmp_path / "v1.zip")
+    assert main(["import-sb3", str(z), str(tmp_path / "agent"), "--trust-pickle"]) == 0, capsys.readouterr().err
+    meta = json.loads((tmp_path / "agent" / "agent.json").read_text())
+    assert meta["training"]["env_id"] == "rltune/DistillCompress-v1"
+    check_agent(tmp_path / "agent")  # its layouts are v1's: replay plays it in a v1 env
+
+
+def test_import_sb3_of_another_env_is_one_line(tmp_path, capsys):
+    from rltune.cli import main
+
+    z = _sb3_zip(gym.make("Pendulum-v1"), tmp_path / "pendulum.zip")
+    assert main(["import-sb3", str(z), str(tmp_path / "agent"), "--trust-pickle"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "not those of an rltune environment" in err[0], err
+    assert not (tmp_path / "agent").exists()
