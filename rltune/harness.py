@@ -500,8 +500,10 @@ def _run_ray(cells: list[Cell], agent, storage, address, finished, study=None, b
         raise RltuneError("the ray backend needs Ray: pip install 'rltune[ray]'") from None
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     if not ray.is_initialized():
-        ray.init(address=address, include_dashboard=False, log_to_driver=False) if address else \
-            ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
+        from rltune.rayvec import ray_init
+
+        ray_init(ray, address, include_dashboard=False, log_to_driver=False,
+                 **({} if address else {"num_cpus": os.cpu_count()}))
     remote = ray.remote(num_cpus=1)(run_cell)
     pending = [remote.remote(c, agent, storage, study, batch) for c in cells]
     while pending:

@@ -100,6 +100,42 @@ def _host_port(address: str) -> tuple[str, str]:
     return host, port
 
 
+def check_address(address: str | None, timeout: float = 5.0) -> None:
+    """Refuse, in one line and within ``timeout`` seconds, a Ray address that nothing answers at.
+
+    ``ray.init(address="host:port")`` with no Ray there retries its GCS connection for minutes (a
+    ``rltune train --backend ray --address 127.0.0.1:1`` hung past two), and a ``ray://`` client
+    waits 30 s; a TCP connect to the host and port tells at once. ``None`` and ``"auto"`` (find the
+    local Ray) are left to Ray. A port that answers but is not Ray is still Ray's to judge."""
+    import socket
+
+    if address is None or str(address).strip() in ("", "auto"):
+        return
+    text = str(address).strip()
+    hostport = text[len("ray://"):] if text.startswith("ray://") else text
+    host, sep, port = hostport.rpartition(":")
+    host = host.strip("[]")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536 or "/" in host:
+        raise RltuneError(f"cannot join Ray at {address}: expected host:port or ray://host:port")
+    try:
+        with socket.create_connection((host, int(port)), timeout=timeout):
+            pass
+    except OSError as e:
+        why = e.strerror or type(e).__name__ if not isinstance(e, TimeoutError) else f"no answer in {timeout:g} s"
+        raise RltuneError(f"cannot join Ray at {address}: nothing answers at {host}:{port} ({why})") from None
+
+
+def ray_init(ray, address: str | None, **kwargs: Any) -> None:
+    """``ray.init(address=address, **kwargs)`` with one-line errors; an address is checked first
+    (:func:`check_address`) so that one with nothing behind it fails in seconds, not minutes."""
+    check_address(address)
+    try:
+        ray.init(address=address, **kwargs)
+    except Exception as e:  # noqa: BLE001 - one clear line: a cluster that is not there
+        raise RltuneError(f"cannot start or join Ray{f' at {address}' if address else ''}: "
+                          f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+
+
 class RayVecEnv(VecEnv):
     """``len(env_fns)`` environments stepped by ``n_workers`` Ray actors, each a batched group."""
 
@@ -121,11 +157,7 @@ class RayVecEnv(VecEnv):
                 raise RltuneError(f"Ray is already running in this process (at {here}), so it cannot join "
                                   f"{address}: call ray.shutdown() first, or leave out the address to use it")
         if not ray.is_initialized():
-            try:
-                ray.init(address=address, include_dashboard=False, log_to_driver=False)
-            except Exception as e:  # noqa: BLE001 - one clear line: a cluster that is not there
-                raise RltuneError(f"cannot start or join Ray{f' at {address}' if address else ''}: "
-                                  f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+            ray_init(ray, address, include_dashboard=False, log_to_driver=False)
             self._owns_ray = True
         room = max(1, int(ray.cluster_resources().get("CPU", 1) // num_cpus_per_worker))
         if n_workers is None:

@@ -66,3 +66,43 @@ def test_import_sb3_of_another_env_is_one_line(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "not those of an rltune environment" in err[0], err
     assert not (tmp_path / "agent").exists()
+
+
+# -- a Ray --address with nothing behind it fails fast with one line ------------------------------
+
+def test_a_ray_address_nobody_answers_at_fails_fast_in_one_line():
+    """ray.init(address="127.0.0.1:1") retried its GCS connection for minutes (train and evaluate)."""
+    import subprocess
+    import sys
+    import time
+
+    code = ("import sys; sys.path.insert(0, %r)\n"
+            "from rltune.errors import RltuneError\nfrom rltune.rayvec import RayVecEnv\n"
+            "try:\n    RayVecEnv([dict], address='127.0.0.1:1')\nexcept RltuneError as e:\n    print(e)\n") % (
+        str(__import__('pathlib').Path(rltune.__file__).parents[1]),)
+    t0 = time.monotonic()
+    try:
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    except subprocess.TimeoutExpired:
+        pytest.fail("RayVecEnv(address='127.0.0.1:1') was still waiting after 60 s")
+    assert "nothing answers at 127.0.0.1:1" in out.stdout, out.stdout + out.stderr
+    assert time.monotonic() - t0 < 60
+
+
+@pytest.mark.parametrize("address", ["notanaddress", "127.0.0.1:1"])
+def test_evaluate_on_ray_at_a_bad_address_is_one_line(address, tmp_path, capsys):
+    from rltune.cli import main
+
+    import numpy as np
+
+    (x, y), _ = split()
+    np.savez(tmp_path / "data.npz", x=x, y=y)
+    scen = tmp_path / "s.yaml"
+    scen.write_text("name: s\ndataset: {source: file, path: data.npz}\n"
+                    "teacher: {arch: mlp, hidden: [16], epochs: 1}\nstudent: {arch: mlp, hidden: [16]}\n"
+                    "training: {stages: 2, epochs_per_stage: 1}\n")
+    rc = main(["evaluate", "--backend", "ray", "--address", address, "--scenarios", str(scen), "--targets", "4x",
+               "--tuners", "recipe", "--budget", "2", "--seeds", "1", "--out", str(tmp_path / "ev"),
+               "--no-progress"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and err[-1].startswith("rltune: error: cannot join Ray at"), err
