@@ -128,12 +128,23 @@ def check_address(address: str | None, timeout: float = 5.0) -> None:
 def ray_init(ray, address: str | None, **kwargs: Any) -> None:
     """``ray.init(address=address, **kwargs)`` with one-line errors; an address is checked first
     (:func:`check_address`) so that one with nothing behind it fails in seconds, not minutes."""
+    import signal
+    import threading
+
     check_address(address)
+    # ray.init replaces the SIGTERM handler with its own (sys.exit(15), and its C++ core a stack dump):
+    # a handler the caller installed (the command line's: one line, status 143, finished work kept)
+    # is put back; a process with the default handler keeps Ray's
+    main = threading.current_thread() is threading.main_thread()
+    old = signal.getsignal(signal.SIGTERM) if main else None
     try:
         ray.init(address=address, **kwargs)
     except Exception as e:  # noqa: BLE001 - one clear line: a cluster that is not there
         raise RltuneError(f"cannot start or join Ray{f' at {address}' if address else ''}: "
                           f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+    finally:
+        if old is not None and old is not signal.SIG_DFL:
+            signal.signal(signal.SIGTERM, old)
 
 
 class RayVecEnv(VecEnv):
