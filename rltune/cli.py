@@ -592,8 +592,12 @@ def _on_sigterm(pid: int):
             signal.signal(signal.SIGTERM, signal.SIG_DFL)
             os.kill(os.getpid(), signal.SIGTERM)
             return
+        # remembered as well as raised: code between here and main (Ray's ray.wait / ray.get in C)
+        # may turn the exception into a plain KeyboardInterrupt
+        handler.received = True
         raise _Terminated()
 
+    handler.received = False
     return handler
 
 
@@ -604,16 +608,17 @@ def main(argv: list[str] | None = None) -> int:
 
     args = build_parser().parse_args(argv)
     _progress(getattr(args, "quiet", False))
-    old = None
+    old = handler = None
     if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGTERM) == signal.SIG_DFL:
-        old = signal.signal(signal.SIGTERM, _on_sigterm(os.getpid()))
+        handler = _on_sigterm(os.getpid())
+        old = signal.signal(signal.SIGTERM, handler)
     try:
         return args.func(args)
     except RltuneError as e:
         print(f"rltune: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as e:
-        term = isinstance(e, _Terminated)
+        term = isinstance(e, _Terminated) or bool(getattr(handler, "received", False))
         print(f"rltune: {'terminated' if term else 'interrupted'} (finished work is kept)", file=sys.stderr)
         return 143 if term else 130
     finally:

@@ -106,3 +106,55 @@ def test_evaluate_on_ray_at_a_bad_address_is_one_line(address, tmp_path, capsys)
                "--no-progress"])
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and err[-1].startswith("rltune: error: cannot join Ray at"), err
+
+
+# -- SIGTERM to `rltune train --backend ray` / `evaluate --backend ray`: the CLI's one line, 143 ------
+
+def test_ray_init_keeps_the_sigterm_handler_the_caller_installed():
+    """ray.init put its own SIGTERM handler (sys.exit(15)) over the command line's, so a SIGTERM to
+    `rltune train --backend ray` was a Ray stack dump and status 15, not one line and 143."""
+    import signal
+
+    import ray
+
+    from rltune.rayvec import ray_init
+
+    def mine(signum, frame):
+        pass
+
+    if ray.is_initialized():
+        ray.shutdown()
+    old = signal.signal(signal.SIGTERM, mine)
+    try:
+        ray_init(ray, None, num_cpus=1, include_dashboard=False, log_to_driver=False)
+        assert signal.getsignal(signal.SIGTERM) is mine
+    finally:
+        ray.shutdown()
+        signal.signal(signal.SIGTERM, old)
+
+
+def test_sigterm_turned_into_a_plain_keyboardinterrupt_is_still_terminated(monkeypatch, tmp_path, capsys):
+    """Ray's ray.wait / ray.get (C code) raise a fresh KeyboardInterrupt when a signal handler raises
+    during them: `rltune evaluate --backend ray` on SIGTERM said 'interrupted' and exited 130."""
+    import os
+    import signal
+
+    import rltune.scenario
+    from rltune.cli import main
+
+    def waits_in_c(path):  # what Ray's C code does with the handler's exception
+        try:
+            os.kill(os.getpid(), signal.SIGTERM)  # the handler runs before the next bytecode
+            sum(range(1000))
+        except KeyboardInterrupt:
+            raise KeyboardInterrupt() from None
+        raise AssertionError("SIGTERM was not delivered")
+
+    monkeypatch.setattr(rltune.scenario, "load_scenario", waits_in_c)
+    old = signal.signal(signal.SIGTERM, signal.SIG_DFL)  # as a fresh rltune process starts
+    try:
+        rc = main(["validate", str(tmp_path / "x.yaml")])
+    finally:
+        signal.signal(signal.SIGTERM, old)
+    assert rc == 143
+    assert capsys.readouterr().err.strip().splitlines() == ["rltune: terminated (finished work is kept)"]
