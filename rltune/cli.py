@@ -227,7 +227,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     import time
 
     from rltune.shipped import hyperparams_file
-    from rltune.train import check_config, gate, load_hyperparams, train
+    from rltune.train import anchor_scenarios, check_config, gate, load_hyperparams, train
 
     if args.config:
         from rltune.errors import check_regular_file
@@ -239,8 +239,11 @@ def cmd_train(args: argparse.Namespace) -> int:
         except (OSError, UnicodeDecodeError):
             raise RltuneError(f"{args.config}: cannot read a YAML config") from None
         cfg = check_config(safe_yaml(text, args.config), args.config)
+        cfg = anchor_scenarios(cfg, Path(args.config).parent)  # scenario files beside the config
     else:
         cfg = load_hyperparams(args.hyperparams or hyperparams_file(), args.set)
+        if args.hyperparams:
+            cfg = anchor_scenarios(cfg, Path(args.hyperparams).parent)
     for key in ("total_timesteps", "n_envs", "seed", "vec_env"):
         if getattr(args, key) is not None:
             cfg[key] = getattr(args, key)
@@ -474,7 +477,8 @@ def build_parser() -> argparse.ArgumentParser:
                                    "(config, command, Monitor CSVs, TensorBoard, checkpoints, agent, gate).")
     t.add_argument("--set", default="default", help="entry of the hyperparameter file")
     t.add_argument("--hyperparams", help="hyperparameter file (default: the shipped agents/ppo.yml)")
-    t.add_argument("--config", help="a run folder's config.yaml (reproduces that run)")
+    t.add_argument("--config", help="a run folder's config.yaml (reproduces that run) or your own; "
+                   "relative scenario paths are looked up from here, then beside the config")
     t.add_argument("--run-dir", help="the run folder (default runs/train/SET-TIMESTAMP)")
     t.add_argument("--resume", action="store_true", help="continue from the run folder's last checkpoint")
     t.add_argument("--total-timesteps", type=_whole(1), help="override the entry's total_timesteps")

@@ -161,6 +161,33 @@ def make_env_fn(cfg: dict[str, Any], rank: int, monitor_dir: Path | None, append
     return _init
 
 
+def anchor_scenarios(cfg: dict[str, Any], base: str | Path | None = None) -> dict[str, Any]:
+    """``cfg`` with its scenario files (``scenarios``, ``val_scenarios``) as absolute paths, so the run
+    folder's config.yaml reproduces the run from any folder. ``base``: the folder of the file the
+    config was read from; a relative path that is no file from here but is one from there (a config
+    beside its scenarios, as a scenario's data file is beside it) is taken from there. Shipped
+    names and paths that are no file stay as given (the environment names what is wrong)."""
+    out = dict(cfg)
+    for key in ("scenarios", "val_scenarios"):
+        entries = cfg.get(key)
+        if not isinstance(entries, list):
+            continue
+        fixed = []
+        for s in entries:
+            if isinstance(s, str) and s and "\0" not in s:
+                p = Path(s).expanduser()
+                try:
+                    if base is not None and not p.is_absolute() and not p.is_file() and (Path(base) / p).is_file():
+                        p = Path(base) / p
+                    if p.is_file():
+                        s = str(p.resolve())
+                except (OSError, ValueError):
+                    pass
+            fixed.append(s)
+        out[key] = fixed
+    return out
+
+
 def train(cfg: dict[str, Any], run_dir: str | Path, resume: bool = False, progress_bar: bool = True,
           command: str | None = None) -> Path:
     """Train PPO as configured; returns the run folder. See the module docstring for its layout."""
@@ -171,6 +198,7 @@ def train(cfg: dict[str, Any], run_dir: str | Path, resume: bool = False, progre
     from rltune.agentfile import load_optimizer, load_ppo, save_agent, save_optimizer
 
     OBS_LAYOUT, ACTION_LAYOUT = layouts(cfg.get("env_id"))
+    cfg = anchor_scenarios(cfg)  # config.yaml reproduces the run from any folder
 
     run = Path(run_dir)
     make_folder(run, "run folder")

@@ -158,3 +158,33 @@ def test_sigterm_turned_into_a_plain_keyboardinterrupt_is_still_terminated(monke
         signal.signal(signal.SIGTERM, old)
     assert rc == 143
     assert capsys.readouterr().err.strip().splitlines() == ["rltune: terminated (finished work is kept)"]
+
+
+# -- train --config: a user's scenario files beside the config; the run folder reproduces the run ---
+
+def test_train_config_reads_scenarios_beside_it_and_records_them_whole(tmp_path, monkeypatch, capsys):
+    import numpy as np
+    import yaml
+
+    from rltune.cli import main
+
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (x, y), (xv, yv) = split()
+    np.savez(mine / "data.npz", x=x, y=y, x_val=xv, y_val=yv)
+    (mine / "user.yaml").write_text(
+        "name: user\ndataset: {source: file, path: data.npz, transfer: 100}\n"
+        "teacher: {arch: mlp, hidden: [16], epochs: 2}\nstudent: {arch: mlp, hidden: [24], pretrain_epochs: 1}\n"
+        "training: {stages: 2, epochs_per_stage: 1}\n")
+    (mine / "cfg.yaml").write_text(yaml.safe_dump({
+        "scenarios": ["user.yaml"], "total_timesteps": 32, "n_envs": 1, "checkpoint_every": 32,
+        "policy_kwargs": {"net_arch": [8]}, "ppo": {"n_steps": 32, "batch_size": 32, "n_epochs": 1},
+        "env": {"targets": ["4x"]}}))
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    run = tmp_path / "run"
+    assert main(["train", "--config", str(mine / "cfg.yaml"), "--run-dir", str(run), "--no-progress", "-q"]) == 0, \
+        capsys.readouterr().err
+    recorded = yaml.safe_load((run / "config.yaml").read_text())["scenarios"]
+    assert recorded == [str((mine / "user.yaml").resolve())]  # RUN/config.yaml works from any folder
