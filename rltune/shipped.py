@@ -97,6 +97,11 @@ def resolve_agent(name: str | Path) -> Path:
             cand = base / name
             if is_file(cand / "agent.json"):
                 return cand
+    if is_file(p):  # a file where a folder is expected: say what it is (an SB3 .zip: how to convert it)
+        hint = (": convert an SB3 .zip with 'rltune import-sb3 FILE FOLDER --trust-pickle' (it runs pickle from "
+                "the file), then give the folder" if p.suffix.lower() == ".zip" else "")
+        raise RltuneError(f"{name}: is a file; an agent is a folder holding agent.json and "
+                          f"policy.safetensors{hint}")
     raise RltuneError(f"{name}: no such agent folder, nor a shipped agent of that name "
                       f"(shipped: {', '.join(shipped_agents())})")
 

@@ -188,3 +188,11 @@ def test_train_config_reads_scenarios_beside_it_and_records_them_whole(tmp_path,
         capsys.readouterr().err
     recorded = yaml.safe_load((run / "config.yaml").read_text())["scenarios"]
     assert recorded == [str((mine / "user.yaml").resolve())]  # RUN/config.yaml works from any folder
+
+
+# -- an SB3 .zip given where an agent folder goes says how to convert it ----------------------------
+
+def test_an_sb3_zip_given_as_the_agent_says_how_to_convert_it(tmp_path):
+    z = _sb3_zip(gym.make("rltune/DistillCompress-v0", problems=[user_problem()], targets=["4x"]), tmp_path / "m.zip")
+    with pytest.raises(RltuneError, match="is a file.*rltune import-sb3"):
+        rltune.replay(str(z), user_problem(), target="4x")
