@@ -718,6 +718,11 @@ def tune_ppo_finetune(s: Session, agent_path: str | Path, episodes_per_update: i
 
     model = load_ppo(resolve_agent(agent_path), env=DummyVecEnv([lambda: cell]), n_steps=n_steps,
                      batch_size=min(n_steps, 64), seed=s.seed, verbose=0)
+    from stable_baselines3.common.logger import Logger
+
+    # a logger that writes nowhere: without one, learn() makes an empty SB3-<time> folder in the
+    # system temp folder on every call, a write outside the output folder
+    model.set_logger(Logger(None, []))
 
     class Stop(BaseCallback):
         # stop when the budget is spent, unless this step completes a rollout: PPO then updates on

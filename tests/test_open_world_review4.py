@@ -196,3 +196,17 @@ def test_an_sb3_zip_given_as_the_agent_says_how_to_convert_it(tmp_path):
     z = _sb3_zip(gym.make("rltune/DistillCompress-v0", problems=[user_problem()], targets=["4x"]), tmp_path / "m.zip")
     with pytest.raises(RltuneError, match="is a file.*rltune import-sb3"):
         rltune.replay(str(z), user_problem(), target="4x")
+
+
+# -- ppo-finetune writes nothing outside the output folder ------------------------------------------
+
+def test_ppo_finetune_makes_no_folder_in_the_system_temp(tmp_path, monkeypatch):
+    """SB3's learn() without a logger makes /tmp/SB3-<time> (empty) on every call."""
+    import tempfile
+
+    temp = tmp_path / "systemtemp"
+    temp.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(temp))
+    r = rltune.compress(user_problem(), "4x", tuner="ppo-finetune", seed=0, episodes=3, agent="ppo-v0")
+    assert r.report["packed_bytes"] > 0
+    assert [p.name for p in temp.iterdir() if p.name.startswith("SB3-")] == []
