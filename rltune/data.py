@@ -268,6 +268,10 @@ def _read_file(spec: dict[str, Any]) -> dict[str, np.ndarray]:
                               f"got shape {a.shape}")
         if k.startswith("x") and not np.isfinite(a).all():
             raise RltuneError(f"{path}: array {k!r} holds NaN or infinite values")
+        if k.startswith("x") and a.dtype.itemsize > 4 and np.issubdtype(a.dtype, np.floating) and a.size \
+                and float(np.abs(a).max()) > float(np.finfo(np.float32).max):
+            raise RltuneError(f"{path}: array {k!r} holds values up to {float(np.abs(a).max()):.3g}, beyond float32's "
+                              "range (rltune trains in float32): rescale them")
         if k.startswith("y"):
             if a.ndim != 1 or (a.size and (not np.isfinite(a).all() or a.min() < 0
                                            or not np.array_equal(a, np.round(a)))):

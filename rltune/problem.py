@@ -103,10 +103,13 @@ def _inputs(value: Any, what: str) -> torch.Tensor:
                           f"got shape {tuple(x.shape)}")
     if x.is_complex():
         raise RltuneError(f"{what}: complex inputs are not supported")
-    x = x.to(torch.float32)
     if not torch.isfinite(x).all():
         raise RltuneError(f"{what}: holds NaN or infinite values")
-    return x.contiguous()
+    x32 = x.to(torch.float32)
+    if not torch.isfinite(x32).all():
+        raise RltuneError(f"{what}: holds values up to {float(x.abs().max()):.3g}, beyond float32's range "
+                          "(rltune trains in float32): rescale them")
+    return x32.contiguous()
 
 
 def _labels(value: Any, what: str) -> torch.Tensor:

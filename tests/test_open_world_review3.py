@@ -264,3 +264,23 @@ def test_a_file_that_is_not_an_npz_or_holds_object_arrays_says_so(tmp_path):
     np.savez(tmp_path / "o.npz", x=np.array([{"a": 1}], dtype=object), y=np.array([0]))
     with pytest.raises(RltuneError, match="object arrays"):
         _read_npz(tmp_path / "o.npz")
+
+
+def test_values_beyond_float32_are_named_as_such_not_a_diverged_run(tmp_path):
+    import numpy as np
+
+    import rltune
+    from rltune.data import _read_file
+    from rltune.errors import RltuneError
+    from open_world import FAST, MLP, split, trained_teacher
+
+    (x, y), val = split()
+    big = x.astype(np.float64)
+    big[0, 0] = 1e300
+    with pytest.raises(RltuneError, match="beyond float32's range"):
+        rltune.Problem(trained_teacher(split()), MLP(), train=(big, y), val=val, name="ow3-big", **FAST)
+    np.savez(tmp_path / "big.npz", x=big, y=y)
+    with pytest.raises(RltuneError, match="beyond float32's range"):
+        _read_file({"path": str(tmp_path / "big.npz")})
+    np.savez(tmp_path / "ok.npz", x=x.astype(np.float64), y=y)
+    assert _read_file({"path": str(tmp_path / "ok.npz")})["x"].shape == x.shape
