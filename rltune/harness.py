@@ -238,6 +238,9 @@ def _redact(url: str) -> str:
     return re.sub(r"(://[^/@:]*:)[^/@]*@", r"\1***@", url)
 
 
+STORAGE_CONNECT_TIMEOUT = 10  # seconds a network database gets to answer the first connection
+
+
 def open_storage(url: str):
     """Optuna's RDB storage at ``url`` (creating its schema), or one RltuneError line: an unknown
     scheme, a missing database driver, a file that is not SQLite, a server that does not answer
@@ -247,8 +250,12 @@ def open_storage(url: str):
     if not isinstance(url, str) or "://" not in url:
         raise RltuneError(f"--storage {_redact(str(url))[:200]!r}: not a database URL (e.g. sqlite:///study.db, "
                           "postgresql://user@host/db)")
+    # a server that drops packets would hold the first connection for the TCP timeout (minutes):
+    # the network databases' drivers (psycopg2, pymysql, mysqlclient) take a connect timeout
+    kw = ({"engine_kwargs": {"connect_args": {"connect_timeout": STORAGE_CONNECT_TIMEOUT}}}
+          if url.split(":", 1)[0].split("+", 1)[0] in ("postgresql", "postgres", "mysql", "mariadb") else {})
     try:
-        return optuna.storages.RDBStorage(url)
+        return optuna.storages.RDBStorage(url, **kw)
     except RltuneError:
         raise
     except Exception as e:  # SQLAlchemy's errors, ImportError of a driver, optuna's own

@@ -284,3 +284,17 @@ def test_values_beyond_float32_are_named_as_such_not_a_diverged_run(tmp_path):
         _read_file({"path": str(tmp_path / "big.npz")})
     np.savez(tmp_path / "ok.npz", x=x.astype(np.float64), y=y)
     assert _read_file({"path": str(tmp_path / "ok.npz")})["x"].shape == x.shape
+
+
+def test_a_network_storage_gets_a_connect_timeout_and_sqlite_none(monkeypatch):
+    import optuna
+
+    from rltune import harness
+
+    seen = []
+    monkeypatch.setattr(optuna.storages, "RDBStorage", lambda url, **kw: seen.append((url, kw)) or "storage")
+    harness.open_storage("postgresql+psycopg2://u:secret@db.example:5432/studies")
+    harness.open_storage("mysql://u@db.example/studies")
+    harness.open_storage("sqlite:///study.db")
+    timeout = {"engine_kwargs": {"connect_args": {"connect_timeout": harness.STORAGE_CONNECT_TIMEOUT}}}
+    assert [kw for _, kw in seen] == [timeout, timeout, {}]
