@@ -6,6 +6,9 @@ import torch
 
 # keep the test suite's caches out of the user's home and away from other runs
 os.environ.setdefault("RLTUNE_CACHE", os.path.join(tempfile.gettempdir(), "rltune-test-cache"))
+# the tests that drive SB3 directly (PPO(...).learn without a logger) log into one folder, not a new
+# SB3-<time> folder in the temp folder per call (rltune's own paths pass a logger or a run folder)
+os.environ.setdefault("SB3_LOGDIR", os.path.join(tempfile.gettempdir(), "rltune-test-sb3"))
 torch.set_num_threads(1)
 
 
