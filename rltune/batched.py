@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import math
 import time
+import weakref
 from typing import Sequence
 
 import torch
@@ -82,7 +83,21 @@ def vmap_blocker(model: nn.Module, x: torch.Tensor) -> str | None:
     mode (the batched path's general forward), or None: it is run once, on two rows, with its
     parameters given a batch axis of one. A random op in ``forward`` (``F.dropout``,
     ``torch.rand``...) would draw once for the K students instead of once each, and vmap refuses
-    it; so does an op without a batching rule. Either way the students train one at a time."""
+    it; so does an op without a batching rule. Either way the students train one at a time.
+
+    Run once per student class and input shape (a few ms; the batched paths ask every stage): the
+    answer is kept with the class, weakly, so a class defined again (a notebook) is checked again."""
+    by_class = _VMAP_CHECKED.setdefault(type(model), {})
+    key = (tuple(x.shape[1:]), x.dtype)
+    if key not in by_class:
+        by_class[key] = _vmap_blocker(model, x)
+    return by_class[key]
+
+
+_VMAP_CHECKED: "weakref.WeakKeyDictionary[type, dict]" = weakref.WeakKeyDictionary()
+
+
+def _vmap_blocker(model: nn.Module, x: torch.Tensor) -> str | None:
     base = _skeleton(model)
     params = {n: p.detach().unsqueeze(0) for n, p in base.named_parameters()}
     rows = x[:2].unsqueeze(0)
@@ -428,19 +443,6 @@ def train_epochs_batched(models: Sequence[nn.Module], data: TrainSet, epochs: in
     return [math.nan if bool(diverged[k]) else last[k] for k in range(K)]
 
 
-def _batchable_in(ctx, models: Sequence[nn.Module]) -> str | None:
-    """:func:`batchable` on the context's training inputs; the forward's vmap check runs once per
-    context and student class (a few ms; the batched VecEnv calls this every stage)."""
-    why = batchable(models)
-    if why:
-        return why
-    seen = ctx.__dict__.setdefault("_vmap_blockers", {})
-    key = f"{type(models[0]).__module__}.{type(models[0]).__qualname__}"  # a string: the context pickles
-    if key not in seen:
-        seen[key] = vmap_blocker(models[0], ctx.train_set.x)
-    return seen[key]
-
-
 def run_stages_batched(ctx, states: list, knobs: list, epochs: int | None = None) -> list:
     """:func:`rltune.stage.run_stage` for K students at once (same context): each is pruned and
     quantized to its own knobs, the K are trained as one batch, each is measured alone. Returns one
@@ -455,7 +457,7 @@ def run_stages_batched(ctx, states: list, knobs: list, epochs: int | None = None
     tr = ctx.scenario.training
     models = [s.model for s in states]
     big = sum(p.numel() for p in models[0].parameters()) > BATCH_MAX_PARAMS
-    if big or _batchable_in(ctx, models) or (tr["hint_weight"] > 0 and any(s.hint for s in states)) or tr["weight_sharing"]:
+    if big or batchable(models, ctx.train_set.x) or (tr["hint_weight"] > 0 and any(s.hint for s in states)) or tr["weight_sharing"]:
         out = []
         for st, kn in zip(states, knobs):
             try:
