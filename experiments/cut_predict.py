@@ -10,7 +10,9 @@ effects that ``experiments/cut_effect.py`` measured in the training episodes (``
 playing the recipe's width instead of the plus-one width, in points of the accuracy reward) are its
 labels, and the features are what the policy sees when it makes it: the env's step-0 observation
 of that task (``rltune/DistillCompress-v1`` built from ``--set``'s entry of ``agents/ppo.yml``,
-reset on the task; float student 0). Feature sets: ``global`` (v0's block,
+reset on the task; float student 0). Feature sets: ``relative`` (the probe's figures at the two
+widths the cut chooses between, read relative to the recipe's width: :func:`relative_features`),
+``global+relative``, ``global`` (v0's block,
 :data:`rltune.env.OBS_LAYOUT`, the entries that vary), ``layers`` (the per-layer block summarised
 without its slot order: the parameter-share-weighted mean, min and max of each feature over the
 present layers, the shares renormalised over the covered layers, and the head's), ``global+layers`` and ``full`` (the raw observation). Models:
@@ -38,7 +40,7 @@ import math
 import sys
 from pathlib import Path
 
-FEATURE_SETS = ("global", "layers", "global+layers", "full")
+FEATURE_SETS = ("global", "layers", "global+layers", "full", "relative", "global+relative")
 MODELS = ("ridge", "gbr", "rf")
 
 
@@ -65,6 +67,30 @@ def layer_summary(obs, n_global: int, l_max: int, features: list[str]):
     return out
 
 
+def relative_features(obs):
+    """Per observation: the probe's figures at the two widths the cut chooses between, read relative
+    to the recipe's width r (the cut plays r, the zero action r + 1): r, the probe's accuracy at r,
+    r + 1 and r − 1 (against the float student's; −1 where infeasible or out of range), the gaps
+    between them (0 where either is infeasible) with an indicator, the sparsity the target needs at r
+    and r + 1 and its step, and the float student's accuracy, chance, target and teacher gap."""
+    import numpy as np
+
+    from rltune.env import BITS, OBS_LAYOUT
+
+    obs = np.asarray(obs, dtype=float)
+    ix = {n: i for i, n in enumerate(OBS_LAYOUT)}
+    rows = []
+    for o in obs:
+        r = int(round(8 * o[ix["recipe_bits"]]))
+        pa = lambda b: o[ix[f"probe_acc_{b}"]] if b in BITS else -1.0  # noqa: E731
+        rq = lambda b: o[ix[f"required_sparsity_{b}"]] if b in BITS else 1.0  # noqa: E731
+        up_ok, dn_ok = pa(r + 1) > -1 + 1e-9, pa(r - 1) > -1 + 1e-9
+        rows.append([r, pa(r), pa(r + 1), pa(r - 1), pa(r) - pa(r + 1) if up_ok else 0.0, float(up_ok),
+                     pa(r - 1) - pa(r) if dn_ok else 0.0, float(dn_ok), rq(r), rq(r + 1), rq(r) - rq(r + 1),
+                     o[ix["float_acc"]], o[ix["chance"]], o[ix["log_target"]], o[ix["teacher_gap"]]])
+    return np.array(rows)
+
+
 def feature_sets(obs, n_global: int, l_max: int, features: list[str], keep: list[int] | None = None):
     """``{name: matrix}`` for :data:`FEATURE_SETS`; ``keep`` = the global columns to use (default:
     those that vary over ``obs``), returned so that held-out rows use the same ones."""
@@ -75,7 +101,9 @@ def feature_sets(obs, n_global: int, l_max: int, features: list[str], keep: list
     if keep is None:
         keep = [i for i in range(n_global) if g[:, i].std() > 1e-9]
     lay = layer_summary(obs, n_global, l_max, features)
-    return {"global": g[:, keep], "layers": lay, "global+layers": np.hstack([g[:, keep], lay]), "full": obs}, keep
+    rel = relative_features(obs)
+    return {"global": g[:, keep], "layers": lay, "global+layers": np.hstack([g[:, keep], lay]), "full": obs,
+            "relative": rel, "global+relative": np.hstack([g[:, keep], rel])}, keep
 
 
 def make_model(name: str, seed: int = 0):
