@@ -210,17 +210,40 @@ class Layer:
 
 
 def check_untied(model: nn.Module) -> None:
-    """Refuse tied weights: one weight tensor held by two compressible layers (a module used twice
-    is fine: it is one layer, compressed once)."""
-    seen: dict[int, str] = {}
+    """Refuse tied weights: a compressible layer's weight or bias held anywhere else in the model,
+    by another compressible layer or by any other module (an ``nn.Embedding`` tied to a ``Linear``
+    head, a bare ``nn.Parameter`` aliasing a layer's weight). Compression replaces the layer's
+    weight by its pruned, quantized one; the other holder would keep reading the float original
+    in training while the saved artifact (one tensor) gives it the compressed one. A module used
+    twice is fine: it is one layer, compressed once."""
+    def original(module: nn.Module, pname: str):
+        if parametrize.is_parametrized(module, pname):
+            return module.parametrizations[pname].original
+        return module._parameters.get(pname)
+
+    mine: dict[int, str] = {}   # a compressible layer's weight / bias -> "layer.weight"
     for name, module in model.named_modules():
-        if not isinstance(module, COMPRESSIBLE):
-            continue
-        w = module.parametrizations["weight"].original if parametrize.is_parametrized(module, "weight") else module.weight
-        if id(w) in seen:
-            raise RltuneError(f"layers {seen[id(w)]!r} and {name!r} share one weight tensor (tied weights): "
-                              "rltune cannot compress tied weights; untie them or give the layers their own weights")
-        seen[id(w)] = name
+        if isinstance(module, COMPRESSIBLE):
+            for pname in ("weight", "bias"):
+                t = original(module, pname)
+                if t is None:
+                    continue
+                where = f"{name}.{pname}" if name else pname
+                if id(t) in mine:
+                    raise RltuneError(f"{mine[id(t)]!r} and {where!r} are one tensor (tied weights): rltune cannot "
+                                      "compress tied weights; untie them or give the layers their own weights")
+                mine[id(t)] = where
+    for name, module in model.named_modules():
+        if isinstance(module, parametrize.ParametrizationList):
+            continue  # rltune's own parametrization of a prepared layer: its latent weight
+        own = ("weight", "bias") if isinstance(module, COMPRESSIBLE) else ()
+        for pname, t in module._parameters.items():
+            if t is None or pname in own or id(t) not in mine:
+                continue
+            where = f"{name}.{pname}" if name else pname
+            raise RltuneError(f"{where!r} is the same tensor as {mine[id(t)]!r} (tied weights, e.g. an embedding "
+                              "tied to a Linear head): rltune cannot compress tied weights, the compressed layer and "
+                              f"{where!r} would hold different values; untie them (give one its own copy)")
 
 
 def check_plain_weights(model: nn.Module) -> None:
