@@ -148,7 +148,7 @@ class WeightCompressor(nn.Module):
 
     def __init__(self, weight: torch.Tensor):
         super().__init__()
-        self.register_buffer("mask", torch.ones_like(weight, dtype=torch.bool))
+        self.register_buffer("mask", torch.ones(weight.shape, dtype=torch.bool))  # contiguous: read flat
         self.register_buffer("assign", torch.zeros(0, dtype=torch.long))
         self.bits = 32
         self.codebook: nn.Parameter | None = None
@@ -287,6 +287,8 @@ def prepare_(model: nn.Module) -> nn.Module:
             found = True
             if weight_compressor(module) is not None:
                 continue
+            if not module.weight.is_contiguous():  # channels_last: masks and pruning index it flat
+                module.weight.data = module.weight.data.contiguous()
             wc = WeightCompressor(module.weight)
             parametrize.register_parametrization(module, "weight", wc)
             if module.bias is not None:

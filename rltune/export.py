@@ -955,6 +955,8 @@ def _parse(data: bytes, skeleton: nn.Module | None, where: str, version: int = V
             for pname in ("weight", "bias"):
                 if parametrize.is_parametrized(m, pname):
                     parametrize.remove_parametrizations(m, pname, leave_parametrized=False)
+            if not m.weight.is_contiguous():  # channels_last: as prepare_ trained it, contiguous
+                m.weight.data = m.weight.data.contiguous()
     plain = _plain_layers(target)
     have = [_signature(m) for _, m in plain]
     if have != stored:

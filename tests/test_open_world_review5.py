@@ -73,3 +73,29 @@ def test_a_weight_tied_outside_the_compressible_layers_is_refused(data, teacher,
     with pytest.raises(RltuneError, match="tied weights") as e:
         rltune.Problem(teacher, student(), *data, **FAST)
     assert all(n in str(e.value) for n in names) and "\n" not in str(e.value)
+
+
+class ImageStudent(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.c, self.n, self.o = nn.Conv2d(3, 8, 2, padding=1), nn.BatchNorm2d(8), nn.Linear(72, 3)
+
+    def forward(self, x):
+        return self.o(torch.relu(self.n(self.c(x))).flatten(1))
+
+
+def test_a_channels_last_student_compresses_and_reloads_the_same(data, teacher, tmp_path):
+    """A student moved to channels_last (weights and images alike) escaped as 'view size is not
+    compatible with input tensor's size and stride' from the budget's regrowth after a stage."""
+    cl = torch.channels_last
+    (xt, yt), (xv, yv) = data
+    train = (torch.tensor(xt).reshape(-1, 3, 2, 2).contiguous(memory_format=cl), yt)
+    val = (torch.tensor(xv).reshape(-1, 3, 2, 2).contiguous(memory_format=cl), yv)
+    p = rltune.Problem(nn.Sequential(nn.Flatten(), teacher), ImageStudent().to(memory_format=cl), train, val, **FAST)
+    r = rltune.compress(p, target="4x")
+    assert r.report["ratio"] >= 4.0 - 1e-6
+    r.save(tmp_path / "cl.rlt")
+    m = rltune.load_artifact(tmp_path / "cl.rlt", skeleton=ImageStudent().to(memory_format=cl))
+    x = val[0]
+    with torch.no_grad():
+        assert torch.equal(m(x), r.model(x)) and torch.equal(m(x), r.compressed.eval()(x))
