@@ -246,6 +246,22 @@ def check_untied(model: nn.Module) -> None:
                               f"{where!r} would hold different values; untie them (give one its own copy)")
 
 
+def check_python_module(model: nn.Module, role: str = "student", compiled: bool = True) -> None:
+    """Refuse a ``torch.jit`` (scripted or traced) or ``torch.compile``'d module anywhere in ``model``:
+    rltune swaps its layers' weights for compressed ones and rebuilds its class, which a TorchScript
+    module hides (its Linears are not ``nn.Linear``: they would stay float) and Dynamo's wrapper cannot
+    trace (an AssertionError from deep inside torch._dynamo). ``compiled=False`` lets a compiled one
+    pass (a skeleton only receives weights)."""
+    for name, m in model.named_modules():
+        where = f"{role}" if not name else f"{role}: its submodule {name!r}"
+        if isinstance(m, torch.jit.ScriptModule):
+            raise RltuneError(f"{where} is a TorchScript module (torch.jit.script / trace): give rltune the Python "
+                              "nn.Module it was made from, and script the compressed result (r.model) if you need to")
+        if compiled and type(m).__name__ == "OptimizedModule" and isinstance(getattr(m, "_orig_mod", None), nn.Module):
+            raise RltuneError(f"{where} is a torch.compile'd module: give rltune the module itself (its _orig_mod), "
+                              "and compile the compressed result (r.model) if you need to")
+
+
 def check_plain_weights(model: nn.Module) -> None:
     """Refuse a compressible layer whose weight or bias is not a plain parameter: one with a
     parametrization of its own (``torch.nn.utils.parametrizations.weight_norm``, ``spectral_norm``,

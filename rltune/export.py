@@ -1031,6 +1031,10 @@ def load_artifact(path_or_bytes: str | os.PathLike | bytes | bytearray | memoryv
     if skeleton is not None:
         from torch.nn.parameter import is_lazy
 
+        from rltune.compression import check_python_module
+
+        check_python_module(skeleton, "the skeleton", compiled=False)
+
         lazy = [n for n, t in (*skeleton.named_parameters(), *skeleton.named_buffers()) if is_lazy(t)]
         if lazy:
             raise RltuneError(f"the skeleton has uninitialized (lazy) tensors ({', '.join(lazy[:3])}"

@@ -48,7 +48,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from rltune.compression import COMPRESSIBLE, check_plain_weights, check_untied
+from rltune.compression import COMPRESSIBLE, check_plain_weights, check_python_module, check_untied
 from rltune.context import CACHE_VERSION, load_or_train_teacher
 from rltune.data import Dataset, cache_dir, mixup, load_dataset, stable_hash
 from rltune.distill import has_batchnorm
@@ -221,6 +221,7 @@ class Problem:
                 raise RltuneError(f"{role}: expected a torch.nn.Module, got {type(m).__name__}")
         if teacher is student:
             raise RltuneError("teacher and student are the same module: pass a separate student to compress")
+        check_python_module(student)
         if not any(isinstance(m, COMPRESSIBLE) for m in student.modules()):
             raise RltuneError("student: has no nn.Linear, nn.Conv1d or nn.Conv2d layer to compress")
         for pname, p in student.named_parameters():

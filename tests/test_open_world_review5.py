@@ -99,3 +99,38 @@ def test_a_channels_last_student_compresses_and_reloads_the_same(data, teacher, 
     x = val[0]
     with torch.no_grad():
         assert torch.equal(m(x), r.model(x)) and torch.equal(m(x), r.compressed.eval()(x))
+
+
+class CompiledBody(nn.Module):
+    def __init__(self, wrap):
+        super().__init__()
+        self.body, self.b = wrap(nn.Sequential(nn.Linear(12, 24), nn.ReLU())), nn.Linear(24, 3)
+
+    def forward(self, x):
+        return self.b(self.body(x))
+
+
+@pytest.mark.parametrize("student, what", [
+    (lambda: torch.jit.script(MLP()), "student is a TorchScript"),
+    (lambda: torch.compile(MLP()), "student is a torch.compile'd"),
+    (lambda: CompiledBody(torch.jit.script), "submodule 'body' is a TorchScript"),
+    (lambda: CompiledBody(torch.compile), "submodule 'body' is a torch.compile'd")])
+def test_a_scripted_or_compiled_student_is_one_line(data, teacher, student, what):
+    """A compiled student escaped rltune.compress as Dynamo's 'UnspecializedNNModuleVariable ... is
+    already tracked for mutation' traceback; a scripted one was 'has no nn.Linear' (its Linears are
+    not nn.Linear), and a scripted submodule's Linears silently stayed float."""
+    with pytest.raises(RltuneError, match=what) as e:
+        p = rltune.Problem(teacher, student(), *data, **FAST)
+        rltune.compress(p, target="1.2x")
+    assert "r.model" in str(e.value) and "\n" not in str(e.value)
+
+
+def test_a_scripted_skeleton_is_one_line_and_a_compiled_one_loads(data, teacher, tmp_path):
+    p = rltune.Problem(teacher, MLP(), *data, **FAST)
+    r = rltune.compress(p, target="4x")
+    r.save(tmp_path / "m.rlt")
+    with pytest.raises(RltuneError, match="skeleton is a TorchScript"):
+        rltune.load_artifact(tmp_path / "m.rlt", skeleton=torch.jit.script(MLP()))
+    m = rltune.load_artifact(tmp_path / "m.rlt", skeleton=torch.compile(MLP()))
+    with torch.no_grad():
+        assert torch.equal(m(p.data.x_val), r.model(p.data.x_val))
