@@ -168,6 +168,40 @@ def _run(model: nn.Module, x: torch.Tensor, role: str, train_mode: bool = False)
     return out
 
 
+def _unsaved_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Tensors a forward may read that the artifact does not carry (nor would ``state_dict``):
+    non-persistent buffers and plain tensor attributes of every module, cloned."""
+    out = {}
+    for mname, m in model.named_modules():
+        prefix = mname + "." if mname else ""
+        for b in m._non_persistent_buffers_set:
+            t = m._buffers.get(b)
+            if isinstance(t, torch.Tensor):
+                out[f"'{prefix}{b}' (a buffer registered with persistent=False)"] = t.detach().clone()
+        for k, v in vars(m).items():
+            if isinstance(v, torch.Tensor) and not isinstance(v, nn.Parameter) and not k.startswith("__"):
+                out[f"'{prefix}{k}' (a plain tensor attribute, not a buffer)"] = v.detach().clone()
+    return out
+
+
+@torch.no_grad()
+def _check_state_carried(student: nn.Module, x: torch.Tensor) -> None:
+    """Refuse a student whose training forward changes a tensor the artifact does not store: the
+    compressed student would end its training with values that a reloaded one never gets."""
+    model = copy.deepcopy(student).train()
+    before = _unsaved_state(model)
+    if not before:
+        return
+    model(x)
+    after = _unsaved_state(model)
+    for name, t in before.items():
+        u = after.get(name)
+        if u is not None and (u.shape != t.shape or u.dtype != t.dtype or not torch.equal(u, t)):
+            raise RltuneError(f"student: its forward changes {name} in training; the saved artifact, like "
+                              "state_dict(), does not carry it, so the reloaded student would predict differently: "
+                              "register it as a persistent buffer (self.register_buffer(name, tensor))")
+
+
 def _whole(v: Any, name: str, lo: int, hi: int) -> int:
     import numbers
 
@@ -269,6 +303,7 @@ class Problem:
                                   "training); integer inputs such as nn.Embedding models are not supported") from None
             raise
         s_out = _run(student, probe, "student", train_mode=True)
+        _check_state_carried(student, probe)
         try:  # its MACs and energy are measured on one row (and a split may end in a batch of one)
             _run(student, probe[:1], "student")
             _run(teacher, probe[:1], "teacher")  # its logits are computed in chunks: the last may be one row

@@ -134,3 +134,48 @@ def test_a_scripted_skeleton_is_one_line_and_a_compiled_one_loads(data, teacher,
     m = rltune.load_artifact(tmp_path / "m.rlt", skeleton=torch.compile(MLP()))
     with torch.no_grad():
         assert torch.equal(m(p.data.x_val), r.model(p.data.x_val))
+
+
+class RunningMean(MLP):
+    """Centres its inputs by a running mean it keeps in a tensor the artifact does not store."""
+
+    def __init__(self, how):
+        super().__init__()
+        self.how = how
+        if how == "buffer":
+            self.register_buffer("mean", torch.zeros(12), persistent=how != "buffer")
+        else:
+            self.mean = torch.zeros(12)
+
+    def forward(self, x):
+        if self.training:
+            self.mean = 0.9 * self.mean + 0.1 * x.mean(0)
+        return super().forward(x - self.mean)
+
+
+@pytest.mark.parametrize("how, what", [("buffer", "persistent=False"), ("attribute", "plain tensor attribute")])
+def test_a_forward_that_changes_a_tensor_the_artifact_does_not_carry_is_refused(data, teacher, how, what):
+    """A running mean in a non-persistent buffer trained along: the artifact reloaded predicting
+    differently from the compressed student (max logit difference 2.5 on the review's blobs)."""
+    with pytest.raises(RltuneError, match=f"changes 'mean' \\(.*{what}") as e:
+        rltune.Problem(teacher, RunningMean(how), *data, **FAST)
+    assert "\n" not in str(e.value)
+
+
+class ConstantBuffers(MLP):
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("scale", torch.full((12,), 0.5), persistent=False)
+        self.k = torch.ones(3)
+
+    def forward(self, x):
+        return super().forward(x * self.scale) * self.k
+
+
+def test_constant_unsaved_tensors_are_fine(data, teacher, tmp_path):
+    p = rltune.Problem(teacher, ConstantBuffers(), *data, **FAST)
+    r = rltune.compress(p, target="4x")
+    r.save(tmp_path / "c.rlt")
+    m = rltune.load_artifact(tmp_path / "c.rlt", skeleton=ConstantBuffers())
+    with torch.no_grad():
+        assert torch.equal(m(p.data.x_val), r.compressed.eval()(p.data.x_val))
