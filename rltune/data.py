@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import random
 from dataclasses import dataclass
@@ -233,10 +234,25 @@ def _read_csv(path: Path, label: str) -> dict[str, np.ndarray]:
             raise RltuneError(f"{path}: line {n}: {bad!r} is not a number") from None
     try:
         y = np.array([int(v) for v in labels], dtype=np.int64)
-    except ValueError:  # class names: numbered in sorted order
-        names = sorted(set(labels))
-        y = np.array([names.index(v) for v in labels], dtype=np.int64)
+    except ValueError:
+        y = _whole_labels(labels)
+        if y is None:  # class names: numbered in sorted order
+            names = sorted(set(labels))
+            y = np.array([names.index(v) for v in labels], dtype=np.int64)
     return {"x": np.asarray(feats, dtype=np.float32), "y": y}
+
+
+def _whole_labels(labels: list[str]) -> np.ndarray | None:
+    """Class numbers written as floats ("2.0", "1e1", as pandas writes a float column) read as the
+    numbers they are (not as names in string order, where "10.0" sorts before "2.0" and "2" and
+    "2.0" are two classes); None when any label is not a whole number."""
+    try:
+        vals = [float(v) for v in labels]
+    except ValueError:
+        return None
+    if not all(math.isfinite(v) and v == int(v) and abs(v) < 2 ** 62 for v in vals):
+        return None
+    return np.array([int(v) for v in vals], dtype=np.int64)
 
 
 def _is_float(c: str) -> bool:

@@ -179,3 +179,20 @@ def test_constant_unsaved_tensors_are_fine(data, teacher, tmp_path):
     m = rltune.load_artifact(tmp_path / "c.rlt", skeleton=ConstantBuffers())
     with torch.no_grad():
         assert torch.equal(m(p.data.x_val), r.compressed.eval()(p.data.x_val))
+
+
+def test_csv_labels_written_as_floats_are_their_class_numbers(tmp_path):
+    """A label column pandas wrote as floats ('0.0' .. '11.0') was numbered as names in string order
+    ('10.0' became class 2, '2.0' class 4), and '2' and '2.0' in one file were two classes."""
+    from rltune.data import _read_csv, load_dataset
+
+    y = np.arange(120) % 12
+    labels = [f"{v}.0" if i % 5 else str(v) for i, v in enumerate(y)]
+    path = tmp_path / "d.csv"
+    path.write_text("a,label\n" + "".join(f"{i},{lab}\n" for i, lab in enumerate(labels)))
+    assert np.array_equal(_read_csv(path, "label")["y"], y)
+    d = load_dataset({"source": "file", "path": str(path), "seed": 0, "val_fraction": 0.2, "test_fraction": 0.2,
+                      "transfer": 0})
+    assert d.n_classes == 12
+    path.write_text("a,label\n" + "".join(f"{i},{n}\n" for i, n in enumerate(["cat", "ant", "1.5", "cat"] * 5)))
+    assert _read_csv(path, "label")["y"][:4].tolist() == [2, 1, 0, 2]  # names: numbered in sorted order
