@@ -20,7 +20,8 @@ Arguments:
   (those are compressed; every other parameter stays float32 and is counted in the bytes).
   Untrained or trained: rltune first distils a float student from it for ``pretrain_epochs``
   (``0`` skips that and starts from the student as given).
-- ``train``, ``val``, ``test``: ``(x, y)`` pairs of NumPy arrays or tensors; ``x`` one row per
+- ``train``, ``val``, ``test``: ``(x, y)`` pairs of NumPy arrays or tensors (a ``scipy.sparse``
+  matrix or a sparse tensor is made dense); ``x`` one row per
   sample of any shape the models take, ``y`` class numbers ``0..C-1``. ``test`` is optional (then
   the report has no test figures). Rewards and every tuner's choices read ``val``; ``test`` is read
   once, for the final report. The data is used as given (no standardisation).
@@ -84,6 +85,17 @@ def epochs_for(steps: int | None, epochs: int, n_rows: int, batch_size: int) -> 
 def _as_tensor(value: Any, what: str) -> torch.Tensor:
     if isinstance(value, torch.Tensor):
         t = value.detach().cpu()
+        if t.layout != torch.strided:  # a sparse COO / CSR tensor: rltune trains on dense rows
+            try:
+                t = t.to_dense()
+            except Exception as e:
+                raise RltuneError(f"{what}: a {t.layout} tensor that cannot be made dense ({_first_line(e)})") from None
+    elif callable(getattr(value, "toarray", None)) and type(value).__module__.startswith("scipy.sparse"):
+        try:  # a scipy.sparse matrix (bag-of-words, one-hot): as dense rows
+            t = torch.from_numpy(np.ascontiguousarray(value.toarray()))
+        except Exception as e:
+            raise RltuneError(f"{what}: a scipy.sparse matrix that cannot be made dense ({_first_line(e)})") from None
+        return _as_tensor(t, what)
     else:
         try:
             arr = np.asarray(value)

@@ -196,3 +196,17 @@ def test_csv_labels_written_as_floats_are_their_class_numbers(tmp_path):
     assert d.n_classes == 12
     path.write_text("a,label\n" + "".join(f"{i},{n}\n" for i, n in enumerate(["cat", "ant", "1.5", "cat"] * 5)))
     assert _read_csv(path, "label")["y"][:4].tolist() == [2, 1, 0, 2]  # names: numbered in sorted order
+
+
+def test_sparse_inputs_are_taken_as_dense_rows(data, teacher):
+    """A torch sparse tensor escaped Problem as NotImplementedError ('aten::ne.Scalar' on SparseCPU,
+    a page of backends); a scipy.sparse matrix, what a bag-of-words featurizer gives, was 'expected
+    numbers, got an array of object'."""
+    sp = pytest.importorskip("scipy.sparse")
+    (xt, yt), (xv, yv) = data
+    dense = rltune.Problem(teacher, MLP(), (xt, yt), (xv, yv), **FAST)
+    for train, val in (((sp.csr_matrix(xt), yt), (sp.coo_matrix(xv), yv)),
+                       ((torch.tensor(xt).to_sparse(), yt), (torch.tensor(xv).to_sparse_csr(), yv))):
+        p = rltune.Problem(teacher, MLP(), train, val, **FAST)
+        assert torch.equal(p.data.x_train, dense.data.x_train) and torch.equal(p.data.x_val, dense.data.x_val)
+        assert torch.equal(p.data.x_transfer, dense.data.x_transfer)
