@@ -306,15 +306,19 @@ class Problem:
             x_u = None
         probe = x_tr[:16]
         integer_x = raw_x is not None and not torch.is_floating_point(_as_tensor(raw_x, "train x"))
-        try:
-            t_out = _run(teacher, probe, "teacher")
-        except RltuneError:
-            if integer_x:  # token ids, say: the teacher wants integers
-                raise RltuneError("train x holds integers (token ids?) and the teacher does not run on them as "
-                                  "floats: rltune trains on float inputs (mixup transfer sets, quantization-aware "
-                                  "training); integer inputs such as nn.Embedding models are not supported") from None
-            raise
-        s_out = _run(student, probe, "student", train_mode=True)
+        def on_floats(model: nn.Module, role: str, **kw) -> torch.Tensor:
+            try:
+                return _run(model, probe, role, **kw)
+            except RltuneError as e:
+                if integer_x:  # token ids, say: the model wants integers
+                    raise RltuneError(f"train x holds integers (token ids?) and the {role} does not run on them as "
+                                      "floats: rltune trains on float inputs (mixup transfer sets, quantization-aware "
+                                      "training); an nn.Embedding model works if its forward casts (x.long()) and you "
+                                      f"pass transfer= ids ({e})") from None
+                raise
+
+        t_out = on_floats(teacher, "teacher")
+        s_out = on_floats(student, "student", train_mode=True)
         _check_state_carried(student, probe)
         try:  # its MACs and energy are measured on one row (and a split may end in a batch of one)
             _run(student, probe[:1], "student")

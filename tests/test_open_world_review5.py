@@ -210,3 +210,36 @@ def test_sparse_inputs_are_taken_as_dense_rows(data, teacher):
         p = rltune.Problem(teacher, MLP(), train, val, **FAST)
         assert torch.equal(p.data.x_train, dense.data.x_train) and torch.equal(p.data.x_val, dense.data.x_val)
         assert torch.equal(p.data.x_transfer, dense.data.x_transfer)
+
+
+class TokenModel(nn.Module):
+    def __init__(self, cast):
+        super().__init__()
+        self.cast = cast
+        self.e, self.h, self.o = nn.Embedding(10, 8), nn.Linear(48, 32), nn.Linear(32, 3)
+
+    def forward(self, x):
+        return self.o(torch.relu(self.h(self.e(x.long() if self.cast else x).flatten(1))))
+
+
+def test_token_ids_a_student_that_casts_compresses_and_one_that_does_not_is_told_how():
+    """With a teacher that casts its ids, a student that did not was 'the student cannot run on inputs
+    of shape (16, 6): RuntimeError: Expected tensor for argument #1 'indices' ...', no word of why."""
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 10, size=(260, 6))
+    y = x[:, 0] % 3
+    teacher = TokenModel(True).eval()
+    train, val = (x[:200], y[:200]), (x[200:], y[200:])
+    with pytest.raises(RltuneError, match=r"the student does not run on them as floats.*casts \(x.long\(\)\)"):
+        rltune.Problem(teacher, TokenModel(False), train, val, transfer=x[:200], **FAST)
+    p = rltune.Problem(teacher, TokenModel(True), train, val, transfer=x[:200], **{**FAST, "transfer_size": None})
+    r = rltune.compress(p, target="2x")
+    m = rltune.load_artifact(_roundtrip(r), skeleton=TokenModel(True))
+    with torch.no_grad():
+        assert torch.equal(m(p.data.x_val), r.compressed.eval()(p.data.x_val))
+
+
+def _roundtrip(r) -> bytes:
+    from rltune.export import export_bytes
+
+    return export_bytes(r.compressed)
