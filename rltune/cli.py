@@ -372,7 +372,13 @@ def cmd_export(args: argparse.Namespace) -> int:
             raise RltuneError(f"--input-shape: expected positive whole numbers like 1,28,28, got {args.input_shape!r}")
     else:
         shape = _input_shape(model)
-    info = export_onnx(model, args.onnx, torch.zeros(1, *shape), codes=codes)
+    try:
+        info = export_onnx(model, args.onnx, torch.zeros(1, *shape), codes=codes)
+    except RltuneError as e:
+        if args.input_shape or "forward pass failed" not in str(e):
+            raise
+        raise RltuneError(f"{e} (the input shape {','.join(map(str, shape))} was guessed from the first layer: "
+                          "pass --input-shape, e.g. 20,3 for sequences of 20 steps of 3 features)") from None
     print(f"onnx: {args.onnx} ({info['onnx_bytes']} bytes; {info['quantized_layers']} layers as int8, "
           f"{info['float_layers']} float)")
     return 0

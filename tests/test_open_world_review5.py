@@ -243,3 +243,43 @@ def _roundtrip(r) -> bytes:
     from rltune.export import export_bytes
 
     return export_bytes(r.compressed)
+
+
+class Recurrent(nn.Module):
+    """An LSTM over sequences of 4 steps of 3 features, then a Linear head."""
+
+    def __init__(self):
+        super().__init__()
+        self.rnn = nn.LSTM(3, 4, batch_first=True)
+        self.head = nn.Sequential(nn.Linear(4, 64), nn.ReLU(), nn.Linear(64, 3))
+
+    def forward(self, x):
+        return self.head(self.rnn(x)[0][:, -1])
+
+
+def test_an_lstm_student_compresses_and_the_cli_export_says_to_give_its_input_shape(data, teacher, tmp_path,
+                                                                                     monkeypatch, capsys):
+    """The LSTM stays float (counted); its head is compressed and the artifact reloads the same.
+    'rltune export' guessed the input shape from the head's in_features and said only 'input.size(-1)
+    must be equal to input_size', not that the shape was a guess to replace with --input-shape."""
+    import sys
+
+    from rltune.cli import main
+
+    (xt, yt), (xv, yv) = data
+    seq = (lambda x: x.reshape(len(x), 4, 3))
+    p = rltune.Problem(nn.Sequential(nn.Flatten(), teacher), Recurrent(), (seq(xt), yt), (seq(xv), yv), **FAST)
+    r = rltune.compress(p, target="2x")
+    assert [l["name"] for l in r.report["layers"]] == ["head.0", "head.2"] and r.report["ratio"] >= 2 - 1e-6
+    r.save(tmp_path / "lstm.rlt")
+    with torch.no_grad():
+        assert torch.equal(rltune.load_artifact(tmp_path / "lstm.rlt", skeleton=Recurrent())(p.data.x_val),
+                           r.compressed.eval()(p.data.x_val))
+    capsys.readouterr()
+    monkeypatch.setitem(sys.modules, "lstmmods", type(sys)("lstmmods"))
+    sys.modules["lstmmods"].Recurrent = Recurrent
+    argv = ["export", str(tmp_path / "lstm.rlt"), "--onnx", str(tmp_path / "l.onnx"), "--skeleton", "lstmmods:Recurrent"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert "pass --input-shape" in err and "\n" not in err
+    assert main([*argv, "--input-shape", "4,3", "--quiet"]) == 0
