@@ -125,6 +125,14 @@ def _inputs(value: Any, what: str) -> torch.Tensor:
 
 
 def _labels(value: Any, what: str) -> torch.Tensor:
+    if not isinstance(value, torch.Tensor):
+        try:
+            arr = np.asarray(value)
+        except Exception:
+            arr = None
+        if arr is not None and (arr.dtype.kind in "USO" and arr.size and all(isinstance(v, str) for v in arr.flat[:100])):
+            raise RltuneError(f"{what}: labels are strings ({str(arr.flat[0])!r}, ...): give class numbers 0..C-1 in the "
+                              "order of the teacher's outputs (sklearn's LabelEncoder numbers names in sorted order)")
     y = _as_tensor(value, what)
     if y.dim() == 2 and y.shape[1] == 1:
         y = y[:, 0]

@@ -283,3 +283,15 @@ def test_an_lstm_student_compresses_and_the_cli_export_says_to_give_its_input_sh
     err = capsys.readouterr().err.strip()
     assert "pass --input-shape" in err and "\n" not in err
     assert main([*argv, "--input-shape", "4,3", "--quiet"]) == 0
+
+
+def test_string_labels_say_to_number_them_in_the_teachers_order(data, teacher):
+    """Was 'train y: expected numbers, got an array of <U1': a pandas column of class names is a
+    common way to hold labels, and the fix is a numbering that matches the teacher's outputs."""
+    pd = pytest.importorskip("pandas")
+    (xt, yt), (xv, yv) = data
+    names = np.array(["bird", "cat", "dog"])
+    for y in (names[yt], names[yt].tolist(), pd.Series(names[yt]), pd.Series(names[yt], dtype="string")):
+        with pytest.raises(RltuneError, match=r"train y: labels are strings \('.+', ...\): give class numbers") as e:
+            rltune.Problem(teacher, MLP(), (xt, y), (xv, yv), **FAST)
+        assert "\n" not in str(e.value)
