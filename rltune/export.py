@@ -1034,6 +1034,11 @@ def load_artifact(path_or_bytes: str | os.PathLike | bytes | bytearray | memoryv
         from rltune.compression import check_python_module
 
         check_python_module(skeleton, "the skeleton", compiled=False)
+        meta = [n for n, t in (*skeleton.named_parameters(), *skeleton.named_buffers()) if t.is_meta]
+        if meta:  # copy_ into a meta tensor does nothing: the model would come back without its weights
+            raise RltuneError(f"the skeleton has tensors on the meta device ({', '.join(meta[:3])}"
+                              f"{', ...' if len(meta) > 3 else ''}): build it on the CPU (not under "
+                              "torch.device('meta')); load_artifact fills in the weights")
 
         lazy = [n for n, t in (*skeleton.named_parameters(), *skeleton.named_buffers()) if is_lazy(t)]
         if lazy:

@@ -295,3 +295,18 @@ def test_string_labels_say_to_number_them_in_the_teachers_order(data, teacher):
         with pytest.raises(RltuneError, match=r"train y: labels are strings \('.+', ...\): give class numbers") as e:
             rltune.Problem(teacher, MLP(), (xt, y), (xv, yv), **FAST)
         assert "\n" not in str(e.value)
+
+
+def test_a_skeleton_on_the_meta_device_is_one_line(data, teacher):
+    """A skeleton built under torch.device('meta') (the fast way to build a big model) loaded without
+    a word: copy_ into meta tensors does nothing, and the model failed at its first forward with
+    'Tensor on device meta is not on the expected device cpu!'."""
+    from rltune.export import export_bytes
+
+    p = rltune.Problem(teacher, MLP(), *data, **FAST)
+    blob = export_bytes(rltune.compress(p, target="4x").compressed)
+    with torch.device("meta"):
+        skeleton = MLP()
+    with pytest.raises(RltuneError, match="meta device") as e:
+        rltune.load_artifact(blob, skeleton=skeleton)
+    assert "\n" not in str(e.value)
