@@ -108,6 +108,43 @@ class Dataset:
         return self.fingerprint
 
 
+def _class_list(classes) -> str:
+    classes = sorted(int(c) for c in classes)
+    shown = ", ".join(str(c) for c in classes[:10]) + (f", ... ({len(classes)} in all)" if len(classes) > 10 else "")
+    return ("class " if len(classes) == 1 else "classes ") + shown
+
+
+def check_label_coverage(y_train, others: dict[str, Any], where: str = "data") -> None:
+    """Warn (:class:`RltuneWarning`) about labels that are legal but likely a mistake: classes below
+    train's top label with no train rows (labels {0, 1, 3}: class 2 is never trained; a teacher
+    with more outputs than the data shows is fine, hence a warning), and classes of a val or test
+    split that train has no rows of (the student is scored on classes it never saw). ``others``
+    maps a split's name to its labels; empty splits are skipped. Labels past the model's outputs
+    are the caller's error to raise."""
+    import warnings
+
+    from rltune.errors import RltuneWarning
+
+    y_train = np.asarray(y_train).astype(np.int64, copy=False)
+    if y_train.size == 0:
+        return
+    seen = np.unique(y_train)
+    gaps = np.setdiff1d(np.arange(int(seen[-1]) + 1), seen)
+    if gaps.size:
+        warnings.warn(RltuneWarning(
+            f"{where}: train has no rows of {_class_list(gaps)} (its labels go up to {int(seen[-1])}): the student "
+            "is never trained on them; renumber the labels 0..C-1 without gaps unless the model has outputs for "
+            "classes the data does not show"), stacklevel=3)
+    for name, y in others.items():
+        y = np.asarray(y).astype(np.int64, copy=False)
+        unseen = np.setdiff1d(np.unique(y), seen) if y.size else y[:0]
+        if unseen.size:
+            rows = int(np.isin(y, unseen).sum())
+            warnings.warn(RltuneWarning(
+                f"{where}: {name} has {rows} of {y.size} rows of {_class_list(unseen)}, which train has no rows of: "
+                f"they are scored but never trained on (is the split right?)"), stacklevel=3)
+
+
 def _stratified_split(y: np.ndarray, fractions: tuple[float, float], rng: np.random.Generator):
     """Indices of train / val / test, stratified by class; ``fractions`` = (val, test)."""
     tr, va, te = [], [], []
@@ -399,6 +436,9 @@ def load_dataset(spec: dict[str, Any]) -> Dataset:
         x_u = (x_u - mean) / std
     if x_u is None:
         x_u = np.zeros((0, *x.shape[1:]), dtype=np.float32)
+
+    check_label_coverage(y[tr], {"val": y[va], "test": y[te]},
+                         str(spec["path"]) if source == "file" else f"dataset {source!r}")
 
     def t(a):
         return torch.from_numpy(np.ascontiguousarray(a))

@@ -51,7 +51,7 @@ from torch import nn
 
 from rltune.compression import COMPRESSIBLE, check_plain_weights, check_python_module, check_untied
 from rltune.context import CACHE_VERSION, load_or_train_teacher
-from rltune.data import Dataset, cache_dir, mixup, load_dataset, stable_hash
+from rltune.data import Dataset, cache_dir, check_label_coverage, mixup, load_dataset, stable_hash
 from rltune.distill import has_batchnorm
 from rltune.errors import RltuneError
 from rltune.scenario import NAME_RE, Scenario, parse_scenario
@@ -352,6 +352,7 @@ class Problem:
         top = max(int(y.max()) for y in (y_tr, y_va, y_te) if y.numel())
         if top >= classes:
             raise RltuneError(f"labels go up to {top} but the teacher has only {classes} outputs (classes 0..{classes - 1})")
+        check_label_coverage(y_tr, {"val": y_va, "test": y_te}, f"Problem {name!r}")
         if x_u is None:
             n = transfer_size if transfer_size is not None else int(min(20_000, max(2_000, 10 * len(y_tr))))
             if n:

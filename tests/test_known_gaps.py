@@ -1,0 +1,103 @@
+"""Known gaps mended: labels that skip classes, import-sb3's zero rule, Ray's INFO lines under -q,
+torch inductor's temp folder on the ppo-finetune path, a Ray --address where a non-Ray program
+listens."""
+
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import rltune
+from rltune.errors import RltuneError, RltuneWarning
+
+# -- 1. labels with gaps -----------------------------------------------------------------------
+
+
+def _rltune_warnings(record):
+    return [str(w.message) for w in record if issubclass(w.category, RltuneWarning)]
+
+
+def _blobs(labels, n=40, seed=0):
+    """n rows per label in ``labels``, the class in feature 0 (so any model can learn it)."""
+    rng = np.random.default_rng(seed)
+    y = np.repeat(np.asarray(labels, dtype=np.int64), n)
+    x = rng.normal(size=(len(y), 4)).astype(np.float32)
+    x[:, 0] += 3 * y
+    return x, y
+
+
+def _mlp(classes):
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, classes))
+
+
+def _problem(train, val, test=None, classes=4):
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        rltune.Problem(_mlp(classes), _mlp(classes), train, val, test, transfer_size=0)
+    return _rltune_warnings(record)
+
+
+def test_a_train_split_that_skips_a_class_is_a_warning_naming_it():
+    msgs = _problem(_blobs([0, 1, 3]), _blobs([0, 1, 3], n=5))
+    assert len(msgs) == 1 and "train has no rows of class 2 " in msgs[0], msgs
+
+
+def test_labels_without_gaps_warn_nothing():
+    assert _problem(_blobs([0, 1, 2, 3]), _blobs([0, 1, 2, 3], n=5), _blobs([0, 1, 2, 3], n=5)) == []
+    # classes above train's top label that no split shows: a teacher head with more outputs, fine
+    assert _problem(_blobs([0, 1]), _blobs([0, 1], n=5), classes=6) == []
+
+
+def test_a_val_or_test_class_with_no_train_rows_is_a_warning():
+    msgs = _problem(_blobs([0, 1, 2]), _blobs([0, 1, 2, 3], n=5), _blobs([0, 3], n=5))
+    assert len(msgs) == 2, msgs
+    assert "val has 5 of 20 rows of class 3, which train has no rows of" in msgs[0]
+    assert "test has 5 of 10 rows of class 3, which train has no rows of" in msgs[1]
+
+
+def test_a_val_label_past_the_models_outputs_is_an_error():
+    with pytest.raises(RltuneError, match="labels go up to 4 but the teacher has only 4 outputs"):
+        _problem(_blobs([0, 1, 2, 3]), _blobs([0, 4], n=5))
+
+
+def test_a_data_file_with_gaps_warns_once_per_gap(tmp_path):
+    from rltune.data import load_dataset
+    from rltune.scenario import parse_scenario
+
+    x, y = _blobs([0, 1, 3])
+    xv, yv = _blobs([0, 1, 3, 4], n=5, seed=1)
+    np.savez(tmp_path / "d.npz", x=x, y=y, x_val=xv, y_val=yv)
+    raw = {"name": "mine", "dataset": {"source": "file", "path": str(tmp_path / "d.npz")},
+           "teacher": {"hidden": [8], "epochs": 1}, "student": {"hidden": [4], "pretrain_epochs": 1},
+           "training": {"stages": 2, "epochs_per_stage": 1}}
+    sc = parse_scenario(raw, str(tmp_path / "mine.yaml"))
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        d = load_dataset(sc.dataset)
+    msgs = _rltune_warnings(record)
+    assert d.n_classes == 5
+    assert len(msgs) == 2, msgs
+    assert "d.npz: train has no rows of class 2 (its labels go up to 3)" in msgs[0]
+    assert "val has 5 of 20 rows of class 4, which train has no rows of" in msgs[1]
+    assert not any(": test has" in m for m in msgs)  # test came from train's stratified split
+
+
+def test_the_cli_prints_a_label_gap_as_one_warning_line(tmp_path, capsys):
+    import sys
+    import subprocess
+
+    x, y = _blobs([0, 1, 3], n=30)
+    np.savez(tmp_path / "d.npz", x=x, y=y)
+    (tmp_path / "s.yaml").write_text(
+        "name: gaps\ndataset: {source: file, path: d.npz, transfer: 50}\n"
+        "teacher: {hidden: [8], epochs: 1}\nstudent: {hidden: [4], pretrain_epochs: 1}\n"
+        "training: {stages: 1, epochs_per_stage: 1}\n")
+    p = subprocess.run([sys.executable, "-m", "rltune", "compress", "--scenario", str(tmp_path / "s.yaml"), "--budget", "2x",
+                        "--tuner", "recipe", "--out", str(tmp_path / "out"), "-q"],
+                       capture_output=True, text=True, timeout=300)
+    lines = [ln for ln in p.stderr.splitlines() if "train has no rows" in ln]
+    assert len(lines) == 1 and lines[0].startswith("rltune: warning: "), p.stderr
+    assert "Traceback" not in p.stderr
