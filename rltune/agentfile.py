@@ -719,7 +719,8 @@ def import_sb3_zip(zip_path: str | os.PathLike, out_path: str | os.PathLike, tru
                    observation_layout: list[str] | None = None, action_layout: list[str] | None = None,
                    training: dict[str, Any] | None = None,
                    hyperparameters: dict[str, Any] | None = None,
-                   env_layouts: dict[str, tuple[list[str], list[str]]] | None = None) -> Path:
+                   env_layouts: dict[str, tuple[list[str], list[str]]] | None = None,
+                   zero_rule: str | None = None) -> Path:
     """Convert an SB3 PPO ``.zip`` into an rltune agent folder.
 
     Reading the zip runs pickle (SB3's ``PPO.load``), which can execute arbitrary code, so this
@@ -727,8 +728,21 @@ def import_sb3_zip(zip_path: str | os.PathLike, out_path: str | os.PathLike, tru
     ``env_layouts`` (env id -> (observation layout, action layout)), instead of the two layouts:
     the env whose sizes are the model's is taken and its id stored as ``training.env_id``; a model
     that fits none is refused with one line naming its sizes and theirs.
+    ``zero_rule`` (with ``env_layouts``): what the zero action of the v1 env the model was trained
+    in played (``plus1`` or ``sensitivity``; see :mod:`rltune.env_v1`), recorded where a v1 agent
+    keeps it (``training.env.zero_rule``; ``plus1`` when not given); refused for a v0 model, whose
+    env has no zero rule.
     """
+    from rltune.registration import ENV_IDS
+
+    v1 = ENV_IDS[2]
     zip_path = Path(zip_path)
+    if zero_rule is not None:
+        from rltune.env_v1 import check_zero_rule_options
+
+        check_zero_rule_options(zero_rule, None, None)
+        if not env_layouts or v1 not in env_layouts:
+            raise RltuneError(f"{zip_path}: a zero rule is a {v1} agent's; pass env_layouts with its layouts")
     if trust_pickle is not True:
         raise RltuneError(f"{zip_path}: converting an SB3 .zip runs pickle from the file, which can execute "
                           f"arbitrary code; pass --trust-pickle (trust_pickle=True) only for files you trust")
@@ -760,6 +774,12 @@ def import_sb3_zip(zip_path: str | os.PathLike, out_path: str | os.PathLike, tru
                               f"action sizes {theirs}): it was trained on another environment")
         env_id, observation_layout, action_layout = fits[0]
         training.setdefault("env_id", env_id)
+        if training["env_id"] == v1:
+            env = training.get("env")
+            training["env"] = {**(env if isinstance(env, dict) else {}), "zero_rule": zero_rule or "plus1"}
+        elif zero_rule is not None:
+            raise RltuneError(f"{zip_path}: its spaces are those of {training['env_id']}, which has no zero rule: "
+                              f"--zero-rule (zero_rule) is for a model trained on {v1}")
     return save_agent(
         model, out_path,
         observation_layout if observation_layout is not None else [f"obs_{i}" for i in range(n_obs)],

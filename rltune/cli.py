@@ -418,7 +418,7 @@ def cmd_import_sb3(args: argparse.Namespace) -> int:
     # v0's layouts or v1's, whichever fits the model's spaces (its env id recorded, so replay plays it there)
     out = import_sb3_zip(zip_path, args.out, trust_pickle=args.trust_pickle,
                          env_layouts={e: layouts(e) for e in (ENV_IDS[0], ENV_IDS[2])},
-                         training={"imported_from": zip_path.name})
+                         training={"imported_from": zip_path.name}, zero_rule=args.zero_rule)
     print(f"agent: {out} (replay it with: rltune replay {out} --scenario NAME --budget 16x)")
     return 0
 
@@ -567,6 +567,10 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("zip", help="the SB3 .zip")
     i.add_argument("out", help="the agent folder to write")
     i.add_argument("--trust-pickle", action="store_true", help="allow running the pickle inside the .zip")
+    i.add_argument("--zero-rule", choices=("plus1", "sensitivity"), default=None,
+                   help="a v1 model: what the zero action played in the env it was trained in (its "
+                        "DistillCompressEnvV1(zero_rule=...)), recorded in agent.json (default: plus1); "
+                        "refused for a v0 model")
     i.set_defaults(func=cmd_import_sb3)
 
     z = sub.add_parser("sensitivity", parents=[quiet], formatter_class=fmt,

@@ -101,3 +101,71 @@ def test_the_cli_prints_a_label_gap_as_one_warning_line(tmp_path, capsys):
     lines = [ln for ln in p.stderr.splitlines() if "train has no rows" in ln]
     assert len(lines) == 1 and lines[0].startswith("rltune: warning: "), p.stderr
     assert "Traceback" not in p.stderr
+
+
+# -- 2. import-sb3 --zero-rule: a v1 model's zero rule recorded, refused for a v0 model ----------
+
+
+def _sb3_zip(env_id, path):
+    """An untrained SB3 PPO .zip whose spaces are those of ``env_id`` (no env is built)."""
+    import gymnasium as gym
+    from stable_baselines3 import PPO
+
+    from rltune.agentfile import _SpacesOnlyEnv
+    from rltune.train import layouts
+
+    o, a = layouts(env_id)
+    env = _SpacesOnlyEnv(gym.spaces.Box(-5.0, 5.0, (len(o),), np.float32), gym.spaces.Box(-1.0, 1.0, (len(a),), np.float32))
+    PPO("MlpPolicy", env, n_steps=32, batch_size=32, device="cpu", seed=0).save(path)
+    return path
+
+
+def _agent_env(folder):
+    import json
+
+    return json.loads((folder / "agent.json").read_text())["training"].get("env")
+
+
+@pytest.mark.parametrize("rule", ["sensitivity", "plus1", None])
+def test_import_sb3_records_a_v1_models_zero_rule(tmp_path, capsys, rule):
+    from rltune.cli import main
+    from rltune.tuners import _trained_env, check_agent
+
+    z = _sb3_zip("rltune/DistillCompress-v1", tmp_path / "v1.zip")
+    extra = ["--zero-rule", rule] if rule else []
+    assert main(["import-sb3", str(z), str(tmp_path / "agent"), "--trust-pickle", "-q", *extra]) == 0, \
+        capsys.readouterr().err
+    assert _agent_env(tmp_path / "agent") == {"zero_rule": rule or "plus1"}
+    agent = check_agent(tmp_path / "agent")  # the tuners read it back: the twin env plays that rule
+    assert _trained_env(agent)["zero_rule"] == (rule or "plus1")
+
+
+def test_import_sb3_zero_rule_of_a_v0_model_is_one_line(tmp_path, capsys):
+    from rltune.cli import main
+
+    z = _sb3_zip("rltune/DistillCompress-v0", tmp_path / "v0.zip")
+    assert main(["import-sb3", str(z), str(tmp_path / "agent"), "--trust-pickle", "--zero-rule", "sensitivity"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "has no zero rule" in err[0] and "--zero-rule" in err[0], err
+    assert not (tmp_path / "agent").exists()
+    assert main(["import-sb3", str(z), str(tmp_path / "agent"), "--trust-pickle", "-q"]) == 0  # without: as before
+    assert _agent_env(tmp_path / "agent") is None
+
+
+def test_import_sb3_zero_rule_is_checked(tmp_path, capsys):
+    from rltune.agentfile import import_sb3_zip
+    from rltune.cli import build_parser, main
+    from rltune.env_v1 import ZERO_RULES
+
+    z = _sb3_zip("rltune/DistillCompress-v1", tmp_path / "v1.zip")
+    with pytest.raises(SystemExit) as e:
+        main(["import-sb3", str(z), str(tmp_path / "agent"), "--trust-pickle", "--zero-rule", "minus1"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "invalid choice: 'minus1'" in err[0], err
+    action = next(a for s in build_parser()._subparsers._group_actions for n, p in s.choices.items()
+                  if n == "import-sb3" for a in p._actions if a.dest == "zero_rule")
+    assert tuple(action.choices) == ZERO_RULES
+    with pytest.raises(RltuneError, match="zero_rule must be one of plus1, sensitivity"):
+        import_sb3_zip(z, tmp_path / "agent", trust_pickle=True, zero_rule="minus1")
+    assert not (tmp_path / "agent").exists()
