@@ -127,11 +127,20 @@ def check_address(address: str | None, timeout: float = 5.0) -> None:
 
 def ray_init(ray, address: str | None, **kwargs: Any) -> None:
     """``ray.init(address=address, **kwargs)`` with one-line errors; an address is checked first
-    (:func:`check_address`) so that one with nothing behind it fails in seconds, not minutes."""
+    (:func:`check_address`) so that one with nothing behind it fails in seconds, not minutes.
+
+    When rltune's progress is quiet (the ``rltune`` logger set above INFO: the command line's
+    ``--quiet``), Ray's own INFO lines ("Started a local Ray instance.", "Connecting to existing
+    Ray cluster") are silenced too (``logging_level=WARNING``; a caller's own ``logging_level``
+    wins); otherwise Ray logs as it always has."""
+    import logging
     import signal
     import threading
 
     check_address(address)
+    if logging.getLogger("rltune").level > logging.INFO:
+        kwargs.setdefault("logging_level", logging.WARNING)
+        kwargs.setdefault("log_to_driver", False)
     # ray.init replaces the SIGTERM handler with its own (sys.exit(15), and its C++ core a stack dump):
     # a handler the caller installed (the command line's: one line, status 143, finished work kept)
     # is put back; a process with the default handler keeps Ray's

@@ -169,3 +169,82 @@ def test_import_sb3_zero_rule_is_checked(tmp_path, capsys):
     with pytest.raises(RltuneError, match="zero_rule must be one of plus1, sensitivity"):
         import_sb3_zip(z, tmp_path / "agent", trust_pickle=True, zero_rule="minus1")
     assert not (tmp_path / "agent").exists()
+
+
+# -- 3. Ray's INFO lines follow the command line's --quiet ----------------------------------------
+
+
+def _tiny_scenario(tmp_path):
+    x, y = _blobs([0, 1, 2], n=30)
+    np.savez(tmp_path / "data.npz", x=x, y=y)
+    scen = tmp_path / "s.yaml"
+    scen.write_text("name: s\ndataset: {source: file, path: data.npz}\n"
+                    "teacher: {arch: mlp, hidden: [8], epochs: 1}\nstudent: {arch: mlp, hidden: [8]}\n"
+                    "training: {stages: 2, epochs_per_stage: 1}\n")
+    return scen
+
+
+@pytest.fixture
+def ray_init_kwargs(monkeypatch):
+    """Ray's init replaced by one that records its kwargs and fails (no Ray is started)."""
+    ray = pytest.importorskip("ray")
+    calls = []
+
+    def fake_init(address=None, **kwargs):
+        calls.append(kwargs)
+        raise RuntimeError("not started in this test")
+
+    monkeypatch.setattr(ray, "init", fake_init)
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    return calls
+
+
+@pytest.mark.parametrize("quiet", [True, False])
+def test_evaluate_on_ray_is_quiet_under_q(tmp_path, capsys, ray_init_kwargs, quiet):
+    from rltune.cli import main
+
+    rc = main(["evaluate", "--backend", "ray", "--scenarios", str(_tiny_scenario(tmp_path)), "--targets", "4x",
+               "--tuners", "recipe", "--budget", "2", "--seeds", "1", "--out", str(tmp_path / "ev"),
+               "--no-progress", *(["-q"] if quiet else [])])
+    assert rc == 2 and "not started in this test" in capsys.readouterr().err
+    (kw,) = ray_init_kwargs
+    assert kw["log_to_driver"] is False
+    if quiet:
+        assert kw["logging_level"] == __import__("logging").WARNING
+    else:
+        assert "logging_level" not in kw  # Ray's own default (INFO), as before
+
+
+@pytest.mark.parametrize("quiet", [True, False])
+def test_train_on_ray_is_quiet_under_q(tmp_path, capsys, ray_init_kwargs, quiet):
+    import yaml
+
+    from rltune.cli import main
+
+    hp = tmp_path / "ppo.yml"
+    hp.write_text(yaml.safe_dump({"default": {
+        "scenarios": [str(_tiny_scenario(tmp_path))], "total_timesteps": 4, "n_envs": 2, "seed": 0,
+        "policy_kwargs": {"net_arch": [8]}, "ppo": {"n_steps": 2, "batch_size": 4, "n_epochs": 1},
+        "env": {"targets": ["4x"]}, "gate_episodes": 1}}))
+    rc = main(["train", "--hyperparams", str(hp), "--run-dir", str(tmp_path / "run"), "--backend", "ray",
+               "--no-progress", *(["-q"] if quiet else [])])
+    assert rc == 2 and "not started in this test" in capsys.readouterr().err
+    (kw,) = ray_init_kwargs
+    assert ("logging_level" in kw) is quiet
+
+
+def test_a_real_ray_start_prints_no_info_line_when_quiet(tmp_path):
+    """Ray 2.x logs 'Started a local Ray instance.' at INFO on stderr; under -q it is gone."""
+    pytest.importorskip("ray")
+    import os
+    import subprocess
+    import sys
+
+    code = ("import ray, sys\nfrom rltune.cli import _progress\nfrom rltune.rayvec import ray_init\n"
+            "_progress(sys.argv[1] == 'q')\n"
+            "ray_init(ray, None, include_dashboard=False, log_to_driver=False, num_cpus=1)\nray.shutdown()\n")
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
+    for mode, shown in (("q", False), ("loud", True)):
+        p = subprocess.run([sys.executable, "-c", code, mode], capture_output=True, text=True, timeout=180, env=env)
+        assert p.returncode == 0, p.stderr[-2000:]
+        assert ("Started a local Ray instance" in p.stderr) is shown, (mode, p.stderr)
