@@ -615,6 +615,27 @@ def _on_sigterm(pid: int):
     return handler
 
 
+def _torch_cache_in_rltunes() -> None:
+    """Point torch's compiler cache into rltune's cache folder unless the user set one
+    (``TORCHINDUCTOR_CACHE_DIR``). The first torch optimizer a process builds imports
+    ``torch._dynamo`` (``Optimizer.add_param_group`` is wrapped by ``torch._disable_dynamo``), and
+    that import makes the folder ``$TMPDIR/torchinductor_$USER``: every command that trains left it
+    in the temp folder. rltune compiles nothing, so the folder stays empty; a cache folder that cannot
+    be made leaves torch's default. Subprocess and local Ray workers inherit the setting."""
+    import os
+
+    if os.environ.get("TORCHINDUCTOR_CACHE_DIR"):
+        return
+    try:
+        path = Path(os.environ.get("RLTUNE_CACHE", "") or Path.home() / ".cache" / "rltune") / "torchinductor"
+        path.mkdir(parents=True, exist_ok=True)
+        usable = path.is_dir() and os.access(path, os.W_OK | os.X_OK)
+    except (OSError, RuntimeError, ValueError):  # no home folder, not writable, a file in the way
+        usable = False
+    if usable:
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(path.absolute())
+
+
 def main(argv: list[str] | None = None) -> int:
     import os
     import signal
@@ -622,6 +643,7 @@ def main(argv: list[str] | None = None) -> int:
 
     args = build_parser().parse_args(argv)
     _progress(getattr(args, "quiet", False))
+    _torch_cache_in_rltunes()
     old = handler = None
     if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGTERM) == signal.SIG_DFL:
         handler = _on_sigterm(os.getpid())

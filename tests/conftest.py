@@ -9,6 +9,9 @@ os.environ.setdefault("RLTUNE_CACHE", os.path.join(tempfile.gettempdir(), "rltun
 # the tests that drive SB3 directly (PPO(...).learn without a logger) log into one folder, not a new
 # SB3-<time> folder in the temp folder per call (rltune's own paths pass a logger or a run folder)
 os.environ.setdefault("SB3_LOGDIR", os.path.join(tempfile.gettempdir(), "rltune-test-sb3"))
+# the first torch optimizer of a process imports torch._dynamo, which makes an empty
+# torchinductor_<user> folder in the temp folder: the CLI points it into rltune's cache, the tests too
+os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", os.path.join(os.environ["RLTUNE_CACHE"], "torchinductor"))
 torch.set_num_threads(1)
 
 

@@ -248,3 +248,48 @@ def test_a_real_ray_start_prints_no_info_line_when_quiet(tmp_path):
         p = subprocess.run([sys.executable, "-c", code, mode], capture_output=True, text=True, timeout=180, env=env)
         assert p.returncode == 0, p.stderr[-2000:]
         assert ("Started a local Ray instance" in p.stderr) is shown, (mode, p.stderr)
+
+
+# -- 4. no torchinductor_<user> folder in the temp folder ----------------------------------------
+
+
+def _cli_env(tmp_path, **extra):
+    import os
+
+    env = {k: v for k, v in os.environ.items() if k != "TORCHINDUCTOR_CACHE_DIR"}
+    (tmp_path / "tmp").mkdir(exist_ok=True)
+    return {**env, "TMPDIR": str(tmp_path / "tmp"), "RLTUNE_CACHE": str(tmp_path / "cache"), **extra}
+
+
+def test_ppo_finetune_leaves_no_torchinductor_folder_in_the_temp_folder(tmp_path):
+    """torch's Optimizer.add_param_group imports torch._dynamo on first use, and that import makes
+    $TMPDIR/torchinductor_<user> (every training path, ppo-finetune's PPO included); the CLI puts it
+    in rltune's cache folder."""
+    import subprocess
+    import sys
+
+    scen = _tiny_scenario(tmp_path)
+    p = subprocess.run([sys.executable, "-m", "rltune", "compress", "--scenario", str(scen), "--budget", "4x",
+                        "--tuner", "ppo-finetune", "--episodes", "3", "--out", str(tmp_path / "out"), "-q"],
+                       capture_output=True, text=True, timeout=300, env=_cli_env(tmp_path))
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert not list((tmp_path / "tmp").glob("torchinductor*")), list((tmp_path / "tmp").iterdir())
+    assert (tmp_path / "cache" / "torchinductor").is_dir()
+
+
+def test_a_torch_cache_the_user_set_or_an_unusable_rltune_cache_is_left_to_torch(tmp_path, monkeypatch):
+    import os
+
+    from rltune.cli import _torch_cache_in_rltunes
+
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "mine"))
+    _torch_cache_in_rltunes()
+    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path / "mine")
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR")
+    (tmp_path / "afile").write_text("")
+    monkeypatch.setenv("RLTUNE_CACHE", str(tmp_path / "afile"))  # a file in the way: torch's default, no error
+    _torch_cache_in_rltunes()
+    assert "TORCHINDUCTOR_CACHE_DIR" not in os.environ
+    monkeypatch.setenv("RLTUNE_CACHE", str(tmp_path / "c"))
+    _torch_cache_in_rltunes()
+    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path / "c" / "torchinductor")
