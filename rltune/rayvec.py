@@ -106,7 +106,8 @@ def check_address(address: str | None, timeout: float = 5.0) -> None:
     ``ray.init(address="host:port")`` with no Ray there retries its GCS connection for minutes (a
     ``rltune train --backend ray --address 127.0.0.1:1`` hung past two), and a ``ray://`` client
     waits 30 s; a TCP connect to the host and port tells at once. ``None`` and ``"auto"`` (find the
-    local Ray) are left to Ray. A port that answers but is not Ray is still Ray's to judge."""
+    local Ray) are left to Ray. A port that answers but not as Ray (a web server: Ray's GCS
+    client retried it for minutes) is refused by :func:`_check_ray_answers`, in seconds too."""
     import socket
 
     if address is None or str(address).strip() in ("", "auto"):
@@ -123,6 +124,69 @@ def check_address(address: str | None, timeout: float = 5.0) -> None:
     except OSError as e:
         why = e.strerror or type(e).__name__ if not isinstance(e, TimeoutError) else f"no answer in {timeout:g} s"
         raise RltuneError(f"cannot join Ray at {address}: nothing answers at {host}:{port} ({why})") from None
+    _check_ray_answers(address, host, int(port), client=text.startswith("ray://"), timeout=2 * timeout)
+
+
+def _check_ray_answers(address: str, host: str, port: int, client: bool, timeout: float) -> None:
+    """Refuse, in one line and within ``timeout`` seconds, a port that answers TCP but not as Ray.
+
+    ``ray.init("host:port")`` where another program listens (a web server) retried its GCS
+    connection for minutes, and with ``ray://`` waited 30 s. A GCS address must answer Ray's first
+    question, the GCS's gRPC ``GetClusterId``, at the address Ray itself dials (``localhost`` and
+    ``127.0.0.1`` become this machine's address); a ``ray://`` address must at least speak gRPC.
+    A refusal by authentication is an answer (it is Ray); with TLS (``RAY_USE_TLS``), or without
+    grpc, nothing is checked here and Ray judges."""
+    import os
+
+    if os.environ.get("RAY_USE_TLS", "0").strip().lower() in ("1", "true"):
+        return
+    try:
+        import grpc
+        from ray.core.generated import gcs_service_pb2, gcs_service_pb2_grpc
+    except ImportError:
+        return
+    dial = host
+    if not client:
+        try:
+            from ray._private.services import resolve_ip_for_localhost
+
+            dial = resolve_ip_for_localhost(host) or host
+        except Exception:  # noqa: BLE001 - Ray's private helper moved or failed: dial what was given
+            dial = host
+    target = f"[{dial}]:{port}" if ":" in dial else f"{dial}:{port}"
+    at = f"{target} (this machine's address, which Ray dials for {host})" if dial != host else target
+    channel = grpc.insecure_channel(target)
+    try:
+        if client:
+            try:
+                grpc.channel_ready_future(channel).result(timeout=timeout)
+            except grpc.FutureTimeoutError:
+                raise RltuneError(f"cannot join Ray at {address}: what listens at {target} is not a Ray client server "
+                                  f"(no gRPC answer in {timeout:g} s; 'ray start --head' serves ray:// on port "
+                                  "10001)") from None
+            return
+        stub = gcs_service_pb2_grpc.NodeInfoGcsServiceStub(channel)
+        try:
+            stub.GetClusterId(gcs_service_pb2.GetClusterIdRequest(), timeout=timeout)
+        except grpc.RpcError as e:
+            code = e.code()
+            if code in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED):
+                return  # Ray's GCS, asking for a token: ray.init brings it
+            details = (e.details() or "").strip()
+            if code == grpc.StatusCode.UNIMPLEMENTED:
+                why = f"a gRPC server that is not a Ray GCS listens at {at}"
+            elif code == grpc.StatusCode.DEADLINE_EXCEEDED:
+                why = f"what listens at {at} gave no Ray answer in {timeout:g} s"
+            elif "HTTP/2" in details or "SETTINGS" in details or "handshake" in details.lower():
+                why = f"another program listens at {at}: it does not speak gRPC, as a Ray GCS does"
+            elif "refused" in details.lower():
+                why = f"nothing answers at {at} (connection refused)"
+            else:
+                why = f"no Ray GCS answers at {at} ({details.splitlines()[0][:200] if details else code.name})"
+            raise RltuneError(f"cannot join Ray at {address}: {why}; give the address 'ray start --head' prints "
+                              "(port 6379 by default)") from None
+    finally:
+        channel.close()
 
 
 def ray_init(ray, address: str | None, **kwargs: Any) -> None:

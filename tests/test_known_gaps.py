@@ -293,3 +293,111 @@ def test_a_torch_cache_the_user_set_or_an_unusable_rltune_cache_is_left_to_torch
     monkeypatch.setenv("RLTUNE_CACHE", str(tmp_path / "c"))
     _torch_cache_in_rltunes()
     assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path / "c" / "torchinductor")
+
+
+# -- 5. a Ray --address where a non-Ray program listens fails in seconds, in one line -------------
+
+
+@pytest.fixture
+def web_server():
+    """An HTTP server on all interfaces (Ray dials this machine's address for 127.0.0.1), in a thread."""
+    import http.server
+    import threading
+
+    srv = http.server.ThreadingHTTPServer(("0.0.0.0", 0), http.server.SimpleHTTPRequestHandler)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    yield srv.server_address[1]
+    srv.shutdown()
+    srv.server_close()
+
+
+@pytest.fixture
+def bare_grpc_server():
+    """A gRPC server with no services (a gRPC program that is not Ray)."""
+    grpc = pytest.importorskip("grpc")
+    from concurrent import futures
+
+    srv = grpc.server(futures.ThreadPoolExecutor(max_workers=1))
+    port = srv.add_insecure_port("0.0.0.0:0")
+    srv.start()
+    yield port
+    srv.stop(None)
+
+
+def test_a_ray_address_where_a_web_server_listens_fails_in_seconds(web_server, tmp_path):
+    """ray.init(address=...) at an HTTP server retried its GCS connection for minutes (the TCP probe
+    passed: something answers). Checked in a subprocess so a regression fails rather than hangs."""
+    import subprocess
+    import sys
+    import time
+
+    pytest.importorskip("ray")
+    code = ("import ray, sys\nfrom rltune.errors import RltuneError\nfrom rltune.rayvec import ray_init\n"
+            "try:\n    ray_init(ray, sys.argv[1], include_dashboard=False, log_to_driver=False)\n"
+            "except RltuneError as e:\n    print(e)\nelse:\n    print('joined')\n")
+    for address in (f"127.0.0.1:{web_server}", f"localhost:{web_server}"):
+        t0 = time.monotonic()
+        try:
+            p = subprocess.run([sys.executable, "-c", code, address], capture_output=True, text=True, timeout=90)
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"ray_init at a web server ({address}) was still waiting after 90 s")
+        assert time.monotonic() - t0 < 60
+        out = p.stdout.strip().splitlines()
+        assert len(out) == 1 and out[0].startswith(f"cannot join Ray at {address}: another program listens at"), \
+            p.stdout + p.stderr[-2000:]
+        assert "does not speak gRPC" in out[0]
+
+
+def test_the_cli_at_a_web_server_is_one_line_status_2(web_server, tmp_path):
+    import subprocess
+    import sys
+
+    pytest.importorskip("ray")
+    scen = _tiny_scenario(tmp_path)
+    try:
+        p = subprocess.run([sys.executable, "-m", "rltune", "evaluate", "--backend", "ray", "--address",
+                            f"127.0.0.1:{web_server}", "--scenarios", str(scen), "--targets", "4x", "--tuners",
+                            "recipe", "--budget", "2", "--seeds", "1", "--out", str(tmp_path / "ev"), "--no-progress"],
+                           capture_output=True, text=True, timeout=120, env=_cli_env(tmp_path))
+    except subprocess.TimeoutExpired:
+        pytest.fail("rltune evaluate --backend ray at a web server was still waiting after 120 s")
+    err = p.stderr.strip().splitlines()
+    assert p.returncode == 2 and len(err) == 1 and err[0].startswith("rltune: error: cannot join Ray at"), p.stderr
+
+
+def test_a_grpc_server_that_is_not_ray(bare_grpc_server):
+    from rltune.rayvec import check_address
+
+    with pytest.raises(RltuneError, match="a gRPC server that is not a Ray GCS listens at"):
+        check_address(f"127.0.0.1:{bare_grpc_server}")
+    check_address(f"ray://127.0.0.1:{bare_grpc_server}")  # speaks gRPC: the Ray client judges the rest
+
+
+def test_a_ray_client_address_at_a_web_server_fails_before_rays_30_s(web_server):
+    import time
+
+    from rltune.rayvec import check_address
+
+    t0 = time.monotonic()
+    with pytest.raises(RltuneError, match="is not a Ray client server"):
+        check_address(f"ray://127.0.0.1:{web_server}", timeout=1.0)
+    assert time.monotonic() - t0 < 10
+
+
+def test_a_real_ray_gcs_passes_the_check():
+    ray = pytest.importorskip("ray")
+    import os
+
+    from rltune.rayvec import check_address
+
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    started = not ray.is_initialized()
+    if started:
+        ray.init(num_cpus=1, include_dashboard=False, log_to_driver=False, logging_level=30)
+    try:
+        gcs = ray.get_runtime_context().gcs_address
+        check_address(gcs)
+        check_address(f"127.0.0.1:{gcs.rpartition(':')[2]}")  # Ray dials this machine's address: so does the check
+    finally:
+        if started:
+            ray.shutdown()
