@@ -331,12 +331,24 @@ def _strip_metadata(graph) -> None:
                 _strip_metadata(g)
 
 
+def _onnxruntime():
+    """``import onnxruntime`` with its telemetry off unless the user chose (``ORT_DISABLE_TELEMETRY``):
+    onnxruntime 1.32 on Linux, once imported, writes a session file into the temp folder
+    (``$TMPDIR/.ses``) and a device id and event database under
+    ``~/.cache/Microsoft/DeveloperTools/.onnxruntime`` for upload; rltune writes nowhere but its
+    output and cache folders. (A process that imported onnxruntime before keeps its setting.)"""
+    os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")
+    import onnxruntime
+
+    return onnxruntime
+
+
 def _verify(data: bytes, plain: nn.Module, x: torch.Tensor) -> None:
     """With onnxruntime installed: the graph (traced on 2 rows) must reproduce the model on all of
     ``x`` (another batch size); a forward that depends on the batch size, or an op traced as a
     constant, is refused rather than written as a file that predicts something else."""
     try:
-        import onnxruntime  # noqa: F401
+        _onnxruntime()
     except ImportError:
         return
     if len(x) < 2:
@@ -364,7 +376,7 @@ def _verify(data: bytes, plain: nn.Module, x: torch.Tensor) -> None:
 def onnx_predict(path, x: np.ndarray | torch.Tensor) -> np.ndarray:
     """Run the ONNX model at ``path`` on ``x`` with onnxruntime (CPU); returns its first output."""
     try:
-        import onnxruntime as ort
+        ort = _onnxruntime()
     except ImportError:
         raise RltuneError("ONNX inference needs the onnxruntime package: pip install onnxruntime") from None
     arr = x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)

@@ -12,6 +12,9 @@ os.environ.setdefault("SB3_LOGDIR", os.path.join(tempfile.gettempdir(), "rltune-
 # the first torch optimizer of a process imports torch._dynamo, which makes an empty
 # torchinductor_<user> folder in the temp folder: the CLI points it into rltune's cache, the tests too
 os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", os.path.join(os.environ["RLTUNE_CACHE"], "torchinductor"))
+# onnxruntime's telemetry writes under ~/.cache/Microsoft and into the temp folder once imported
+# (the tests import it directly; rltune's own imports turn it off the same way)
+os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")
 torch.set_num_threads(1)
 
 

@@ -345,3 +345,24 @@ def test_exporter_annotations_are_dropped(tmp_path):
     assert b"test_onnx" not in (tmp_path / "a.onnx").read_bytes()   # no source path or module name
     assert info["onnx_bytes"] < 16_000
     assert_same_predictions(model, tmp_path / "a.onnx", x)
+
+
+def test_onnxruntime_writes_nothing_outside(tmp_path):
+    """onnxruntime 1.32's telemetry wrote $TMPDIR/.ses and ~/.cache/Microsoft/... on import: through
+    rltune (export + the check that runs the file) nothing lands in HOME or the temp folder."""
+    import os
+    import subprocess
+    import sys
+
+    home, tmp, out = tmp_path / "home", tmp_path / "tmp", tmp_path / "out"
+    for d in (home, tmp, out):
+        d.mkdir()
+    env = {k: v for k, v in os.environ.items() if k != "ORT_DISABLE_TELEMETRY"}
+    env.update(HOME=str(home), TMPDIR=str(tmp), XDG_CACHE_HOME=str(home / ".cache"))
+    code = ("import torch; from torch import nn; from rltune.onnx_export import export_onnx, onnx_predict\n"
+            "m = nn.Sequential(nn.Linear(4, 3)); x = torch.randn(5, 4)\n"
+            f"export_onnx(m, {str(out / 'm.onnx')!r}, x); print(onnx_predict({str(out / 'm.onnx')!r}, x).shape)")
+    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert "(5, 3)" in r.stdout
+    assert [p.name for p in home.rglob("*")] == [] and [p.name for p in tmp.rglob("*")] == []
