@@ -319,6 +319,23 @@ def check_scenarios(scenarios: Iterable[Any]) -> list[str]:
     return out
 
 
+def check_budgets(scenarios: list[str], budgets: Iterable[int]) -> None:
+    """One RltuneError line, before any folder is made, for a stage budget smaller than one episode
+    of a scenario (its ``training.stages``): every tuner of such a cell stopped at its first episode
+    with 'stage budget exhausted', after the folder and its Optuna database were made."""
+    from rltune.scenario import load_scenario
+    from rltune.shipped import resolve_scenario
+
+    budgets = list(budgets)
+    if not budgets:
+        raise RltuneError("evaluate: give at least one stage budget")
+    for s in scenarios:
+        stages = load_scenario(resolve_scenario(s)).training["stages"]
+        if min(budgets) < stages:
+            raise RltuneError(f"budget {min(budgets)} is less than one episode of {s} ({stages} stages of training): "
+                              f"give --budget {stages} or more (budgets are stages, not episodes)")
+
+
 def evaluate(
     scenarios: Iterable[str],
     targets: dict[str, list[str]] | list[str],
@@ -357,6 +374,7 @@ def evaluate(
 
         agent = str(resolve_agent(agent))
     check_sampler_seed_offset(out_dir, sampler_seed_offset, seeds, trial_workers)
+    check_budgets(scenarios, budgets)
     out = Path(out_dir)
     make_folder(out)
     results = out / "results.jsonl"

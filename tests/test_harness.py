@@ -146,3 +146,21 @@ def test_strict_results_numbers_lines_and_refuses_what_is_not_an_object(tmp_path
         with pytest.raises(ValueError) as e:
             list(strict_results(f))
         assert str(e.value).startswith(str(f)) and says in str(e.value)
+
+
+def test_a_budget_under_one_episode_is_one_line_before_any_folder(scenario, tmp_path, capsys):
+    """Budgets are stages: one below a scenario's stages per episode stopped every tuner at its
+    first episode ('stage budget exhausted', after the folder and its Optuna database were made)."""
+    from rltune.cli import main
+    from rltune.errors import RltuneError
+
+    with pytest.raises(RltuneError, match=r"budget 2 is less than one episode of .*tiny-h.yaml \(3 stages"):
+        evaluate([scenario], ["6x"], ["recipe", "optuna-tpe"], [2, 6], 1, tmp_path / "ev", progress=False)
+    assert not (tmp_path / "ev").exists()
+    with pytest.raises(RltuneError, match="at least one stage budget"):
+        evaluate([scenario], ["6x"], ["recipe"], [], 1, tmp_path / "ev", progress=False)
+    rc = main(["evaluate", "--scenarios", scenario, "--targets", "6x", "--tuners", "recipe", "--budget", "2",
+               "--seeds", "1", "--out", str(tmp_path / "ev"), "-q"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and "give --budget 3 or more" in err[0]
+    assert not (tmp_path / "ev").exists()
