@@ -44,3 +44,16 @@ class MLP(nn.Module):
 
     def forward(self, x):
         return self.b(torch.relu(self.a(x)))
+
+
+class TransformerStudent(nn.Module):
+    """(N, 3, 4): a sequence of 3 steps of 4 features."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Linear(4, 8)
+        self.enc = nn.TransformerEncoderLayer(8, 2, dim_feedforward=16, dropout=0.0, batch_first=True)
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x):
+        return self.head(self.enc(self.emb(x)).mean(1))

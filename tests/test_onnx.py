@@ -16,6 +16,8 @@ from rltune.errors import RltuneError  # noqa: E402
 from rltune.metrics import plain_copy  # noqa: E402
 from rltune.onnx_export import export_onnx, onnx_predict  # noqa: E402
 
+from open_world import TransformerStudent  # noqa: E402
+
 
 # ---------------------------------------------------------------- models (tiny, seeded)
 
@@ -317,24 +319,13 @@ def test_dynamo_fallback_folds_batchnorm(tmp_path, monkeypatch, capfd):
     assert_same_predictions(model, tmp_path / "d.onnx", x)
 
 
-class TinyTransformer(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.emb = nn.Linear(4, 8)
-        self.enc = nn.TransformerEncoderLayer(8, 2, dim_feedforward=16, dropout=0.0, batch_first=True)
-        self.head = nn.Linear(8, 3)
-
-    def forward(self, x):
-        return self.head(self.enc(self.emb(x)).mean(1))
-
-
 def test_exporter_annotations_are_dropped(tmp_path):
     """The dynamo exporter (the one a transformer student gets: TorchScript's fails on it) annotates
     every node with its module path, class hierarchy and source stack trace (the user's file paths);
     they are dropped, so the file holds the graph and weights: a 667-parameter transformer student's
     file was 72 kB with them, 27x its float weights' bytes."""
     torch.manual_seed(5)
-    model = prepare_(TinyTransformer().eval())
+    model = prepare_(TransformerStudent().eval())
     set_bits_(model, 4)
     x = torch.randn(16, 3, 4)
     info = export_onnx(model, tmp_path / "a.onnx", x[:4])

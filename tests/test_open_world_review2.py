@@ -17,7 +17,7 @@ from torch import nn
 import rltune
 from rltune.errors import RltuneError
 
-from open_world import FAST, MLP, split, trained_teacher
+from open_world import FAST, MLP, TransformerStudent, split, trained_teacher
 
 
 @pytest.fixture(scope="module")
@@ -140,19 +140,6 @@ def test_a_batched_search_of_a_random_student_falls_back_to_the_sequential_resul
 
 
 # -- a transformer student: the v1 per-layer table's Hessian traces ---------------------------------
-
-class TransformerStudent(nn.Module):
-    """(N, 3, 4): a sequence of 3 steps of 4 features."""
-
-    def __init__(self):
-        super().__init__()
-        self.emb = nn.Linear(4, 8)
-        self.enc = nn.TransformerEncoderLayer(8, 2, dim_feedforward=16, dropout=0.0, batch_first=True)
-        self.head = nn.Linear(8, 3)
-
-    def forward(self, x):
-        return self.head(self.enc(self.emb(x)).mean(1))
-
 
 class _Square(torch.autograd.Function):
     @staticmethod
