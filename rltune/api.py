@@ -155,6 +155,9 @@ def compress(problem: Problem | Scenario | str, target: str | float = "16x", tun
             report[k] = None
     result = Result(plain_copy(r.state.model), report, p, r.state.model, ctx.student_spec, ctx.input_shape,
                     ctx.n_classes)
+    from rltune.compression import warn_scale_range
+
+    warn_scale_range(r.state.model, p.name)
     try:
         import onnx  # noqa: F401
     except ImportError:

@@ -78,8 +78,11 @@ MSE_CLIP_BITS = 4      # at this many bits or fewer the scale is chosen to minim
 MSE_CLIP_STEPS = 12    # candidates: the max-abs exponent and up to 12 grid steps below (to 35 %)
 
 
+E_MIN, E_MAX = -128, 127  # the signed byte's range: scales 2**-16 .. 2**(127/8) (about 6e4)
+
+
 @torch.no_grad()
-def choose_exponent(flat: torch.Tensor, qmax: int, bits: int) -> torch.Tensor:
+def choose_exponent(flat: torch.Tensor, qmax: int, bits: int, lo: int = E_MIN, hi: int = E_MAX) -> torch.Tensor:
     """Per-row exponent (float tensor of integers in [-128, 127]) of the quantization scale.
 
     Above ``MSE_CLIP_BITS`` bits: the smallest grid scale that covers max|w| (nothing clipped).
@@ -89,10 +92,10 @@ def choose_exponent(flat: torch.Tensor, qmax: int, bits: int) -> torch.Tensor:
     """
     ratio = flat.abs().amax(dim=1) / qmax
     e = torch.ceil(8.0 * torch.log2(ratio.clamp_min(1e-30)))
-    e = torch.where(torch.exp2(e / 8.0) < ratio, e + 1, e).clamp_(-128, 127)
+    e = torch.where(torch.exp2(e / 8.0) < ratio, e + 1, e).clamp_(lo, hi)
     if bits > MSE_CLIP_BITS:
         return e
-    cand = (e[None, :] - torch.arange(MSE_CLIP_STEPS + 1, dtype=e.dtype)[:, None]).clamp_(-128, 127)
+    cand = (e[None, :] - torch.arange(MSE_CLIP_STEPS + 1, dtype=e.dtype)[:, None]).clamp_(lo, hi)
     scale = torch.exp2(cand / 8.0)[:, :, None]                       # (K, rows, 1)
     err = ((torch.clamp(torch.round(flat[None] / scale), -qmax, qmax) * scale - flat[None]) ** 2).sum(dim=2)
     best = torch.argmin(err, dim=0)                                  # first minimum: larger scale
@@ -122,6 +125,66 @@ def _fake_quant_value(w: torch.Tensor, qmax: int, per_channel: bool, bits: int =
     if per_channel:
         scale = scale.reshape(-1, *([1] * (w.dim() - 1)))
     return torch.clamp(torch.round(w / scale), -qmax, qmax) * scale
+
+
+@torch.no_grad()
+def scale_range_problems(model: nn.Module) -> list[str]:
+    """One line per quantized layer whose weights (or bias) the one-byte scale exponent cannot
+    follow: channels whose max |w| is below what the smallest scale (``2**-16``) resolves round
+    to (nearly) zero, and above what the largest (``2**(127/8)``, about 6e4, times ``qmax``) covers
+    are clipped (a bias only when clipped). A layer counts when its squared quantization error is
+    over four times what an unbounded exponent would give and over 1e-3 of its weights' energy (a
+    channel likewise, for the count). Empty when all is well."""
+    out = []
+    for l in layers(model):
+        wc = l.compressor
+        if wc.bits >= 32 or wc.shared:
+            continue
+        qmax = 2 ** (wc.bits - 1) - 1
+        w = (l.weight.detach() * wc.mask).reshape(l.weight.shape[0], -1).float()
+        rows = [(w, qmax, wc.bits, "output channels' weights")]
+        b = l.module.parametrizations["bias"] if parametrize.is_parametrized(l.module, "bias") else None
+        if b is not None:
+            rows.append((b.original.detach().reshape(1, -1).float(), 2 ** (BIAS_BITS - 1) - 1, BIAS_BITS, "bias"))
+        for t, q, bits, what in rows:
+            if not bool(torch.isfinite(t).all()):
+                continue  # a diverged layer has its own message
+            def err(lo, hi):
+                s = torch.exp2(choose_exponent(t, q, bits, lo, hi) / 8.0)[:, None]
+                return ((torch.clamp(torch.round(t / s), -q, q) * s - t) ** 2).sum(dim=1)
+            energy = (t ** 2).sum(dim=1)
+            clamped, free = err(E_MIN, E_MAX), err(-10 ** 6, 10 ** 6)
+            # the layer as a whole must lose: a nearly dead channel of weights ~1e-4 among live ones
+            # rounds off, harmlessly
+            if not (float(clamped.sum()) > 4 * float(free.sum()) and float(clamped.sum()) > 1e-3 * float(energy.sum())):
+                continue
+            bad = (clamped > 4 * free) & (clamped > 1e-3 * energy)
+            maxabs = t.abs().amax(dim=1)[bad]
+            small = bool((maxabs < 1.0).all())
+            if not bool(bad.any()) or (small and what == "bias"):
+                continue  # a bias under 2e-3 is noise beside the weights' products: rounding it is harmless
+            n = f"{int(bad.sum())} of {t.shape[0]} {what}" if what != "bias" else "its bias values"
+            if small:
+                why = (f"are too small for the quantizer's smallest scale (2^-16) at {bits} bits (max |w| "
+                       f"{float(maxabs.max()):.2g}) and round to zero or a few levels")
+                fix = ("standardise the inputs (zero mean, unit variance: features of ~1e4 make first-layer weights "
+                       "of ~1e-5) or rescale the layer so its weights are of order 1e-2..1e2")
+            else:
+                why = (f"are too large for the quantizer's largest scale (about 6e4 per step) at {bits} bits (max |w| "
+                       f"{float(maxabs.max()):.2g}) and are clipped")
+                fix = "rescale the layer (or standardise its inputs) so its weights are of order 1e-2..1e2"
+            out.append(f"layer {l.name!r}: {n} {why}; the reported accuracy is this quantized model's; {fix}")
+    return out
+
+
+def warn_scale_range(model: nn.Module, name: str = "problem") -> None:
+    """A :class:`RltuneWarning` per line of :func:`scale_range_problems`."""
+    import warnings
+
+    from rltune.errors import RltuneWarning
+
+    for line in scale_range_problems(model):
+        warnings.warn(RltuneWarning(f"{name}: {line}"), stacklevel=3)
 
 
 def fake_quantize(w: torch.Tensor, bits: int) -> torch.Tensor:

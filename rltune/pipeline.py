@@ -47,6 +47,9 @@ def compress_fixed(problem: Problem | str, sparsity: float = 0.8, bits: int = 4,
     rep = json_safe(final_report(ctx, state, latency=False))
     report = {"name": p.name, "tuner": "recipe (fixed)", "sparsity_target": sparsity, "bits_target": bits,
               "seed": seed, **rep}
+    from rltune.compression import warn_scale_range
+
+    warn_scale_range(state.model, p.name)
     return Result(plain_copy(state.model), report, p, state.model, ctx.student_spec, ctx.input_shape, ctx.n_classes)
 
 

@@ -1,0 +1,88 @@
+"""Numerics and scale (the numerics review): weights the one-byte scale exponent cannot follow,
+reported figures against the artifact on disk, diverging and collapsing runs, large students and
+concurrent runs.
+
+The contract: a result is either right, or says in one line (RltuneError, or a RltuneWarning for
+a result that is legal but likely wrong) what went wrong and what to do; never silently wrong.
+"""
+
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import rltune
+from rltune.compression import prepare_, scale_range_problems, set_bits_
+from rltune.errors import RltuneWarning
+
+from open_world import FAST, MLP, split, trained_teacher
+
+
+@pytest.fixture(scope="module")
+def data():
+    return split()
+
+
+@pytest.fixture(scope="module")
+def teacher(data):
+    return trained_teacher(data)
+
+
+class Rescaled(nn.Module):
+    """``module`` on inputs multiplied by ``k`` (a teacher trained on standardised features, given raw ones)."""
+
+    def __init__(self, module, k):
+        super().__init__()
+        self.m, self.k = module, k
+
+    def forward(self, x):
+        return self.m(x / self.k)
+
+
+def test_scale_range_flags_only_weights_out_of_the_exponent_range():
+    def problems(k, bits):
+        torch.manual_seed(0)
+        m = prepare_(nn.Sequential(nn.Linear(64, 8)))
+        with torch.no_grad():
+            m[0].parametrizations.weight.original.mul_(8 * k)
+            m[0].parametrizations.bias.original.mul_(8 * k)
+        set_bits_(m, bits)
+        return scale_range_problems(m)
+
+    for k, bits in ((1, 2), (1, 8), (1e-3, 8), (1e5, 2), (1e5, 8), (1e6, 8)):
+        assert problems(k, bits) == [], (k, bits)
+    assert "too small" in problems(1e-5, 8)[0] and "standardise the inputs" in problems(1e-5, 8)[0]
+    assert "too large" in problems(1e6, 2)[0]
+    # one nearly dead channel (weights ~1e-4) among live ones rounds off harmlessly: nothing to say
+    torch.manual_seed(0)
+    m = prepare_(nn.Sequential(nn.Linear(64, 8)))
+    with torch.no_grad():
+        m[0].parametrizations.weight.original[3].mul_(1e-3)
+    set_bits_(m, 8)
+    assert scale_range_problems(m) == []
+    # an all-zero layer, a one-channel layer, equal weights: nothing to say
+    m = prepare_(nn.Sequential(nn.Linear(4, 3), nn.Linear(3, 1)))
+    with torch.no_grad():
+        m[0].parametrizations.weight.original.zero_()
+        m[1].parametrizations.weight.original.fill_(0.3)
+    set_bits_(m, 2)
+    assert scale_range_problems(m) == [] and bool((m[1].weight == m[1].weight[0, 0]).all())
+
+
+def test_weights_under_the_smallest_scale_are_a_warning_naming_the_layer(data, teacher):
+    """A student trained on raw features of ~1e4 (first-layer weights ~1e-5): at 8 bits its weights
+    are a few steps of the smallest scale 2^-16; the result said nothing."""
+    k = 1e4
+    (x, y), (xv, yv) = data
+    student = MLP()
+    with torch.no_grad():
+        student.a.weight.mul_(1 / k)
+    p = rltune.Problem(Rescaled(teacher, k), student, train=(x * k, y), val=(xv * k, yv), name="raw",
+                       **{**FAST, "pretrain_epochs": 0}, lr=1e-6)
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter("always")
+        rltune.compress(p, target="4x", tuner="recipe", seed=0)
+    lines = [str(m.message) for m in w if issubclass(m.category, RltuneWarning) and "smallest scale" in str(m.message)]
+    assert len(lines) == 1 and "layer 'a'" in lines[0] and "standardise the inputs" in lines[0], lines
