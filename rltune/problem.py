@@ -27,7 +27,7 @@ Arguments:
   once, for the final report. The data is used as given (no standardisation).
 - ``transfer``: unlabeled inputs for distillation (optional). When absent, ``transfer_size``
   inputs are made by mixup of train pairs plus a little noise (default ``10 × n_train``, clamped to
-  2,000..20,000).
+  2,000..20,000 and to 256 MB of inputs: 5,461 images of 3×64×64).
 - Training budget: ``stages`` per episode, and per stage ``epochs_per_stage`` epochs or at least
   ``steps_per_stage`` optimizer steps (rounded up to whole epochs); ``batch_size`` (default: from
   the data size, :func:`auto_batch_size`, so a small set still gets many steps), ``lr``.
@@ -41,6 +41,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import inspect
+import logging
 import math
 from pathlib import Path
 from typing import Any
@@ -55,6 +56,8 @@ from rltune.data import Dataset, cache_dir, check_label_coverage, mixup, load_da
 from rltune.distill import has_batchnorm
 from rltune.errors import RltuneError
 from rltune.scenario import NAME_RE, Scenario, parse_scenario
+
+log = logging.getLogger("rltune")
 
 
 
@@ -255,6 +258,22 @@ def _module_hash(model: nn.Module, probe: torch.Tensor | None = None) -> str:
     return h.hexdigest()[:16]
 
 
+TRANSFER_BYTES = 256 << 20  # the default mixup transfer set holds at most this much input
+
+
+def default_transfer_size(x_tr: torch.Tensor) -> int:
+    """``10 × n_train`` mixup rows, clamped to 2,000..20,000 and to :data:`TRANSFER_BYTES` of inputs:
+    20,000 rows of 3×64×64 images were 1 GB (and 4 GB at the peak of making them), of 3×224×224
+    images 12 GB, where the process was killed with no message."""
+    n = int(min(20_000, max(2_000, 10 * len(x_tr))))
+    row = max(1, x_tr[:1].numel() * 4)
+    if n * row > TRANSFER_BYTES:
+        n = max(1, TRANSFER_BYTES // row)
+        log.info("the mixup transfer set is %d rows (256 MB of inputs); pass transfer_size= or transfer= for "
+                 "another size", n)
+    return n
+
+
 class Problem:
     """One compression problem: a teacher, a student to compress, data, and the training budget.
 
@@ -354,7 +373,7 @@ class Problem:
             raise RltuneError(f"labels go up to {top} but the teacher has only {classes} outputs (classes 0..{classes - 1})")
         check_label_coverage(y_tr, {"val": y_va, "test": y_te}, f"Problem {name!r}")
         if x_u is None:
-            n = transfer_size if transfer_size is not None else int(min(20_000, max(2_000, 10 * len(y_tr))))
+            n = transfer_size if transfer_size is not None else default_transfer_size(x_tr)
             if n:
                 rng = np.random.default_rng(seed)
                 spread = x_tr.std(dim=0).numpy()

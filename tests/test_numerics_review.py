@@ -86,3 +86,34 @@ def test_weights_under_the_smallest_scale_are_a_warning_naming_the_layer(data, t
         rltune.compress(p, target="4x", tuner="recipe", seed=0)
     lines = [str(m.message) for m in w if issubclass(m.category, RltuneWarning) and "smallest scale" in str(m.message)]
     assert len(lines) == 1 and "layer 'a'" in lines[0] and "standardise the inputs" in lines[0], lines
+
+
+class TinyCNN(nn.Module):
+    def __init__(self, c=3):
+        super().__init__()
+        self.conv, self.fc = nn.Conv2d(3, 4, 3, stride=4), nn.Linear(4, c)
+
+    def forward(self, x):
+        return self.fc(torch.relu(self.conv(x)).mean((2, 3)))
+
+
+def test_default_transfer_set_of_large_images_is_bounded():
+    """The default mixup transfer set was 10 x train rows (2,000..20,000) whatever a row weighs:
+    20,000 images of 3x64x64 were 1 GB (4 GB at the peak of making them), of 3x224x224 12 GB."""
+    from rltune.data import mixup
+    from rltune.problem import TRANSFER_BYTES
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(24, 3, 128, 128)).astype(np.float32)
+    y = np.arange(24) % 3
+    torch.manual_seed(0)
+    p = rltune.Problem(TinyCNN(), TinyCNN(), train=(x, y), val=(x[:6], y[:6]), **FAST)
+    assert 0 < p.data.x_transfer.numel() * 4 <= TRANSFER_BYTES
+    # made in chunks, the same numbers as in one piece
+    small = rng.normal(size=(50, 3, 64, 64)).astype(np.float32)   # 1,000 rows: 49 MB, 3 chunks
+    r1, r2 = np.random.default_rng(5), np.random.default_rng(5)
+    i, j = r1.integers(0, 50, 1000), r1.integers(0, 50, 1000)
+    lam = r1.beta(0.4, 0.4, size=(1000, 1, 1, 1)).astype(np.float32)
+    ref = lam * small[i] + (1 - lam) * small[j]
+    ref = ref + 0.1 * 2.0 * r1.standard_normal(ref.shape).astype(np.float32)
+    assert np.array_equal(mixup(small, 1000, r2, scale=2.0), ref)
