@@ -4,7 +4,9 @@ public API (:mod:`rltune.api`); the fixed recipe at a given sparsity and bit-wid
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -53,13 +55,38 @@ def compress_fixed(problem: Problem | str, sparsity: float = 0.8, bits: int = 4,
     return Result(plain_copy(state.model), report, p, state.model, ctx.student_spec, ctx.input_shape, ctx.n_classes)
 
 
+@contextlib.contextmanager
+def folder_lock(folder: Path):
+    """An exclusive ``flock`` on ``folder`` itself (no lock file left behind) while the body runs:
+    two runs writing into one output folder at once write their files one after the other, so
+    ``NAME.rlt``, ``NAME.json`` and ``NAME.md`` always come from one run. No-op where flock is
+    unavailable."""
+    try:
+        import fcntl
+        fd = os.open(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except (ImportError, OSError):
+        yield
+        return
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
 def write_outputs(result: Result, out_dir: str | Path, how: dict[str, Any], onnx: str | None = None) -> dict[str, Any]:
     """Save the artifact (checking it reloads and predicts the same), ONNX if asked, and the
-    before/after report ``NAME.json`` / ``NAME.md`` in ``out_dir``."""
-    p = result.problem
-    name = p.name
+    before/after report ``NAME.json`` / ``NAME.md`` in ``out_dir``, holding a lock on ``out_dir``
+    so that a concurrent run's files do not interleave with these."""
     out = Path(out_dir)
     make_folder(out)
+    with folder_lock(out):
+        return _write_outputs(result, out, how, onnx)
+
+
+def _write_outputs(result: Result, out: Path, how: dict[str, Any], onnx: str | None) -> dict[str, Any]:
+    p = result.problem
+    name = p.name
     artifact = out / f"{name}.rlt"
     nbytes = result.save(artifact)
     skeleton = None if result.spec is not None else p.new_student(0)

@@ -117,3 +117,28 @@ def test_default_transfer_set_of_large_images_is_bounded():
     ref = lam * small[i] + (1 - lam) * small[j]
     ref = ref + 0.1 * 2.0 * r1.standard_normal(ref.shape).astype(np.float32)
     assert np.array_equal(mixup(small, 1000, r2, scale=2.0), ref)
+
+
+def test_two_runs_into_one_output_folder_write_their_files_one_after_the_other(data, teacher, tmp_path):
+    """Two `rltune compress` into one --out at once: NAME.rlt of one run could sit beside NAME.json
+    and NAME.md of the other (the report measures latencies between the two writes)."""
+    import fcntl
+    import os
+    import threading
+
+    from rltune.pipeline import write_outputs
+
+    p = rltune.Problem(teacher, MLP(), train=data[0], val=data[1], name="both", **FAST)
+    r = rltune.compress(p, target="4x", tuner="recipe", seed=0)
+    out = tmp_path / "out"
+    out.mkdir()
+    fd = os.open(out, os.O_RDONLY)
+    fcntl.flock(fd, fcntl.LOCK_EX)  # another run is writing its files
+    t = threading.Thread(target=write_outputs, args=(r, out, {"method": "recipe"}))
+    t.start()
+    t.join(1.0)
+    assert t.is_alive() and not (out / "both.rlt").exists()
+    os.close(fd)
+    t.join(60)
+    assert not t.is_alive() and (out / "both.rlt").exists() and (out / "both.json").exists()
+    assert sorted(f.name for f in out.iterdir()) == ["both.json", "both.md", "both.rlt"]
