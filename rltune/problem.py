@@ -191,6 +191,39 @@ def _run(model: nn.Module, x: torch.Tensor, role: str, train_mode: bool = False)
     return out
 
 
+LARGE_INPUT = 1e3  # a compressible layer whose input features are larger (RMS) gets a warning
+
+
+def _large_layer_inputs(student: nn.Module, x: torch.Tensor) -> list[tuple[str, float]]:
+    """(layer, RMS of its largest input feature) for each compressible layer of ``student`` (a copy
+    in train mode, as training runs it) whose inputs on ``x`` are over :data:`LARGE_INPUT`; a
+    Linear's features are its last dimension, a convolution's its channels."""
+    found: dict[str, float] = {}
+
+    def hook(name):
+        def pre(module, args):
+            t = args[0] if args and isinstance(args[0], torch.Tensor) else None
+            if t is None or not t.is_floating_point() or not t.numel():
+                return
+            t = t.detach().float()
+            dims = [d for d in range(t.dim()) if d != (t.dim() - 1 if isinstance(module, nn.Linear) else 1)]
+            rms = float(t.pow(2).mean(dim=dims).sqrt().max()) if dims else float(t.abs().max())
+            if math.isfinite(rms) and rms > LARGE_INPUT:
+                found[name] = max(found.get(name, 0.0), rms)
+        return pre
+
+    try:
+        model = copy.deepcopy(student).train()
+        for name, m in model.named_modules():
+            if isinstance(m, COMPRESSIBLE):
+                m.register_forward_pre_hook(hook(name))
+        with torch.no_grad():
+            model(x)
+    except Exception:
+        return []  # a forward that fails here fails with its own message elsewhere
+    return list(found.items())
+
+
 def _unsaved_state(model: nn.Module) -> dict[str, torch.Tensor]:
     """Tensors a forward may read that the artifact does not carry (nor would ``state_dict``):
     non-persistent buffers and plain tensor attributes of every module, cloned."""
@@ -347,6 +380,22 @@ class Problem:
         t_out = on_floats(teacher, "teacher")
         s_out = on_floats(student, "student", train_mode=True)
         _check_state_carried(student, probe)
+        if not integer_x:  # token ids feed embeddings, not the compressible layers
+            large = _large_layer_inputs(student, x_tr[:64])  # 64 rows: a large CNN on 224x224 images too
+            if large:
+                import warnings
+
+                from rltune.errors import RltuneWarning
+
+                layer, rms = max(large, key=lambda t: t[1])
+                more = f" (and {len(large) - 1} more layers)" if len(large) > 1 else ""
+                warnings.warn(RltuneWarning(
+                    f"student layer {layer!r}{more} takes inputs of order {rms:.2g} (RMS of its largest input feature "
+                    "on train): standardise the inputs (zero mean, unit variance; the teacher's too) or normalise "
+                    "them in the student's forward: such a layer needs weights of ~1/{:.0g}, which training at lr "
+                    "{} moves by far more than their size and the quantizer (smallest scale 2^-16) and global "
+                    "pruning (by magnitude across layers) erase, so the compressed student can fall far below the "
+                    "float one".format(rms, lr)), stacklevel=2)
         try:  # its MACs and energy are measured on one row (and a split may end in a batch of one)
             _run(student, probe[:1], "student")
             _run(teacher, probe[:1], "teacher")  # its logits are computed in chunks: the last may be one row
