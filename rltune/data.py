@@ -143,6 +143,15 @@ def check_label_coverage(y_train, others: dict[str, Any], where: str = "data") -
             warnings.warn(RltuneWarning(
                 f"{where}: {name} has {rows} of {y.size} rows of {_class_list(unseen)}, which train has no rows of: "
                 f"they are scored but never trained on (is the split right?)"), stacklevel=3)
+    y_val = others.get("val")
+    if y_val is not None and len(seen) > 1:
+        y_val = np.unique(np.asarray(y_val).astype(np.int64, copy=False))
+        if y_val.size == 1:
+            warnings.warn(RltuneWarning(
+                f"{where}: val holds only class {int(y_val[0])} (train has {len(seen)}): every choice rltune makes "
+                "(bit-widths, the tuners' picks, the reported val accuracy) reads val, and on one class a student "
+                "that always answers it scores 100 %; give val rows of every class (a stratified split)"),
+                stacklevel=3)
 
 
 def _stratified_split(y: np.ndarray, fractions: tuple[float, float], rng: np.random.Generator):

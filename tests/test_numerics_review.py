@@ -175,3 +175,15 @@ def test_raw_features_of_order_1e4_are_a_warning_naming_the_layer_before_trainin
     assert warned(MLP(), 50.0) == []           # features of ~200, as pixels 0..255, are fine
     assert warned(NormFirst(), k) == []        # a student that normalises its own inputs
     assert warned(MLP(), 1.0) == []
+
+
+def test_val_of_one_class_is_a_warning(data, teacher):
+    """Val labels all one class: every choice reads val, and a constant student scores 100 % there;
+    the run went through with nothing said."""
+    (x, y), (xv, yv) = data
+    keep = yv == 1
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter("always")
+        rltune.Problem(teacher, MLP(), train=(x, y), val=(xv[keep], yv[keep]), **FAST)
+    lines = [str(m.message) for m in w if issubclass(m.category, RltuneWarning)]
+    assert len(lines) == 1 and "val holds only class 1" in lines[0], lines
