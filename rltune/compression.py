@@ -532,6 +532,11 @@ def share_weights_(model: nn.Module, bits: int | None = None) -> None:
             if nz.numel() == 0:
                 nz = torch.zeros(1)
             centroids, assign_nz = _kmeans_1d(nz, 2 ** b)
+            big = float(centroids.abs().max())
+            if not big <= 65504:  # the codebook is float16: past its largest value a weight is inf (NaN logits)
+                raise RltuneError(f"layer {layer.name!r}: weight sharing stores its centroids in float16, whose largest "
+                                  f"value is 65504, and its weights reach {big:.2g}: rescale the layer (or standardise "
+                                  "its inputs) so its weights are of order 1e-2..1e2, or turn weight sharing off")
             assign = torch.zeros(w.numel(), dtype=torch.long)
             assign[wc.mask.flatten()] = assign_nz
             wc.assign = assign.reshape(w.shape)

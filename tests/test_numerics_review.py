@@ -71,6 +71,21 @@ def test_scale_range_flags_only_weights_out_of_the_exponent_range():
     assert scale_range_problems(m) == [] and bool((m[1].weight == m[1].weight[0, 0]).all())
 
 
+
+def test_weight_sharing_of_weights_past_float16_is_one_line():
+    """Weight sharing stores centroids in float16: weights of 1e5 became inf, and the run ended as
+    'training diverged: loss became nan'."""
+    from rltune.compression import share_weights_
+    from rltune.errors import RltuneError
+
+    torch.manual_seed(0)
+    m = prepare_(nn.Sequential(nn.Linear(8, 4)))
+    with torch.no_grad():
+        m[0].parametrizations.weight.original.mul_(1e6)
+    with pytest.raises(RltuneError, match=r"layer '0': weight sharing stores its centroids in float16"):
+        share_weights_(m, 4)
+
+
 def test_weights_under_the_smallest_scale_are_a_warning_naming_the_layer(data, teacher):
     """A student trained on raw features of ~1e4 (first-layer weights ~1e-5): at 8 bits its weights
     are a few steps of the smallest scale 2^-16; the result said nothing."""
