@@ -202,3 +202,28 @@ def test_val_of_one_class_is_a_warning(data, teacher):
         rltune.Problem(teacher, MLP(), train=(x, y), val=(xv[keep], yv[keep]), **FAST)
     lines = [str(m.message) for m in w if issubclass(m.category, RltuneWarning)]
     assert len(lines) == 1 and "val holds only class 1" in lines[0], lines
+
+
+class Clamped(nn.Module):
+    """A teacher that clamps its inputs (robust to outlier rows)."""
+
+    def __init__(self, module):
+        super().__init__()
+        self.m = module
+
+    def forward(self, x):
+        return self.m(x.clamp(-10, 10))
+
+
+def test_a_few_outlier_rows_do_not_turn_the_mixup_transfer_set_into_noise(data, teacher):
+    """Five train rows of 1e30 among 200: the mixup noise, scaled by each feature's std, made every
+    transfer row noise of ~1e28 and the float student trailed its teacher by 18 pt."""
+    from rltune.problem import mixup_spread
+
+    (x, y), (xv, yv) = data
+    x2 = x.copy()
+    x2[50:55] = 1e30
+    p = rltune.Problem(Clamped(teacher), MLP(), train=(x2, y), val=(xv, yv), **FAST)
+    assert float(p.data.x_transfer.abs().median()) < 10 * float(np.median(np.abs(x)))
+    xt = torch.tensor(x)  # clean data: the std, as before
+    assert np.array_equal(mixup_spread(xt), xt.std(dim=0).numpy())
