@@ -203,7 +203,12 @@ def train_epochs(
                     loss = loss + hint_weight * hint(model.features(xb), data.t_feats[idx])
                 if not torch.isfinite(loss):
                     model.eval()
-                    raise DivergedError(f"training diverged: loss became {float(loss.detach())}")
+                    why = ""
+                    if isinstance(xb, torch.Tensor) and xb.is_floating_point() and xb.numel():
+                        big = float(xb.detach().abs().max())
+                        if big > 1e6:
+                            why = f" on a batch of inputs reaching {big:.2g}: standardise the inputs"
+                    raise DivergedError(f"training diverged: loss became {float(loss.detach())}{why}")
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()

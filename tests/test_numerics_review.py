@@ -227,3 +227,13 @@ def test_a_few_outlier_rows_do_not_turn_the_mixup_transfer_set_into_noise(data, 
     assert float(p.data.x_transfer.abs().median()) < 10 * float(np.median(np.abs(x)))
     xt = torch.tensor(x)  # clean data: the std, as before
     assert np.array_equal(mixup_spread(xt), xt.std(dim=0).numpy())
+
+
+def test_training_that_overflows_on_huge_inputs_says_so(data, teacher):
+    """Train rows of 3e38 (within float32): the run ended as 'training diverged: loss became inf'."""
+    (x, y), (xv, yv) = data
+    x2 = x.copy()
+    x2[50:55] = 3e38
+    p = rltune.Problem(Clamped(teacher), MLP(), train=(x2, y), val=(xv, yv), **FAST)
+    with pytest.raises(rltune.RltuneError, match=r"diverged.*inputs reaching 3e\+38: standardise the inputs"):
+        rltune.compress(p, target="8x", tuner="recipe", seed=0)
