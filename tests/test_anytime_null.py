@@ -233,7 +233,7 @@ def test_evaluate_hands_the_offset_to_every_cell_and_a_folder_keeps_one(tmp_path
     from rltune.harness import evaluate
 
     seen = _fake_cells(monkeypatch)
-    run = lambda out, **k: evaluate(["wine-mlp"], ["8x"], ["optuna-tpe"], [6], k.pop("seeds", 2), out,  # noqa: E731
+    run = lambda out, **k: evaluate(["wine-mlp"], ["8x"], ["optuna-tpe"], [16], k.pop("seeds", 2), out,  # noqa: E731
                                     progress=False, **k)
     k_dir, zero_dir = tmp_path / "k", tmp_path / "zero"
     run(k_dir, sampler_seed_offset=1000)
