@@ -29,7 +29,8 @@ Writes ``--out`` (JSON): the command, the shift played and ``shift_from`` (what 
 ``zero_test_pct`` and ``shifted_test_pct`` (mean test %), ``diff_test_pt`` and ``diff_val_pt``
 (shifted − zero: the mean over cells of the per-cell mean paired difference) with ``_sd_pt`` (over
 cells) and ``_se_pt`` (its standard error), ``cells_ge`` (cells where shifted's mean test accuracy is
->= zero's), the same ``by_family`` and the ``rows``. A cell is named by its file stem (a trained-on
+>= zero's), the same ``by_family`` and the ``rows`` (each play with ``val_by_stage``: the val
+accuracy after each stage). A cell is named by its file stem (a trained-on
 task by its name) and target, and played once. Finished cells are kept in ``--out`` +
 ``.rows.jsonl`` as each finishes, and a rerun with the same shift and ``--zero-rule`` reuses them.
 ``--train-tasks N`` takes fewer than N if the spec has fewer. Bad input: one line, status 2.
@@ -140,7 +141,8 @@ def play_cell(job: dict) -> list[dict]:
                                options={"scenario": 0, "target": job["target"], "float_seed": seed})
             rep = final_report(env.context(0), env.state, latency=False)
             row[name] = {"test_acc": float(rep["test_acc"]), "val_acc": float(info["val_acc"]),
-                         "bits": env.plan["final_bits"], "diverged": info.get("diverged", "")}
+                         "bits": env.plan["final_bits"], "diverged": info.get("diverged", ""),
+                         "val_by_stage": [round(float(m.val_acc), 6) for m in env.state.history]}
         rows.append(row)
     return rows
 

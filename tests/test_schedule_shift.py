@@ -2,6 +2,7 @@
 
 import json
 import signal
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -155,7 +156,7 @@ def test_play_cell_plays_zero_then_the_shift_in_the_layout_order(monkeypatch):
 
     class Env:
         plan = {"final_bits": 4}
-        state = None
+        state = SimpleNamespace(history=[SimpleNamespace(val_acc=0.25), SimpleNamespace(val_acc=0.5)])
 
         def context(self, i):
             return None
@@ -169,6 +170,7 @@ def test_play_cell_plays_zero_then_the_shift_in_the_layout_order(monkeypatch):
     rows = mod.play_cell({"scenario": "s", "name": "c", "target": "8x", "family": "f", "seeds": [2],
                           "shift": {"alpha": -0.2}, "zero_rule": "plus1"})
     assert made == [{"zero_rule": "plus1"}] and len(rows) == 1
+    assert rows[0]["zero"]["val_by_stage"] == rows[0]["shifted"]["val_by_stage"] == [0.25, 0.5]
     (a0, s0, o0), (a1, s1, o1) = played
     assert not a0.any() and a1[3] == pytest.approx(-0.2) and np.count_nonzero(a1) == 1
     assert s0 == s1 == 2 * 100_003 and o0 == o1 == {"scenario": 0, "target": "8x", "float_seed": 2}
