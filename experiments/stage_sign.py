@@ -1,0 +1,117 @@
+"""How early in an episode does a shift's final sign show (issue 12)? Read off schedule_shift's rows.
+
+    python experiments/stage_sign.py --rows experiments/results/schedule_shift/cut_train40_stages.json \\
+        --out experiments/results/schedule_shift/stage_sign.json
+
+The policy commits the bit-width cut at step 0, and nothing in the step-0 observation tells its sign
+(``cut_predict.json``, ``cut_predict_relative.json``). Would it know later? ``schedule_shift.py``
+plays each cell-seed twice, the zero action and the shifted one, and keeps each play's val accuracy
+after every stage (``val_by_stage``). Per stage k, the paired difference (shifted − zero) of val
+accuracy after stage k is compared with the final test difference:
+
+* ``r_seed``: Pearson r over cell-seeds; ``r_cell``: over cells, each the mean over its seeds;
+* ``sign_agree_cell``: how often the stage-k difference's sign is the final test difference's, over
+  cells whose final mean difference is not 0;
+* ``gain_pt``: the mean over cells of the final test difference where the stage-k mean difference is
+  > 0 (shifting where stage k favours it; never shifting is 0, ``oracle_gain_pt`` shifting where it
+  paid). Knowing stage k's difference costs playing both variants to stage k.
+
+Writes ``{"command", "rows_from", "cells", "cell_seeds", "stages", "oracle_gain_pt", "always_gain_pt",
+"by_stage": [{"stage", "r_seed", "r_cell", "sign_agree_cell", "gain_pt"}]}``. Rows whose plays
+diverged or lack ``val_by_stage`` are left out; a cell of plays of unequal length is refused.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import sys
+from pathlib import Path
+
+
+def pearson(a: list[float], b: list[float]) -> float | None:
+    if len(a) < 3 or statistics.pstdev(a) == 0 or statistics.pstdev(b) == 0:
+        return None
+    return round(statistics.correlation(a, b), 3)
+
+
+def read_rows(path: Path) -> list[dict]:
+    """schedule_shift's rows: its JSON's ``rows`` or its ``.rows.jsonl`` (one object a line)."""
+    text = path.read_text(encoding="utf-8")
+    if path.suffix == ".jsonl":
+        rows = [json.loads(line) for line in text.splitlines() if line.strip()]
+    else:
+        rows = json.loads(text)["rows"]
+    if not isinstance(rows, list) or not all(isinstance(r, dict) for r in rows):
+        raise ValueError("rows is not a list of objects")
+    return rows
+
+
+def analyse(rows: list[dict]) -> dict:
+    usable = []
+    for r in rows:
+        z, s = r.get("zero"), r.get("shifted")
+        if not isinstance(z, dict) or not isinstance(s, dict) or z.get("diverged") or s.get("diverged"):
+            continue
+        vz, vs = z.get("val_by_stage"), s.get("val_by_stage")
+        if not vz or not vs:
+            continue
+        if len(vz) != len(vs):
+            raise ValueError(f"{r.get('cell')} seed {r.get('seed')}: the two plays have {len(vz)} and {len(vs)} stages")
+        final = 100 * (float(s["test_acc"]) - float(z["test_acc"]))
+        usable.append({"cell": f"{r['cell']}@{r['target']}", "final": final,
+                       "by_stage": [100 * (float(b) - float(a)) for a, b in zip(vz, vs)]})
+    if not usable:
+        raise ValueError("no row with both plays' val_by_stage")
+    stages = min(len(u["by_stage"]) for u in usable)
+    cells: dict[str, list[dict]] = {}
+    for u in usable:
+        cells.setdefault(u["cell"], []).append(u)
+    cell_final = {c: statistics.fmean(u["final"] for u in us) for c, us in cells.items()}
+    out = []
+    for k in range(stages):
+        seed_k = [u["by_stage"][k] for u in usable]
+        cell_k = {c: statistics.fmean(u["by_stage"][k] for u in us) for c, us in cells.items()}
+        decided = [c for c in cells if cell_final[c] != 0]
+        agree = [(cell_k[c] > 0) == (cell_final[c] > 0) for c in decided]
+        out.append({"stage": k + 1,
+                    "r_seed": pearson(seed_k, [u["final"] for u in usable]),
+                    "r_cell": pearson([cell_k[c] for c in cells], [cell_final[c] for c in cells]),
+                    "sign_agree_cell": round(sum(agree) / len(agree), 3) if agree else None,
+                    "gain_pt": round(statistics.fmean(cell_final[c] if cell_k[c] > 0 else 0.0 for c in cells), 3)})
+    return {"cells": len(cells), "cell_seeds": len(usable), "stages": stages,
+            "oracle_gain_pt": round(statistics.fmean(max(v, 0.0) for v in cell_final.values()), 3),
+            "always_gain_pt": round(statistics.fmean(cell_final.values()), 3), "by_stage": out}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--rows", required=True, help="schedule_shift.py's JSON (or its .rows.jsonl)")
+    p.add_argument("--out", required=True, help="JSON file to write")
+    a = p.parse_args(argv)
+    try:
+        result = analyse(read_rows(Path(a.rows)))
+    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError) as e:
+        p.error(f"--rows {a.rows}: {e}")
+    from rltune.errors import RltuneError, write_atomic
+    from rltune.shipped import recorded_command
+
+    result = {"command": recorded_command(), "rows_from": a.rows, **result}
+    out = Path(a.out)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        write_atomic(out, (json.dumps(result, indent=1) + "\n").encode(), "--out")
+    except OSError as e:
+        p.error(f"--out {out}: cannot write it ({e.strerror or e})")
+    except RltuneError as e:
+        p.error(str(e))
+    for s in result["by_stage"]:
+        print(json.dumps(s))
+    print(json.dumps({k: v for k, v in result.items() if k not in ("by_stage", "command")}))
+    return 0 if all(math.isfinite(s["gain_pt"]) for s in result["by_stage"]) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

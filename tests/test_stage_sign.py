@@ -1,0 +1,48 @@
+"""experiments/stage_sign.py: how early a shift's final sign shows, from schedule_shift's rows."""
+
+import json
+
+import pytest
+from experiment_loader import load_experiment
+
+
+def _row(cell, seed, zero_stages, shifted_stages, zero_test, shifted_test, diverged=""):
+    return {"cell": cell, "target": "8x", "family": "f", "seed": seed,
+            "zero": {"test_acc": zero_test, "val_acc": zero_stages[-1], "bits": 5, "diverged": "",
+                     "val_by_stage": zero_stages},
+            "shifted": {"test_acc": shifted_test, "val_acc": shifted_stages[-1], "bits": 4, "diverged": diverged,
+                        "val_by_stage": shifted_stages}}
+
+
+def test_stage_differences_against_the_final_test_difference(tmp_path):
+    mod = load_experiment("stage_sign")
+    rows = [  # cell a: stage 1 says shift, the end says keep; b: both say shift; c: both keep
+        _row("a", 0, [0.5, 0.6], [0.6, 0.55], 0.60, 0.58), _row("a", 1, [0.5, 0.6], [0.55, 0.6], 0.62, 0.60),
+        _row("b", 0, [0.5, 0.6], [0.52, 0.7], 0.60, 0.70), _row("b", 1, [0.5, 0.6], [0.51, 0.65], 0.60, 0.66),
+        _row("c", 0, [0.5, 0.6], [0.4, 0.5], 0.60, 0.50), _row("c", 1, [0.5, 0.6], [0.45, 0.58], 0.60, 0.58),
+        _row("d", 0, [0.5, 0.6], [0.9, 0.9], 0.60, 0.90, diverged="collapsed"),  # left out
+        {"cell": "e", "target": "8x", "seed": 0, "zero": {"test_acc": 0.5}, "shifted": {"test_acc": 0.6}},  # no stages
+    ]
+    r = mod.analyse(rows)
+    assert (r["cells"], r["cell_seeds"], r["stages"]) == (3, 6, 2)
+    s1, s2 = r["by_stage"]
+    # cell means of the final test difference (pt): a -2, b +8, c -6; stage 1: a +7.5, b +1.5, c -7.5
+    assert s1["sign_agree_cell"] == pytest.approx(2 / 3, abs=1e-3) and s2["sign_agree_cell"] == 1.0
+    assert s1["gain_pt"] == pytest.approx((-2 + 8) / 3, abs=1e-3) and s2["gain_pt"] == pytest.approx(8 / 3, abs=1e-3)
+    assert r["oracle_gain_pt"] == pytest.approx(8 / 3, abs=1e-3) and r["always_gain_pt"] == pytest.approx(0.0, abs=1e-3)
+    assert s2["r_cell"] > 0.9
+
+
+def test_bad_rows_are_one_line(tmp_path, capsys):
+    mod = load_experiment("stage_sign")
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"rows": [_row("a", 0, [0.5, 0.6], [0.6], 0.6, 0.6)]}))
+    with pytest.raises(SystemExit) as e:
+        mod.main(["--rows", str(bad), "--out", str(tmp_path / "o.json")])
+    assert e.value.code == 2 and "1 stages" in capsys.readouterr().err
+    none = tmp_path / "none.jsonl"
+    none.write_text(json.dumps({"cell": "a", "target": "8x", "seed": 0, "zero": {}, "shifted": {}}) + "\n")
+    with pytest.raises(SystemExit) as e:
+        mod.main(["--rows", str(none), "--out", str(tmp_path / "o.json")])
+    assert e.value.code == 2 and "no row" in capsys.readouterr().err
+    assert not (tmp_path / "o.json").exists()
