@@ -39,11 +39,16 @@ log = logging.getLogger("rltune")
 
 
 def _save_model(model: nn.Module, path: Path, meta: dict[str, Any]) -> None:
+    """Cache ``model`` at ``path`` with ``meta`` beside it (``.json``), each whole or not at all, the
+    metadata first: a run that finds the weights also finds their metadata complete (a half-written
+    ``.json`` read by a second run on the same cache made it train the teacher again)."""
+    from rltune.errors import write_atomic
+
+    write_atomic(path.with_suffix(".json"), json.dumps(meta, indent=1).encode(), "cache entry")
     tmp = path.with_suffix(f".{os.getpid()}.tmp")
     # safetensors' save_model/load_model handle one tensor under two names (a module registered twice)
     save_model(model, str(tmp))
     os.replace(tmp, path)
-    path.with_suffix(".json").write_text(json.dumps(meta, indent=1))
 
 
 def _load_model(model: nn.Module, path: Path) -> nn.Module:

@@ -401,3 +401,27 @@ def test_a_real_ray_gcs_passes_the_check():
     finally:
         if started:
             ray.shutdown()
+
+
+def test_a_cached_model_is_never_seen_without_its_whole_metadata(tmp_path, monkeypatch):
+    """The teacher / float-student cache writes its .json whole before the weights appear: a second
+    run on the same cache that found the weights read a half-written .json and trained again."""
+    import json as _json
+    import os as _os
+
+    import torch as _torch
+
+    import rltune.context as ctx
+
+    seen = []
+    real = _os.replace
+
+    def spy(src, dst):
+        if str(dst).endswith(".safetensors"):
+            seen.append(_json.loads((tmp_path / "teacher_k.json").read_text()))
+        return real(src, dst)
+
+    monkeypatch.setattr(ctx.os, "replace", spy)
+    ctx._save_model(_torch.nn.Linear(3, 2), tmp_path / "teacher_k.safetensors", {"val_acc": 0.5, "epochs": 3})
+    assert seen == [{"val_acc": 0.5, "epochs": 3}]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["teacher_k.json", "teacher_k.safetensors"]
