@@ -105,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
     for m in monitors:
         if not m.is_file():
             p.error(f"{m}: no such file")
-    from rltune.errors import RltuneError, write_atomic
+    from rltune.errors import RltuneError, write_json
 
     try:
         rows = load(monitors, a.reward_scale, a.divergence_penalty)
@@ -158,12 +158,8 @@ def main(argv: list[str] | None = None) -> int:
                       "gain_pt": round(float(np.where(pred > 0, y, 0.0).mean()), 3)},
         "rows": [{"task": t, **{k: (round(v, 4) if isinstance(v, float) else v) for k, v in eff[t].items()}} for t in tasks],
     }
-    out = Path(a.out)
     try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        write_atomic(out, (json.dumps(result, indent=1) + "\n").encode(), "--out")
-    except OSError as e:
-        p.error(f"--out {out}: cannot write it ({e.strerror or e})")
+        write_json(a.out, result, "--out")
     except RltuneError as e:
         p.error(str(e))
     print(json.dumps({k: v for k, v in result.items() if k not in ("rows", "command", "monitors")}, indent=1))

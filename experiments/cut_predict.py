@@ -205,7 +205,7 @@ def main(argv: list[str] | None = None) -> int:
     a = p.parse_args(argv)
     if a.folds < 2 or a.repeats < 1:
         p.error("--folds >= 2 and --repeats >= 1")
-    from rltune.errors import RltuneError, write_atomic
+    from rltune.errors import RltuneError, write_json
 
     try:
         eff = json.loads(Path(a.effects).read_text(encoding="utf-8"))
@@ -276,12 +276,8 @@ def main(argv: list[str] | None = None) -> int:
               "baselines": {"never_cut_gain_pt": 0.0, "always_cut_gain_pt": round(float(y.mean()), 3),
                             "oracle_gain_pt": round(float(np.clip(y, 0, None).mean()), 3)},
               "cv": cv, "held_out": held}
-    out = Path(a.out)
     try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        write_atomic(out, (json.dumps(result, indent=1) + "\n").encode(), "--out")
-    except OSError as e:
-        p.error(f"--out {out}: cannot write it ({e.strerror or e})")
+        write_json(a.out, result, "--out")
     except RltuneError as e:
         p.error(str(e))
     print(json.dumps({k: v for k, v in result.items() if k in ("tasks", "baselines", "cv")}, indent=1))

@@ -110,16 +110,12 @@ def main(argv: list[str] | None = None) -> int:
         result = analyse(read_rows(Path(a.rows)))
     except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError) as e:
         p.error(f"--rows {a.rows}: {e}")
-    from rltune.errors import RltuneError, write_atomic
+    from rltune.errors import RltuneError, write_json
     from rltune.shipped import recorded_command
 
     result = {"command": recorded_command(), "rows_from": a.rows, **result}
-    out = Path(a.out)
     try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        write_atomic(out, (json.dumps(result, indent=1) + "\n").encode(), "--out")
-    except OSError as e:
-        p.error(f"--out {out}: cannot write it ({e.strerror or e})")
+        write_json(a.out, result, "--out")
     except RltuneError as e:
         p.error(str(e))
     for s in result["by_stage"]:

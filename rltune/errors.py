@@ -59,6 +59,20 @@ def write_atomic(path, data: bytes, what: str = "file") -> int:
     return len(data)
 
 
+def write_json(path, obj, what: str = "file") -> int:
+    """``obj`` as indented JSON at ``path`` (its folder made if missing), whole or not at all
+    (:func:`write_atomic`); one-line errors. What the experiment scripts write their results with."""
+    import json
+    from pathlib import Path
+
+    path = Path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise RltuneError(f"cannot write {what} {path}: {e.strerror or e}") from None
+    return write_atomic(path, (json.dumps(obj, indent=1) + "\n").encode(), what)
+
+
 def check_regular_file(path, what: str = "file") -> None:
     """Refuse, in one line, a path that is there but is not a regular file (a FIFO would block the
     read forever, a device would stream without end, a folder fails with an unclear reason).
