@@ -2,6 +2,7 @@
 training budget that keeps such a problem to seconds."""
 
 import numpy as np
+import pytest
 import torch
 from torch import nn
 
@@ -33,6 +34,18 @@ def trained_teacher(data) -> nn.Module:
         nn.functional.cross_entropy(t(x), y).backward()
         opt.step()
     return t.eval()
+
+
+@pytest.fixture(scope="module")
+def data():
+    """The shared split, once per test module that imports this fixture."""
+    return split()
+
+
+@pytest.fixture(scope="module")
+def teacher(data):
+    """A teacher trained on :func:`data`, once per test module that imports this fixture."""
+    return trained_teacher(data)
 
 
 class MLP(nn.Module):

@@ -17,17 +17,7 @@ import rltune
 from rltune.compression import prepare_, scale_range_problems, set_bits_
 from rltune.errors import RltuneWarning
 
-from open_world import FAST, MLP, split, trained_teacher
-
-
-@pytest.fixture(scope="module")
-def data():
-    return split()
-
-
-@pytest.fixture(scope="module")
-def teacher(data):
-    return trained_teacher(data)
+from open_world import FAST, MLP, data, teacher  # noqa: F401 (data, teacher: fixtures)
 
 
 class Rescaled(nn.Module):

@@ -17,12 +17,7 @@ from torch import nn
 import rltune
 from rltune.errors import RltuneError
 
-from open_world import FAST, MLP, TransformerStudent, split, trained_teacher
-
-
-@pytest.fixture(scope="module")
-def data():
-    return split()
+from open_world import FAST, MLP, TransformerStudent, data, trained_teacher  # noqa: F401 (data: a fixture)
 
 
 class Flat(nn.Module):

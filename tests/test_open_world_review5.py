@@ -14,17 +14,7 @@ from torch import nn
 import rltune
 from rltune.errors import RltuneError
 
-from open_world import FAST, MLP, split, trained_teacher
-
-
-@pytest.fixture(scope="module")
-def data():
-    return split()
-
-
-@pytest.fixture(scope="module")
-def teacher(data):
-    return trained_teacher(data)
+from open_world import FAST, MLP, data, teacher  # noqa: F401 (data, teacher: fixtures)
 
 
 class TiedToEmbedding(nn.Module):
